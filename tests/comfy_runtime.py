@@ -1,0 +1,181 @@
+"""Real ComfyUI for the integration tests: tiny random-weight models from ComfyUI's own model
+classes, the pack loaded by ComfyUI's custom-node loader, and small probes built on torch hooks.
+
+Imported only once ComfyUI is on sys.path (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+SD15_UNET = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
+    transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=64,
+    num_heads=2, num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None, use_spatial_transformer=True,
+    legacy=False, dims=2, use_temporal_resblock=False, use_temporal_attention=False,
+)
+SDXL_POOLED = 32
+SDXL_UNET = dict(
+    SD15_UNET, transformer_depth=[0, 2], transformer_depth_output=[0, 0, 2, 2], transformer_depth_middle=2,
+    context_dim=64, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True,
+    adm_in_channels=SDXL_POOLED + 6 * 256,
+)
+CONTEXT_TOKENS = 7
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Fill every weight with seeded random values of sensible scale (ComfyUI leaves them empty)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@dataclass
+class ComfyRuntime:
+    comfy_path: Path
+    pack_module: object
+    TGate: type
+    nodes: object
+
+    @classmethod
+    def load(cls, comfy_path: Path, pack_root: Path) -> ComfyRuntime:
+        from comfy.cli_args import args
+
+        if not torch.cuda.is_available():
+            args.cpu = True  # read by comfy.model_management when it is first imported
+        import nodes  # ComfyUI's own nodes module
+
+        if "TGate" not in nodes.NODE_CLASS_MAPPINGS:
+            if not asyncio.run(nodes.load_custom_node(str(pack_root))):
+                raise RuntimeError(f"ComfyUI could not load the pack from {pack_root}")
+        node = nodes.NODE_CLASS_MAPPINGS["TGate"]
+        return cls(comfy_path=comfy_path, pack_module=sys.modules[node.__module__], TGate=node, nodes=nodes)
+
+    @property
+    def engine(self):
+        """The pack's engine as ComfyUI loaded it (not the test's own `import tgate`)."""
+        return sys.modules[self.pack_module.__name__.rsplit(".", 1)[0] + ".tgate"]
+
+    def tgate(self, model, gate_at=0.4, fidelity_branch="uncond", cache_device="model_device"):
+        return self.TGate.execute(model, gate_at=gate_at, fidelity_branch=fidelity_branch, cache_device=cache_device).result[0]
+
+    # -- models -------------------------------------------------------------------------------
+    def sd15(self, seed: int = 0):
+        import comfy.supported_models
+
+        return self._patcher(comfy.supported_models.SD15(SD15_UNET), seed)
+
+    def sdxl(self, seed: int = 0):
+        import comfy.supported_models
+
+        return self._patcher(comfy.supported_models.SDXL(SDXL_UNET), seed)
+
+    def _patcher(self, model_config, seed):
+        import comfy.model_management as mm
+        import comfy.model_patcher
+
+        model_config.set_inference_dtype(torch.float32, None)
+        model = model_config.get_model({})
+        randomize(model, seed)
+        return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+    # -- conditioning -------------------------------------------------------------------------
+    @staticmethod
+    def cond(seed: int, batch: int = 1, pooled: bool = False, **extra):
+        g = torch.Generator().manual_seed(seed)
+        options = dict(extra)
+        if pooled:
+            options.update(pooled_output=torch.randn(batch, SDXL_POOLED, generator=g), width=64, height=64,
+                           crop_w=0, crop_h=0, target_width=64, target_height=64)
+        return [[torch.randn(batch, CONTEXT_TOKENS, SD15_UNET["context_dim"], generator=g), options]]
+
+    # -- sampling through the real nodes ------------------------------------------------------
+    def ksampler(self, model, positive, negative, steps=12, cfg=7.0, sampler="euler", scheduler="normal",
+                 size=16, batch=1, seed=0, denoise=1.0, latent=None):
+        if latent is None:
+            latent = {"samples": torch.zeros(batch, 4, size, size)}
+        return self.nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent, denoise=denoise)[0]["samples"]
+
+
+@dataclass
+class ModelProbe:
+    """Counts, with torch hooks, what the diffusion model and its cross-attention really compute."""
+
+    batch_sizes: list[int] = field(default_factory=list)
+    to_q_calls: int = 0
+    attn2_calls: int = 0
+
+    @contextlib.contextmanager
+    def watch(self, patcher):
+        diffusion_model = patcher.model.diffusion_model
+        handles = [diffusion_model.register_forward_pre_hook(lambda m, args: self.batch_sizes.append(args[0].shape[0]))]
+        for name, module in diffusion_model.named_modules():
+            if name.endswith("attn2"):
+                handles.append(module.register_forward_pre_hook(self._count_attn2))
+                handles.append(module.to_q.register_forward_pre_hook(self._count_to_q))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _count_attn2(self, module, args):
+        self.attn2_calls += 1
+
+    def _count_to_q(self, module, args):
+        self.to_q_calls += 1
+
+
+SYNCING_OPS = {"item", "tolist", "__bool__", "__float__", "__int__", "nonzero", "cpu", "numpy"}
+
+
+class SyncCounter(TorchFunctionMode):
+    """Counts tensor operations that make the host wait for the device, and where they happen."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+        self.in_attention = 0
+        self._depth = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in SYNCING_OPS:
+            self.total += 1
+            if self._depth:
+                self.in_attention += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def around_attention(self, patcher):
+        handles = []
+        for name, module in patcher.model.diffusion_model.named_modules():
+            if name.endswith("attn2"):
+                handles.append(module.register_forward_pre_hook(lambda m, a: self._enter()))
+                handles.append(module.register_forward_hook(lambda m, a, o: self._leave()))
+        try:
+            with self:
+                yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _enter(self):
+        self._depth += 1
+
+    def _leave(self):
+        self._depth -= 1

@@ -1,0 +1,145 @@
+"""One sampling run under T-GATE, and the two ComfyUI wrappers that drive it.
+
+OUTER_SAMPLE builds a fresh GateRun for each sampling run (a hires-fix pass or a refiner is a run
+of its own) and drops it in `finally`, so a cancelled or failed run leaves nothing behind.
+CALC_COND_BATCH decides, once per model evaluation and outside the model, what this evaluation
+does; the cross-attention modules only read that decision. These are plain functions of the
+arguments ComfyUI passes: the engine imports nothing from ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .attention import PASS_KEY, GatePass
+from .branch import FidelityBranch, kept_branch, only_branch
+from .cache import CrossAttentionCache
+from .schedule import GateSchedule, Stage
+
+log = logging.getLogger("tgate")
+
+CONFIG_KEY = "tgate"  # transformer_options key of the node's TGateConfig
+RUN_KEY = "tgate_run"  # transformer_options key of the current GateRun
+CACHE_DEVICES = ("model_device", "cpu")
+
+
+@dataclass(frozen=True)
+class TGateConfig:
+    gate_at: float = 0.4
+    fidelity_branch: FidelityBranch = FidelityBranch.UNCOND
+    cache_device: str = "model_device"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gate_at <= 1.0:
+            raise ValueError(f"T-GATE gate_at must be between 0.0 and 1.0, got {self.gate_at}; 1.0 turns gating off.")
+        if self.cache_device not in CACHE_DEVICES:
+            raise ValueError(f"T-GATE cache_device must be one of {CACHE_DEVICES}, got {self.cache_device!r}.")
+        object.__setattr__(self, "fidelity_branch", FidelityBranch(self.fidelity_branch))
+
+
+class GateRun:
+    """The state of one sampling run: its schedule, its cache and what happened."""
+
+    def __init__(self, config: TGateConfig, schedule: GateSchedule):
+        self.config = config
+        self.schedule = schedule
+        self.cache = CrossAttentionCache("cpu" if config.cache_device == "cpu" else None)
+        # Built once per run so that evaluations allocate nothing on the host side.
+        self.capture_pass = GatePass(Stage.CAPTURE, self.cache)
+        self.replay_pass = GatePass(Stage.FIDELITY, self.cache)
+        self.captured_bytes = 0
+        self.captured_layers = 0
+        self.single_branch_evaluations = 0
+        self.uncached_evaluations = 0
+
+    def evaluate(self, executor, model, conds, x_in, timestep, model_options) -> list:
+        """Run one CALC_COND_BATCH evaluation of the main CFG call."""
+        stage = self.schedule.stage_of(_first_sigma(timestep))  # the evaluation's one host read
+        if stage is Stage.PLAN:
+            return executor(model, conds, x_in, timestep, model_options)
+        keep = kept_branch(conds, self.config.fidelity_branch)
+        if stage is Stage.CAPTURE:
+            self.cache.begin_capture(keep)
+            out = executor(model, conds, x_in, timestep, _with_option(model_options, PASS_KEY, self.capture_pass))
+            self.cache.finish_capture()
+            self.captured_bytes, self.captured_layers = self.cache.nbytes, self.cache.layers
+            return out
+        if len(self.cache) == 0:
+            # Nothing was captured (another node skipped the capture step): guidance stays whole.
+            self.uncached_evaluations += 1
+            return executor(model, conds, x_in, timestep, model_options)
+        out = executor(model, only_branch(conds, keep), x_in, timestep, _with_option(model_options, PASS_KEY, self.replay_pass))
+        self.single_branch_evaluations += 1
+        # Both CFG inputs get the kept branch: cfg(u, u) == u whatever the scale.
+        return [out[keep]] * len(conds)
+
+    def summary(self) -> str:
+        s = self.schedule
+        text = (
+            f"T-GATE: {s.gate_step} of {s.num_steps} steps planned with text, then "
+            f"{self.single_branch_evaluations} evaluations ran the {self.config.fidelity_branch.value} branch "
+            f"alone on {self.captured_layers} cached cross-attention layers ({self.captured_bytes / 2**20:.1f} MiB)"
+        )
+        if self.uncached_evaluations:
+            text += f"; {self.uncached_evaluations} evaluations after the gate found no cache and ran in full"
+        return text
+
+    def close(self) -> None:
+        self.cache.clear()
+
+
+def sample_with_gate(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: one GateRun per sampling run, freed however the run ends."""
+    guider = executor.class_obj
+    original_options = guider.model_options
+    config: TGateConfig | None = original_options.get("transformer_options", {}).get(CONFIG_KEY)
+    sigmas = kwargs["sigmas"] if "sigmas" in kwargs else args[3]
+    if config is None or sigmas is None or len(sigmas) < 2:
+        return executor(*args, **kwargs)
+    model_sampling = guider.model_patcher.get_model_object("model_sampling")
+    gate_sigma = float(model_sampling.percent_to_sigma(config.gate_at))
+    schedule = GateSchedule.from_sigmas(sigmas.tolist(), gate_sigma)
+    if not schedule.gates:
+        log.info("T-GATE: gate_at %.2f is past the last of %d steps; sampling unchanged", config.gate_at, schedule.num_steps)
+        return executor(*args, **kwargs)
+    log.info(
+        "T-GATE: gating after step %d of %d (gate_at %.2f); cross-attention is cached there",
+        schedule.gate_step, schedule.num_steps, config.gate_at,
+    )
+    run = GateRun(config, schedule)
+    guider.model_options = _with_option(original_options, RUN_KEY, run)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = original_options
+        log.info(run.summary())
+        run.close()
+
+
+def calc_cond_batch_with_gate(executor, model, conds, x_in, timestep, model_options):
+    """CALC_COND_BATCH wrapper: capture or skip the text branch in the main CFG call only.
+
+    Extra model calls made by PAG, SAG, PerpNeg or DualCFG pass one or three cond lists; they
+    run untouched and never see the cache.
+    """
+    run: GateRun | None = model_options.get("transformer_options", {}).get(RUN_KEY)
+    if run is None or len(conds) != 2:
+        return executor(model, conds, x_in, timestep, model_options)
+    return run.evaluate(executor, model, conds, x_in, timestep, model_options)
+
+
+def _first_sigma(timestep: Any) -> float:
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0])
+    return float(timestep)
+
+
+def _with_option(model_options: dict, key: str, value: Any) -> dict:
+    """A copy of `model_options` whose transformer_options carry `key`; the input is unchanged."""
+    options = dict(model_options)
+    options["transformer_options"] = {**model_options.get("transformer_options", {}), key: value}
+    return options

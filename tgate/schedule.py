@@ -1,0 +1,80 @@
+"""When T-GATE gates: the whole schedule of one sampling run as a pure function of its sigmas.
+
+Like the official `tgate_scheduler`, every decision is made here from plain numbers, so it can be
+tested without a model. A run's sigmas are its own schedule (already cut by KSamplerAdvanced,
+denoise < 1 or custom sigmas); the gate is placed with ComfyUI's percent convention, the one
+ControlNet start/end and EasyCache use: steps whose sigma is at or above the gate sigma plan
+semantics, the rest improve fidelity.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence
+
+# Samplers evaluate at sigmas read back from device tensors, and uni_pc rewrites the last one in
+# place: a sigma is matched to its step with a relative tolerance, never by exact equality.
+SIGMA_RTOL = 1e-4
+
+
+class Stage(enum.Enum):
+    PLAN = "plan"  # semantics planning: the model runs unchanged
+    CAPTURE = "capture"  # the last planning step: unchanged, and cross-attention outputs are stored
+    FIDELITY = "fidelity"  # after the gate: stored cross-attention, one CFG branch
+
+
+@dataclass(frozen=True)
+class GateSchedule:
+    """The steps of one run and the step at which the gate closes."""
+
+    sigmas: tuple[float, ...]  # one sigma per step, the final sigma (usually 0) left out
+    gate_step: int  # first fidelity step; equal to the number of steps when the run never gates
+
+    @classmethod
+    def from_sigmas(cls, sigmas: Sequence[float], gate_sigma: float) -> GateSchedule:
+        """Build the schedule of a run from its sigmas (final sigma included) and the gate sigma.
+
+        The gate closes after the leading steps whose sigma is at or above `gate_sigma`, but never
+        before the first step: text has to enter the network at least once to be cached.
+        """
+        steps = tuple(float(s) for s in sigmas[:-1])
+        planning = 0
+        for sigma in steps:
+            if sigma < gate_sigma * (1.0 - SIGMA_RTOL):
+                break
+            planning += 1
+        return cls(sigmas=steps, gate_step=max(1, planning) if steps else 0)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def gates(self) -> bool:
+        return self.gate_step < self.num_steps
+
+    def step_of(self, sigma: float) -> int:
+        """The step an evaluation at `sigma` belongs to: the last step whose sigma is >= it.
+
+        Multi-evaluation samplers (heun, dpm_2, dpmpp_sde...) evaluate between two steps' sigmas;
+        such an evaluation belongs to the earlier step.
+        """
+        return max(0, bisect.bisect_right(self._search_keys, -sigma) - 1)
+
+    @cached_property
+    def _search_keys(self) -> list[float]:
+        # bisect needs ascending keys: negate the descending sigmas, widened by the tolerance.
+        return [-s * (1.0 + SIGMA_RTOL) for s in self.sigmas]
+
+    def stage_of(self, sigma: float) -> Stage:
+        if not self.gates:
+            return Stage.PLAN
+        step = self.step_of(sigma)
+        if step < self.gate_step - 1:
+            return Stage.PLAN
+        if step == self.gate_step - 1:
+            return Stage.CAPTURE
+        return Stage.FIDELITY
