@@ -99,7 +99,3 @@ class TGate(io.ComfyNode):
 class TGateExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [TGate]
-
-
-async def comfy_entrypoint() -> TGateExtension:
-    return TGateExtension()

@@ -38,7 +38,12 @@ class TGateConfig:
             raise ValueError(f"T-GATE gate_at must be between 0.0 and 1.0, got {self.gate_at}; 1.0 turns gating off.")
         if self.cache_device not in CACHE_DEVICES:
             raise ValueError(f"T-GATE cache_device must be one of {CACHE_DEVICES}, got {self.cache_device!r}.")
-        object.__setattr__(self, "fidelity_branch", FidelityBranch(self.fidelity_branch))
+        try:
+            branch = FidelityBranch(self.fidelity_branch)
+        except ValueError:
+            choices = tuple(b.value for b in FidelityBranch)
+            raise ValueError(f"T-GATE fidelity_branch must be one of {choices}, got {self.fidelity_branch!r}.") from None
+        object.__setattr__(self, "fidelity_branch", branch)
 
 
 class GateRun:

@@ -1,0 +1,178 @@
+"""GateRun and the two wrappers, driving a real torch denoiser the way ComfyUI batches conds."""
+
+import pytest
+import torch
+from engine_modules import TinyDenoiser
+from tgate import (
+    CONFIG_KEY,
+    RUN_KEY,
+    FidelityBranch,
+    GateRun,
+    GateSchedule,
+    TGateConfig,
+    cached_cross_attention,
+    calc_cond_batch_with_gate,
+    sample_with_gate,
+)
+
+SIGMAS = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+
+
+def make_cond(seed, tokens=3):
+    g = torch.Generator().manual_seed(seed)
+    return [{"uuid": f"cond-{seed}", "context": torch.randn(1, tokens, 6, generator=g)}]
+
+
+def patched_denoiser():
+    model = TinyDenoiser()
+    for name, module in model.named_modules():
+        if name.endswith("attn2"):
+            module.forward = cached_cross_attention(name, module.forward)
+    return model
+
+
+def calc_cond_batch(model, conds, x_in, timestep, model_options, seen=None):
+    """What ComfyUI's _calc_cond_batch does with the chunks, in brief: uncond first, one batch."""
+    chunks = sorted(((i, c) for i, cond in enumerate(conds) if cond for c in cond), key=lambda t: -t[0])
+    options = dict(model_options.get("transformer_options", {}))
+    options["cond_or_uncond"] = [i for i, _ in chunks]
+    options["uuids"] = [c["uuid"] for _, c in chunks]
+    x = torch.cat([x_in] * len(chunks))
+    if seen is not None:
+        seen.append(x.shape[0])
+    outs = model(x, torch.cat([c["context"] for _, c in chunks]), options).chunk(len(chunks))
+    results = [torch.zeros_like(x_in) for _ in conds]
+    for (i, _), out in zip(chunks, outs):
+        results[i] = results[i] + out
+    return results
+
+
+def run_options(config=TGateConfig(gate_at=0.5), gate_sigma=3.5):
+    run = GateRun(config, GateSchedule.from_sigmas(SIGMAS, gate_sigma))
+    return run, {"transformer_options": {RUN_KEY: run}}
+
+
+def test_the_run_matches_an_independent_computation_of_the_rule():
+    model, x = patched_denoiser(), torch.randn(1, 4, 8)
+    pos, neg = make_cond(1), make_cond(2)
+    run, options = run_options()  # steps 0, 1 plan; 1 captures; 2, 3, 4 keep uncond alone
+    seen, to_q = [], []
+    for block in model.blocks:
+        block.attn2.to_q.register_forward_pre_hook(lambda m, a: to_q.append(1))
+
+    def executor(*args):
+        return calc_cond_batch(*args, seen=seen)
+
+    outputs = [calc_cond_batch_with_gate(executor, model, [pos, neg], x, torch.tensor([s]), options) for s in SIGMAS[:-1]]
+
+    # Reference: plain modules, outputs at the capture step recorded by hooks and averaged by hand.
+    reference = TinyDenoiser()
+    recorded = {}
+    hooks = [b.attn2.register_forward_hook(lambda m, a, o, i=i: recorded.__setitem__(i, o)) for i, b in enumerate(reference.blocks)]
+    full = calc_cond_batch(reference, [pos, neg], x, None, {})
+    for h in hooks:
+        h.remove()
+    means = {i: (o[0:1] + o[1:2]) / 2 for i, o in recorded.items()}
+    for i, b in enumerate(reference.blocks):
+        b.attn2.register_forward_hook(lambda m, a, o, i=i: means[i])
+    single = calc_cond_batch(reference, [None, neg], x, None, {})[1]
+
+    for step in (0, 1):
+        torch.testing.assert_close(outputs[step], full)
+    for step in (2, 3, 4):
+        assert outputs[step][0] is outputs[step][1]
+        torch.testing.assert_close(outputs[step][1], single)
+    assert seen == [2, 2, 1, 1, 1]
+    assert len(to_q) == 2 * 2  # two full evaluations, two layers; none after the gate
+    assert run.single_branch_evaluations == 3 and run.captured_layers == 2
+
+
+def test_cond_branch_and_cfg1_keep_the_positive():
+    model, x = patched_denoiser(), torch.randn(1, 4, 8)
+    pos, neg = make_cond(1), make_cond(2)
+    for conds, config in (([pos, neg], TGateConfig(gate_at=0.5, fidelity_branch=FidelityBranch.COND)), ([pos, None], TGateConfig())):
+        run, options = run_options(config)
+        seen = []
+        outs = [calc_cond_batch_with_gate(lambda *a: calc_cond_batch(*a, seen=seen), model, conds, x, torch.tensor([s]), options) for s in SIGMAS[:-1]]
+        assert seen[-1] == 1 and run.cache.keep_branch == 0
+        assert outs[-1][0] is outs[-1][1]
+
+
+@pytest.mark.parametrize("n_lists", [1, 3])
+def test_extra_model_calls_pass_through_untouched(n_lists):
+    run, options = run_options()
+    received = []
+
+    def executor(model, conds, x_in, timestep, model_options):
+        received.append((conds, model_options))
+        return ["out"] * len(conds)
+
+    conds = [make_cond(i) for i in range(n_lists)]
+    for sigma in SIGMAS[:-1]:
+        calc_cond_batch_with_gate(executor, None, conds, None, torch.tensor([sigma]), options)
+    assert all(c is conds and o is options for c, o in received)
+    assert len(run.cache) == 0
+
+
+def test_after_the_gate_without_a_capture_guidance_stays_whole():
+    model, x = patched_denoiser(), torch.randn(1, 4, 8)
+    run, options = run_options()
+    seen = []
+    calc_cond_batch_with_gate(lambda *a: calc_cond_batch(*a, seen=seen), model, [make_cond(1), make_cond(2)], x, torch.tensor([1.0]), options)
+    assert seen == [2] and run.uncached_evaluations == 1
+
+
+class Sampling:
+    """The parts of a ComfyUI guider and its executor that OUTER_SAMPLE wrappers use."""
+
+    class ModelSampling:
+        @staticmethod
+        def percent_to_sigma(percent):
+            return 0.0 if percent >= 1.0 else 5.0 * (1.0 - percent)
+
+    def __init__(self, config, body):
+        self.class_obj = self
+        self.model_options = {"transformer_options": {CONFIG_KEY: config}}
+        self.model_patcher = self
+        self.body = body
+
+    def get_model_object(self, name):
+        assert name == "model_sampling"
+        return self.ModelSampling()
+
+    def __call__(self, noise, latent, sampler, sigmas, *rest):
+        return self.body(self.model_options)
+
+
+def test_each_run_gets_a_fresh_run_and_frees_it_even_when_cancelled():
+    runs = []
+
+    def body(options):
+        run = options["transformer_options"][RUN_KEY]
+        run.cache.begin_capture(0)
+        run.cache.capture("l", torch.ones(1, 2, 2), [0], ["p"])
+        run.cache.finish_capture()
+        runs.append(run)
+        raise KeyboardInterrupt  # ComfyUI's cancel is an exception raised mid-run
+
+    sampling = Sampling(TGateConfig(), body)
+    original = sampling.model_options
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            sample_with_gate(sampling, None, None, None, torch.tensor(SIGMAS))
+        assert sampling.model_options is original and RUN_KEY not in original["transformer_options"]
+    assert runs[0] is not runs[1]
+    assert all(len(r.cache) == 0 and r.cache.nbytes == 0 for r in runs)
+
+
+def test_gate_at_one_leaves_the_run_alone():
+    seen = []
+    sampling = Sampling(TGateConfig(gate_at=1.0), lambda options: seen.append(options) or "done")
+    assert sample_with_gate(sampling, None, None, None, torch.tensor(SIGMAS)) == "done"
+    assert RUN_KEY not in seen[0]["transformer_options"]
+
+
+@pytest.mark.parametrize("bad", [dict(gate_at=-0.1), dict(gate_at=1.5), dict(cache_device="disk"), dict(fidelity_branch="both")])
+def test_config_refuses_out_of_range_values_with_the_fix(bad):
+    with pytest.raises(ValueError, match="must be"):
+        TGateConfig(**bad)
