@@ -62,7 +62,11 @@ class TGate(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x, SD2.x or SDXL model to speed up. It is cloned, never changed."),
                 io.Float.Input(
-                    "gate_at", default=0.4, min=0.0, max=1.0, step=0.01,
+                    "gate_at",
+                    default=0.4,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
                     tooltip=(
                         "Fraction of the denoising process spent planning semantics with text (ComfyUI's "
                         "percent convention, as ControlNet start/end). Cross-attention is cached at the last "
@@ -71,7 +75,9 @@ class TGate(io.ComfyNode):
                     ),
                 ),
                 io.Combo.Input(
-                    "fidelity_branch", options=[b.value for b in FidelityBranch], default=FidelityBranch.UNCOND.value,
+                    "fidelity_branch",
+                    options=[b.value for b in FidelityBranch],
+                    default=FidelityBranch.UNCOND.value,
                     tooltip=(
                         "Which classifier-free guidance branch runs after the gate. uncond: the negative "
                         "prompt's branch, as in the paper and the official code. cond: the positive branch, for "
@@ -79,7 +85,9 @@ class TGate(io.ComfyNode):
                     ),
                 ),
                 io.Combo.Input(
-                    "cache_device", options=list(CACHE_DEVICES), default=CACHE_DEVICES[0],
+                    "cache_device",
+                    options=list(CACHE_DEVICES),
+                    default=CACHE_DEVICES[0],
                     tooltip=(
                         "Where the cached cross-attention outputs live until the run ends. model_device is "
                         "fastest; cpu saves GPU memory (SDXL 1024x1024: about 0.2 GB per image) at the cost of "

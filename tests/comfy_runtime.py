@@ -16,15 +16,36 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 SD15_UNET = dict(
-    image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
-    transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=64,
-    num_heads=2, num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None, use_spatial_transformer=True,
-    legacy=False, dims=2, use_temporal_resblock=False, use_temporal_attention=False,
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    num_res_blocks=[1, 1],
+    channel_mult=[1, 2],
+    transformer_depth=[1, 1],
+    transformer_depth_output=[1, 1, 1, 1],
+    transformer_depth_middle=1,
+    context_dim=64,
+    num_heads=2,
+    num_head_channels=-1,
+    use_linear_in_transformer=False,
+    adm_in_channels=None,
+    use_spatial_transformer=True,
+    legacy=False,
+    dims=2,
+    use_temporal_resblock=False,
+    use_temporal_attention=False,
 )
 SDXL_POOLED = 32
 SDXL_UNET = dict(
-    SD15_UNET, transformer_depth=[0, 2], transformer_depth_output=[0, 0, 2, 2], transformer_depth_middle=2,
-    context_dim=64, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True,
+    SD15_UNET,
+    transformer_depth=[0, 2],
+    transformer_depth_output=[0, 0, 2, 2],
+    transformer_depth_middle=2,
+    context_dim=64,
+    num_heads=-1,
+    num_head_channels=16,
+    use_linear_in_transformer=True,
     adm_in_channels=SDXL_POOLED + 6 * 256,
 )
 CONTEXT_TOKENS = 7
@@ -99,16 +120,38 @@ class ComfyRuntime:
         g = torch.Generator().manual_seed(seed)
         options = dict(extra)
         if pooled:
-            options.update(pooled_output=torch.randn(batch, SDXL_POOLED, generator=g), width=64, height=64,
-                           crop_w=0, crop_h=0, target_width=64, target_height=64)
+            options.update(
+                pooled_output=torch.randn(batch, SDXL_POOLED, generator=g),
+                width=64,
+                height=64,
+                crop_w=0,
+                crop_h=0,
+                target_width=64,
+                target_height=64,
+            )
         return [[torch.randn(batch, CONTEXT_TOKENS, SD15_UNET["context_dim"], generator=g), options]]
 
     # -- sampling through the real nodes ------------------------------------------------------
-    def ksampler(self, model, positive, negative, steps=12, cfg=7.0, sampler="euler", scheduler="normal",
-                 size=16, batch=1, seed=0, denoise=1.0, latent=None):
+    def ksampler(
+        self,
+        model,
+        positive,
+        negative,
+        steps=12,
+        cfg=7.0,
+        sampler="euler",
+        scheduler="normal",
+        size=16,
+        batch=1,
+        seed=0,
+        denoise=1.0,
+        latent=None,
+    ):
         if latent is None:
             latent = {"samples": torch.zeros(batch, 4, size, size)}
-        return self.nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent, denoise=denoise)[0]["samples"]
+        return self.nodes.KSampler().sample(
+            model, seed, steps, cfg, sampler, scheduler, positive, negative, latent, denoise=denoise
+        )[0]["samples"]
 
 
 @dataclass

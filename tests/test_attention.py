@@ -1,6 +1,7 @@
 """The cross-attention forward T-GATE installs, on real torch modules."""
 
 import torch
+
 from engine_modules import CrossAttention
 from tgate import COND, PASS_KEY, UNCOND, CrossAttentionCache, GatePass, Stage, cached_cross_attention
 

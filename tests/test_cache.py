@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from tgate import COND, UNCOND, CrossAttentionCache
 
 P, N, A = "positive-uuid", "negative-uuid", "area-uuid"

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from engine_modules import TinyDenoiser
 from tgate import (
     CONFIG_KEY,
@@ -42,13 +43,13 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options, seen=None):
         seen.append(x.shape[0])
     outs = model(x, torch.cat([c["context"] for _, c in chunks]), options).chunk(len(chunks))
     results = [torch.zeros_like(x_in) for _ in conds]
-    for (i, _), out in zip(chunks, outs):
+    for (i, _), out in zip(chunks, outs, strict=True):
         results[i] = results[i] + out
     return results
 
 
-def run_options(config=TGateConfig(gate_at=0.5), gate_sigma=3.5):
-    run = GateRun(config, GateSchedule.from_sigmas(SIGMAS, gate_sigma))
+def run_options(config=None, gate_sigma=3.5):
+    run = GateRun(config or TGateConfig(gate_at=0.5), GateSchedule.from_sigmas(SIGMAS, gate_sigma))
     return run, {"transformer_options": {RUN_KEY: run}}
 
 
@@ -68,7 +69,9 @@ def test_the_run_matches_an_independent_computation_of_the_rule():
     # Reference: plain modules, outputs at the capture step recorded by hooks and averaged by hand.
     reference = TinyDenoiser()
     recorded = {}
-    hooks = [b.attn2.register_forward_hook(lambda m, a, o, i=i: recorded.__setitem__(i, o)) for i, b in enumerate(reference.blocks)]
+    hooks = [
+        b.attn2.register_forward_hook(lambda m, a, o, i=i: recorded.__setitem__(i, o)) for i, b in enumerate(reference.blocks)
+    ]
     full = calc_cond_batch(reference, [pos, neg], x, None, {})
     for h in hooks:
         h.remove()
@@ -90,10 +93,17 @@ def test_the_run_matches_an_independent_computation_of_the_rule():
 def test_cond_branch_and_cfg1_keep_the_positive():
     model, x = patched_denoiser(), torch.randn(1, 4, 8)
     pos, neg = make_cond(1), make_cond(2)
-    for conds, config in (([pos, neg], TGateConfig(gate_at=0.5, fidelity_branch=FidelityBranch.COND)), ([pos, None], TGateConfig())):
+    for conds, config in (
+        ([pos, neg], TGateConfig(gate_at=0.5, fidelity_branch=FidelityBranch.COND)),
+        ([pos, None], TGateConfig()),
+    ):
         run, options = run_options(config)
         seen = []
-        outs = [calc_cond_batch_with_gate(lambda *a: calc_cond_batch(*a, seen=seen), model, conds, x, torch.tensor([s]), options) for s in SIGMAS[:-1]]
+
+        def executor(*args, seen=seen):
+            return calc_cond_batch(*args, seen=seen)
+
+        outs = [calc_cond_batch_with_gate(executor, model, conds, x, torch.tensor([s]), options) for s in SIGMAS[:-1]]
         assert seen[-1] == 1 and run.cache.keep_branch == 0
         assert outs[-1][0] is outs[-1][1]
 
@@ -118,7 +128,9 @@ def test_after_the_gate_without_a_capture_guidance_stays_whole():
     model, x = patched_denoiser(), torch.randn(1, 4, 8)
     run, options = run_options()
     seen = []
-    calc_cond_batch_with_gate(lambda *a: calc_cond_batch(*a, seen=seen), model, [make_cond(1), make_cond(2)], x, torch.tensor([1.0]), options)
+    calc_cond_batch_with_gate(
+        lambda *a: calc_cond_batch(*a, seen=seen), model, [make_cond(1), make_cond(2)], x, torch.tensor([1.0]), options
+    )
     assert seen == [2] and run.uncached_evaluations == 1
 
 

@@ -11,8 +11,24 @@ from .run import CONFIG_KEY, RUN_KEY, GateRun, TGateConfig, calc_cond_batch_with
 from .schedule import GateSchedule, Stage
 
 __all__ = [
-    "CONFIG_KEY", "COND", "PASS_KEY", "RUN_KEY", "UNCOND", "CrossAttentionCache", "FidelityBranch", "GatePass",
-    "GateRun", "GateSchedule", "NoCrossAttentionError", "Stage", "TGateConfig", "cached_cross_attention",
-    "calc_cond_batch_with_gate", "cross_attention_layers", "kept_branch", "only_branch", "require_cross_attention",
+    "CONFIG_KEY",
+    "COND",
+    "PASS_KEY",
+    "RUN_KEY",
+    "UNCOND",
+    "CrossAttentionCache",
+    "FidelityBranch",
+    "GatePass",
+    "GateRun",
+    "GateSchedule",
+    "NoCrossAttentionError",
+    "Stage",
+    "TGateConfig",
+    "cached_cross_attention",
+    "calc_cond_batch_with_gate",
+    "cross_attention_layers",
+    "kept_branch",
+    "only_branch",
+    "require_cross_attention",
     "sample_with_gate",
 ]

@@ -7,8 +7,9 @@ T-GATE run, or in extra model calls made by PAG, SAG and the like) it only calls
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

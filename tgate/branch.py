@@ -7,7 +7,8 @@ compute the same thing: one is enough, and its output stands for both.
 from __future__ import annotations
 
 import enum
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 COND, UNCOND = 0, 1  # positions in ComfyUI's `conds` list and values of `cond_or_uncond`
 

@@ -8,7 +8,7 @@ with no same-shaped partner (cfg 1.0, area conds) keeps its own output.
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -34,8 +34,8 @@ class CrossAttentionCache:
     def capture(self, layer: str, output: torch.Tensor, branches: Sequence[int], chunk_ids: Sequence[ChunkId]) -> None:
         """Store one layer's output of a batched model call made of `len(chunk_ids)` chunks."""
         chunks = output.chunk(len(chunk_ids))
-        kept = [(c, i) for c, b, i in zip(chunks, branches, chunk_ids) if b == self.keep_branch]
-        others = [c for c, b in zip(chunks, branches) if b != self.keep_branch]
+        kept = [(c, i) for c, b, i in zip(chunks, branches, chunk_ids, strict=True) if b == self.keep_branch]
+        others = [c for c, b in zip(chunks, branches, strict=True) if b != self.keep_branch]
         other_sum = _float_sum(others)
         layer_entries = self._entries.setdefault(layer, {})
         if not kept:

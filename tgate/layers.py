@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -11,8 +11,16 @@ import torch
 # cross-attention output to cache.
 JOINT_ATTENTION_FAMILIES = frozenset(
     {
-        "SD3", "Flux", "Chroma", "AuraFlow", "QwenImage", "HunyuanVideo", "GenmoMochi", "HiDream",
-        "Lumina2", "Omnigen2",
+        "SD3",
+        "Flux",
+        "Chroma",
+        "AuraFlow",
+        "QwenImage",
+        "HunyuanVideo",
+        "GenmoMochi",
+        "HiDream",
+        "Lumina2",
+        "Omnigen2",
     }
 )
 FUSED_ATTENTION_FAMILIES = frozenset({"Stable_Cascade_C"})  # self and cross K/V concatenated
@@ -47,10 +55,7 @@ def require_cross_attention(layers: Iterable[str], model_config: object) -> list
     names = family_names(model_config)
     family = names[0]
     if JOINT_ATTENTION_FAMILIES.intersection(names):
-        why = (
-            f"{family} mixes text and image tokens in joint attention, so there is no text-only "
-            "cross-attention output to cache"
-        )
+        why = f"{family} mixes text and image tokens in joint attention, so there is no text-only cross-attention output to cache"
     elif FUSED_ATTENTION_FAMILIES.intersection(names):
         why = f"{family} fuses self- and cross-attention keys and values, which cannot be separated"
     else:

@@ -113,7 +113,9 @@ def sample_with_gate(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     log.info(
         "T-GATE: gating after step %d of %d (gate_at %.2f); cross-attention is cached there",
-        schedule.gate_step, schedule.num_steps, config.gate_at,
+        schedule.gate_step,
+        schedule.num_steps,
+        config.gate_at,
     )
     run = GateRun(config, schedule)
     guider.model_options = _with_option(original_options, RUN_KEY, run)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import bisect
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
 
 # Samplers evaluate at sigmas read back from device tensors, and uni_pc rewrites the last one in
 # place: a sigma is matched to its step with a relative tolerance, never by exact equality.
