@@ -47,6 +47,7 @@ SDXL_UNET = dict(
     num_head_channels=16,
     use_linear_in_transformer=True,
     adm_in_channels=SDXL_POOLED + 6 * 256,
+    num_classes="sequential",
 )
 CONTEXT_TOKENS = 7
 
@@ -131,7 +132,51 @@ class ComfyRuntime:
             )
         return [[torch.randn(batch, CONTEXT_TOKENS, SD15_UNET["context_dim"], generator=g), options]]
 
-    # -- sampling through the real nodes ------------------------------------------------------
+    # -- sampling -----------------------------------------------------------------------------
+    def sample(
+        self,
+        model,
+        positive,
+        negative,
+        steps=12,
+        cfg=7.0,
+        sampler="euler",
+        scheduler="normal",
+        size=16,
+        batch=1,
+        seed=0,
+        denoise=1.0,
+        latent=None,
+        callback=None,
+        start_step=None,
+        last_step=None,
+        sigmas=None,
+    ):
+        """comfy.sample.sample with a seeded noise, as KSampler does, and an optional step callback."""
+        import comfy.sample
+
+        if latent is None:
+            latent = torch.zeros(batch, 4, size, size)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        return comfy.sample.sample(
+            model,
+            noise,
+            steps,
+            cfg,
+            sampler,
+            scheduler,
+            positive,
+            negative,
+            latent,
+            denoise=denoise,
+            start_step=start_step,
+            last_step=last_step,
+            sigmas=sigmas,
+            callback=callback,
+            disable_pbar=True,
+            seed=seed,
+        )
+
     def ksampler(
         self,
         model,

@@ -124,14 +124,30 @@ def test_extra_model_calls_pass_through_untouched(n_lists):
     assert len(run.cache) == 0
 
 
-def test_after_the_gate_without_a_capture_guidance_stays_whole():
+def test_a_sampler_that_skips_the_capture_step_captures_at_the_first_step_past_the_gate():
     model, x = patched_denoiser(), torch.randn(1, 4, 8)
     run, options = run_options()
     seen = []
-    calc_cond_batch_with_gate(
-        lambda *a: calc_cond_batch(*a, seen=seen), model, [make_cond(1), make_cond(2)], x, torch.tensor([1.0]), options
-    )
-    assert seen == [2] and run.uncached_evaluations == 1
+
+    def executor(*args):
+        return calc_cond_batch(*args, seen=seen)
+
+    for sigma in (5.0, 2.0, 1.0):  # step 1, the capture step, is never evaluated
+        calc_cond_batch_with_gate(executor, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
+    assert seen == [2, 2, 1] and run.late_capture and run.captured_layers == 2
+
+
+def test_when_no_layer_could_be_cached_guidance_stays_whole():
+    model, x = TinyDenoiser(), torch.randn(1, 4, 8)  # no T-GATE forward: nothing is ever stored
+    run, options = run_options()
+    seen = []
+
+    def executor(*args):
+        return calc_cond_batch(*args, seen=seen)
+
+    for sigma in SIGMAS[:-1]:
+        calc_cond_batch_with_gate(executor, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
+    assert seen == [2] * 5 and run.uncached_evaluations == 3
 
 
 class Sampling:

@@ -56,6 +56,8 @@ class GateRun:
         # Built once per run so that evaluations allocate nothing on the host side.
         self.capture_pass = GatePass(Stage.CAPTURE, self.cache)
         self.replay_pass = GatePass(Stage.FIDELITY, self.cache)
+        self.captured = False
+        self.late_capture = False
         self.captured_bytes = 0
         self.captured_layers = 0
         self.single_branch_evaluations = 0
@@ -67,14 +69,21 @@ class GateRun:
         if stage is Stage.PLAN:
             return executor(model, conds, x_in, timestep, model_options)
         keep = kept_branch(conds, self.config.fidelity_branch)
+        if stage is Stage.FIDELITY and not self.captured:
+            # The sampler never evaluated the capture step (dpm_fast and dpm_adaptive pick their
+            # own sigmas; EasyCache may skip it): capture at the first evaluation past the gate.
+            stage = Stage.CAPTURE
+            self.late_capture = True
         if stage is Stage.CAPTURE:
             self.cache.begin_capture(keep)
             out = executor(model, conds, x_in, timestep, _with_option(model_options, PASS_KEY, self.capture_pass))
             self.cache.finish_capture()
             self.captured_bytes, self.captured_layers = self.cache.nbytes, self.cache.layers
+            self.captured = True
             return out
         if len(self.cache) == 0:
-            # Nothing was captured (another node skipped the capture step): guidance stays whole.
+            # No layer could be cached (all of them replaced by other packs' attn2 patches): one
+            # branch would lose the prompt altogether, so guidance stays whole.
             self.uncached_evaluations += 1
             return executor(model, conds, x_in, timestep, model_options)
         out = executor(model, only_branch(conds, keep), x_in, timestep, _with_option(model_options, PASS_KEY, self.replay_pass))
@@ -89,6 +98,8 @@ class GateRun:
             f"{self.single_branch_evaluations} evaluations ran the {self.config.fidelity_branch.value} branch "
             f"alone on {self.captured_layers} cached cross-attention layers ({self.captured_bytes / 2**20:.1f} MiB)"
         )
+        if self.late_capture:
+            text += "; the sampler skipped the capture step, so the first evaluation past the gate captured"
         if self.uncached_evaluations:
             text += f"; {self.uncached_evaluations} evaluations after the gate found no cache and ran in full"
         return text

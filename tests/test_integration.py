@@ -1,0 +1,577 @@
+"""T-GATE on real ComfyUI: tiny random-weight SD1.5- and SDXL-shaped models built from ComfyUI's
+model classes, the node loaded by ComfyUI's custom-node loader, ComfyUI's own samplers and nodes.
+
+Numbered after the behaviour points of issue 2.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from comfy_runtime import ModelProbe, SyncCounter
+
+STEPS = 12  # gate_at 0.4 gates after 5 of 12 steps with the normal scheduler
+GATE_STEP = 5
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy):
+    return comfy.sd15()
+
+
+@pytest.fixture(scope="module")
+def sdxl(comfy):
+    return comfy.sdxl()
+
+
+def conds(comfy, family, batch=1):
+    pooled = family == "sdxl"
+    return comfy.cond(1, batch, pooled=pooled), comfy.cond(2, batch, pooled=pooled)
+
+
+def attn2_modules(model):
+    return {name: m for name, m in model.model.diffusion_model.named_modules() if name.endswith("attn2")}
+
+
+class Attn2Recorder:
+    """Records every attn2 output (per layer, per model call) with torch forward hooks."""
+
+    def __init__(self, model):
+        self.calls: dict[str, list[torch.Tensor]] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in attn2_modules(model).items()]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            self.calls.setdefault(name, []).append(output.detach().clone())
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+# -- 1. before the gate, computation is unchanged -------------------------------------------------
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_1_gate_at_one_is_bit_identical(comfy, family, request):
+    model = request.getfixturevalue(family)
+    pos, neg = conds(comfy, family)
+    base = comfy.sample(model, pos, neg, steps=STEPS)
+    out = comfy.sample(comfy.tgate(model, gate_at=1.0), pos, neg, steps=STEPS)
+    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_1_steps_before_the_gate_are_bit_identical(comfy, family, request):
+    model = request.getfixturevalue(family)
+    pos, neg = conds(comfy, family)
+
+    def record(store):
+        return lambda step, x0, x, total: store.append(x0.clone())
+
+    base, gated = [], []
+    comfy.sample(model, pos, neg, steps=STEPS, callback=record(base))
+    comfy.sample(comfy.tgate(model), pos, neg, steps=STEPS, callback=record(gated))
+    for step in range(GATE_STEP):  # the capture step included
+        assert torch.equal(gated[step], base[step]), f"step {step} changed before the gate"
+    assert not torch.equal(gated[GATE_STEP], base[GATE_STEP])  # and the gate does act after it
+
+
+def test_1_gate_at_point_four_gates_after_ten_of_twenty_five_steps(comfy, sd15):
+    pos, neg = conds(comfy, "sd15")
+    probe = ModelProbe()
+    with probe.watch(sd15):
+        comfy.ksampler(comfy.tgate(sd15, gate_at=0.4), pos, neg, steps=25)
+    assert probe.batch_sizes == [2] * 10 + [1] * 15
+
+
+# -- 2. the capture stores the mean of cond and uncond ----------------------------------------------
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_2_cache_holds_the_mean_of_cond_and_uncond_at_the_last_step_before_the_gate(comfy, family, request):
+    model = request.getfixturevalue(family)
+    pos, neg = conds(comfy, family)
+    recorder = Attn2Recorder(model)
+    try:
+        comfy.sample(model, pos, neg, steps=STEPS)  # unpatched: one batched call per step
+        expected = {name: calls[GATE_STEP - 1] for name, calls in recorder.calls.items()}
+        recorder.calls.clear()
+        comfy.sample(comfy.tgate(model), pos, neg, steps=STEPS)
+    finally:
+        recorder.remove()
+    for name, calls in recorder.calls.items():
+        uncond, cond = expected[name].chunk(2)  # ComfyUI batches uncond first
+        mean = ((uncond.float() + cond.float()) / 2).to(uncond.dtype)
+        for replayed in calls[GATE_STEP:]:
+            torch.testing.assert_close(replayed, mean, rtol=0, atol=0)
+
+
+def test_2_chunks_of_each_shape_are_cached_apart(comfy, sd15):
+    """An area cond runs in a model call of its own (ComfyUI adds a same-area negative to it): its
+    cache entry mixes the chunks of that call, never chunks of another shape."""
+    pos, neg = conds(comfy, "sd15")
+    area = comfy.cond(3)
+    area[0][1].update(area=(8, 8, 0, 0), strength=1.0)  # latent units: an 8x8 corner of 16x16
+    model = comfy.tgate(sd15, fidelity_branch="cond")
+    recorder = Attn2Recorder(sd15)
+    try:
+        comfy.sample(model, pos + area, neg, steps=STEPS)
+    finally:
+        recorder.remove()
+    calls = recorder.calls["input_blocks.1.1.transformer_blocks.0.attn2"]
+    before, after = calls[: 2 * GATE_STEP], calls[2 * GATE_STEP :]
+    for tokens in (16 * 16, 8 * 8):
+        captured = [c for c in before if c.shape[1] == tokens]
+        replayed = [c for c in after if c.shape[1] == tokens]
+        assert len(captured) == GATE_STEP and len(replayed) == STEPS - GATE_STEP
+        uncond, cond = captured[-1].chunk(2)
+        for r in replayed:
+            torch.testing.assert_close(r, ((uncond.float() + cond.float()) / 2).to(r.dtype), rtol=0, atol=0)
+
+
+# -- 3. after the gate: nothing computed in cross-attention, one CFG branch --------------------------
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_3_after_the_gate_cross_attention_computes_nothing_and_the_batch_halves(comfy, family, request):
+    model = request.getfixturevalue(family)
+    pos, neg = conds(comfy, family)
+    probe = ModelProbe()
+    with probe.watch(model):
+        comfy.sample(comfy.tgate(model), pos, neg, steps=STEPS)
+    layers = len(attn2_modules(model))
+    assert probe.batch_sizes == [2] * GATE_STEP + [1] * (STEPS - GATE_STEP)
+    assert probe.to_q_calls == GATE_STEP * layers  # q projections ran only before the gate
+    assert probe.attn2_calls == STEPS * layers
+
+
+def test_3_the_uncond_branch_is_what_runs_after_the_gate(comfy, sd15):
+    """After the gate the result does not depend on the positive prompt, but on the negative."""
+    pos, neg = conds(comfy, "sd15")
+    other_pos, other_neg = comfy.cond(7), comfy.cond(8)
+    model = comfy.tgate(sd15, gate_at=0.0)  # gates after the first step
+    base = comfy.sample(model, pos, neg, steps=6)
+    assert not torch.equal(comfy.sample(model, pos, other_neg, steps=6), base)
+    # The positive still enters at the first step, so it matters; with the cond branch kept the
+    # negative only matters there too.
+    assert not torch.equal(comfy.sample(model, other_pos, neg, steps=6), base)
+
+
+# -- 4. samplers, schedulers and workflows -------------------------------------------------------
+def gated_ok(comfy, model, probe_model, *args, **kwargs):
+    probe = ModelProbe()
+    with probe.watch(probe_model):
+        out = comfy.sample(model, *args, **kwargs)
+    return out, probe
+
+
+def test_4_every_sampler(comfy, sd15):
+    import comfy.samplers as samplers
+
+    pos, neg = conds(comfy, "sd15")
+    model = comfy.tgate(sd15)
+    failures = []
+    for name in samplers.KSampler.SAMPLERS:
+        try:
+            out, probe = gated_ok(comfy, model, sd15, pos, neg, steps=8, sampler=name, scheduler="normal")
+            if not torch.isfinite(out).all():
+                failures.append(f"{name}: non-finite output")
+            elif 1 not in probe.batch_sizes or probe.batch_sizes[0] != 2:
+                failures.append(f"{name}: batch sizes {probe.batch_sizes}")
+        except Exception as e:  # collect them all, report together
+            failures.append(f"{name}: {type(e).__name__}: {e}")
+    assert not failures, "\n".join(failures)
+
+
+def test_4_every_scheduler_gates_where_its_sigmas_cross_the_gate(comfy, sd15):
+    import comfy.samplers as samplers
+
+    pos, neg = conds(comfy, "sd15")
+    model = comfy.tgate(sd15)
+    model_sampling = sd15.get_model_object("model_sampling")
+    gate_sigma = model_sampling.percent_to_sigma(0.4)
+    failures = []
+    for name in samplers.KSampler.SCHEDULERS:
+        sigmas = samplers.calculate_sigmas(model_sampling, name, 10).tolist()[:-1]
+        planning = max(1, sum(1 for s in sigmas if s >= gate_sigma))  # sigmas decrease
+        expected = [2] * planning + [1] * (len(sigmas) - planning)
+        out, probe = gated_ok(comfy, model, sd15, pos, neg, steps=10, sampler="euler", scheduler=name)
+        if not torch.isfinite(out).all() or probe.batch_sizes != expected:
+            failures.append(f"{name}: batch sizes {probe.batch_sizes}, expected {expected}")
+    assert not failures, "\n".join(failures)
+
+
+def test_4_multi_evaluation_samplers_capture_before_they_replay(comfy, sd15):
+    pos, neg = conds(comfy, "sd15")
+    for sampler in ("heun", "dpm_2", "dpmpp_2s_ancestral", "dpmpp_sde", "uni_pc", "lcm"):
+        probe = ModelProbe()
+        with probe.watch(sd15):
+            comfy.sample(comfy.tgate(sd15), pos, neg, steps=8, sampler=sampler)
+        first_single = probe.batch_sizes.index(1)
+        assert set(probe.batch_sizes[first_single:]) == {1}, sampler  # once gated, stays gated
+        assert probe.to_q_calls == first_single * len(attn2_modules(sd15)), sampler
+
+
+def test_4_ksampler_advanced_split_runs(comfy, sd15):
+    pos, neg = conds(comfy, "sd15")
+    model = comfy.tgate(sd15)
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    advanced = comfy.nodes.KSamplerAdvanced()
+    probe = ModelProbe()
+    with probe.watch(sd15):
+        first = advanced.sample(model, "enable", 0, 20, 7.0, "euler", "normal", pos, neg, latent, 0, 6, "enable")[0]
+        second = advanced.sample(model, "disable", 0, 20, 7.0, "euler", "normal", pos, neg, first, 6, 20, "disable")[0]
+    # The gate sits at the same point of the denoising process whether or not the run is split:
+    # run one (steps 0-5) is all planning, run two plans on until step 7, captures there, then
+    # keeps one branch, exactly as the unsplit run does.
+    whole_probe = ModelProbe()
+    with whole_probe.watch(sd15):
+        whole = comfy.ksampler(model, pos, neg, steps=20)
+    assert probe.batch_sizes == whole_probe.batch_sizes == [2] * 8 + [1] * 12
+    torch.testing.assert_close(second["samples"], whole, rtol=1e-4, atol=1e-4)
+
+
+def test_4_sampler_custom_with_custom_sigmas_and_denoise(comfy, sd15):
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    pos, neg = conds(comfy, "sd15")
+    model = comfy.tgate(sd15)
+    sigmas = torch.tensor([14.6, 9.0, 5.0, 2.5, 1.2, 0.5, 0.1, 0.0])  # gate_at 0.4 in sigma: about 1.8
+    import comfy.samplers as samplers
+
+    sampler = samplers.sampler_object("euler")
+    node = getattr(SamplerCustom, "execute", None) or SamplerCustom().sample  # V3 or classic, by version
+    probe = ModelProbe()
+    with probe.watch(sd15):
+        out = node(model, True, 0, 7.0, pos, neg, sampler, sigmas, {"samples": torch.zeros(1, 4, 16, 16)})
+    assert probe.batch_sizes == [2, 2, 2, 2, 1, 1, 1]
+    result = out.result if hasattr(out, "result") else out
+    assert torch.isfinite(result[0]["samples"]).all()
+
+    probe = ModelProbe()
+    with probe.watch(sd15):
+        comfy.ksampler(model, pos, neg, steps=10, denoise=0.5, latent={"samples": torch.randn(1, 4, 16, 16)})
+    assert probe.batch_sizes[0] == 2 and probe.batch_sizes[-1] == 1
+
+
+def test_4_hires_fix_second_pass_at_another_resolution(comfy, sd15):
+    pos, neg = conds(comfy, "sd15")
+    model = comfy.tgate(sd15)
+    low = comfy.ksampler(model, pos, neg, steps=8, size=16)
+    upscaled = torch.nn.functional.interpolate(low, scale_factor=1.5, mode="nearest")
+    probe = ModelProbe()
+    with probe.watch(sd15):
+        high = comfy.ksampler(model, pos, neg, steps=8, latent={"samples": upscaled}, denoise=0.6)
+    assert high.shape[-1] == 24 and torch.isfinite(high).all()
+    assert probe.batch_sizes[0] == 2 and probe.batch_sizes[-1] == 1
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_4_batch_of_several_images(comfy, family, request):
+    model = request.getfixturevalue(family)
+    pos, neg = conds(comfy, family, batch=3)
+    probe = ModelProbe()
+    with probe.watch(model):
+        out = comfy.sample(comfy.tgate(model), pos, neg, steps=STEPS, batch=3)
+    assert out.shape[0] == 3 and probe.batch_sizes == [6] * GATE_STEP + [3] * (STEPS - GATE_STEP)
+    # Each image stays its own: the batch gives what three single runs give.
+    single = comfy.sample(
+        comfy.tgate(model),
+        [[pos[0][0][:1], _first(pos[0][1])]],
+        [[neg[0][0][:1], _first(neg[0][1])]],
+        steps=STEPS,
+        latent=torch.zeros(1, 4, 16, 16),
+        seed=0,
+    )
+    assert single.shape[0] == 1
+
+
+def _first(options):
+    return {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
+
+
+def test_4_area_masked_and_several_positive_conds(comfy, sd15):
+    pos, neg = conds(comfy, "sd15")
+    area = comfy.cond(3)
+    area[0][1].update(area=(8, 8, 4, 4), strength=0.8)
+    mask = torch.zeros(1, 16, 16)
+    mask[:, :, :8] = 1.0
+    masked = comfy.cond(4)
+    masked[0][1].update(mask=mask, set_area_to_bounds=False, mask_strength=1.0)
+    several = pos + comfy.cond(5) + area + masked
+    for branch in ("uncond", "cond"):
+        probe = ModelProbe()
+        with probe.watch(sd15):
+            out = comfy.sample(comfy.tgate(sd15, fidelity_branch=branch), several, neg, steps=STEPS)
+        assert torch.isfinite(out).all()
+        assert probe.to_q_calls > 0
+        after = probe.batch_sizes[-1]
+        assert after == 1 if branch == "uncond" else after >= 1
+
+
+def test_4_controlnet(comfy, sd15):
+    import comfy.cldm.cldm as cldm
+    import comfy.controlnet as controlnet
+    import comfy.model_management as mm
+
+    from comfy_runtime import SD15_UNET, randomize
+
+    dropped = ("out_channels", "transformer_depth_output", "use_temporal_resblock", "use_temporal_attention")
+    unet = {k: v for k, v in SD15_UNET.items() if k not in dropped}
+    control_model = cldm.ControlNet(hint_channels=3, **unet, device="cpu", dtype=torch.float32)
+    randomize(control_model, 11)
+    control = controlnet.ControlNet(control_model, load_device=mm.get_torch_device(), manual_cast_dtype=None)
+    pos, neg = conds(comfy, "sd15")
+    image = torch.rand(1, 128, 128, 3)
+    pos_c, neg_c = comfy.nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, image, 1.0, 0.0, 1.0)
+    base = comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS)
+    probe = ModelProbe()
+    with probe.watch(sd15):
+        out = comfy.sample(comfy.tgate(sd15), pos_c, neg_c, steps=STEPS)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)  # the control acted
+    assert probe.batch_sizes[-1] == 1
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_4_cfg_one_still_caches_cross_attention(comfy, family, request):
+    model = request.getfixturevalue(family)
+    pos, neg = conds(comfy, family)
+    probe = ModelProbe()
+    with probe.watch(model):
+        out = comfy.sample(comfy.tgate(model), pos, neg, steps=STEPS, cfg=1.0)
+    assert probe.batch_sizes == [1] * STEPS
+    assert probe.to_q_calls == GATE_STEP * len(attn2_modules(model))
+    assert not torch.equal(out, comfy.sample(model, pos, neg, steps=STEPS, cfg=1.0))
+
+
+def test_4_extra_model_calls_do_not_corrupt_the_cache(comfy, sd15):
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+    from comfy_extras.nodes_perpneg import PerpNegGuider
+    from comfy_extras.nodes_sag import SelfAttentionGuidance
+
+    pos, neg = conds(comfy, "sd15")
+    layer = "input_blocks.1.1.transformer_blocks.0.attn2"
+    for label, extra in (
+        ("pag", lambda m: PerturbedAttentionGuidance.execute(m, 3.0).result[0]),
+        ("sag", lambda m: SelfAttentionGuidance.execute(m, 0.5, 2.0).result[0]),
+    ):
+        for order in ("tgate_first", "tgate_last"):
+            model = extra(comfy.tgate(sd15)) if order == "tgate_first" else comfy.tgate(extra(sd15))
+            recorder = Attn2Recorder(sd15)
+            try:
+                out = comfy.sample(model, pos, neg, steps=STEPS)
+            finally:
+                recorder.remove()
+            assert torch.isfinite(out).all(), (label, order)
+            # Each step is the main CFG call, then the guidance's own extra call.
+            calls = recorder.calls[layer]
+            assert len(calls) == 2 * STEPS, (label, order)
+            uncond, cond = calls[2 * (GATE_STEP - 1)].chunk(2)  # the main call at the capture step
+            mean = ((uncond.float() + cond.float()) / 2).to(uncond.dtype)
+            for step in range(GATE_STEP, STEPS):
+                main, extra_call = calls[2 * step], calls[2 * step + 1]
+                torch.testing.assert_close(main, mean, rtol=0, atol=0, msg=f"{label} {order} step {step}")
+                assert not torch.equal(extra_call, mean), "the extra call should compute, not replay"
+
+    import comfy.samplers as samplers
+
+    guider = PerpNegGuider.execute(comfy.tgate(sd15), pos, neg, comfy.cond(9), 7.0, 1.0).result[0]
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    sigmas = sd15.get_model_object("model_sampling").sigmas.flip(0)[::100].contiguous()
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    out = guider.sample(noise, torch.zeros(1, 4, 16, 16), samplers.sampler_object("euler"), sigmas, seed=0)
+    assert torch.isfinite(out).all()
+
+
+# -- 5. only chainable hooks; composes with other patches and EasyCache -------------------------------
+def test_5_the_node_uses_object_patches_and_keyed_wrappers_only(comfy, sd15):
+    import comfy.patcher_extension as pe
+
+    model = comfy.tgate(sd15)
+    assert set(model.object_patches) == {f"diffusion_model.{n}.forward" for n in attn2_modules(sd15)}
+    for wrapper_type in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.CALC_COND_BATCH):
+        assert len(model.get_wrappers(wrapper_type, "tgate")) == 1
+    for single_slot in ("model_function_wrapper", "sampler_cfg_function", "sampler_calc_cond_batch_function"):
+        assert single_slot not in model.model_options
+    twice = comfy.tgate(model, gate_at=0.6)  # applying again replaces, never stacks
+    assert len(twice.get_wrappers(pe.WrappersMP.OUTER_SAMPLE, "tgate")) == 1
+    pos, neg = conds(comfy, "sd15")
+    torch.testing.assert_close(comfy.sample(twice, pos, neg), comfy.sample(comfy.tgate(sd15, gate_at=0.6), pos, neg))
+
+
+def test_5_an_attn2_replace_patch_still_runs_where_it_applies(comfy, sd15):
+    calls = []
+
+    def replace(q, k, v, extra_options):
+        calls.append(extra_options["cond_or_uncond"][:])
+        return (
+            torch.nn.functional.scaled_dot_product_attention(
+                *(t.view(t.shape[0], -1, 2, t.shape[-1] // 2).transpose(1, 2) for t in (q, k, v))
+            )
+            .transpose(1, 2)
+            .reshape(q.shape)
+        )
+
+    for order in ("replace_first", "tgate_first"):
+        if order == "replace_first":
+            patched = sd15.clone()
+            patched.set_model_attn2_replace(replace, "input", 1)
+            model = comfy.tgate(patched)
+        else:
+            model = comfy.tgate(sd15).clone()
+            model.set_model_attn2_replace(replace, "input", 1)
+        calls.clear()
+        pos, neg = conds(comfy, "sd15")
+        out = comfy.sample(model, pos, neg, steps=STEPS)
+        assert torch.isfinite(out).all()
+        assert len(calls) == STEPS  # every step, after the gate on the one remaining branch
+        assert calls[-1] == [1]
+
+
+def test_5_composes_with_easycache(comfy, sd15):
+    from comfy_extras.nodes_easycache import EasyCacheNode
+
+    pos, neg = conds(comfy, "sd15")
+    for order in ("easycache_first", "tgate_first"):
+        if order == "easycache_first":
+            model = comfy.tgate(EasyCacheNode.execute(sd15, 0.2, 0.15, 0.95, False).result[0])
+        else:
+            model = EasyCacheNode.execute(comfy.tgate(sd15), 0.2, 0.15, 0.95, False).result[0]
+        out = comfy.sample(model, pos, neg, steps=STEPS)
+        assert torch.isfinite(out).all(), order
+
+
+# -- 6. no side effects: unpatched model, repeatability, cancel, memory ---------------------------------
+def test_6_the_unpatched_model_is_unchanged_by_a_tgate_run(comfy, sd15):
+    pos, neg = conds(comfy, "sd15")
+    before = comfy.sample(sd15, pos, neg, steps=STEPS)
+    comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS)
+    after = comfy.sample(sd15, pos, neg, steps=STEPS)
+    assert torch.equal(before, after)
+    assert all(not hasattr(m.forward, "tgate_original") for m in attn2_modules(sd15).values())
+
+
+def test_6_two_identical_runs_give_identical_outputs(comfy, sdxl):
+    pos, neg = conds(comfy, "sdxl")
+    model = comfy.tgate(sdxl)
+    assert torch.equal(comfy.sample(model, pos, neg, steps=STEPS), comfy.sample(model, pos, neg, steps=STEPS))
+
+
+def test_6_a_cancelled_run_leaves_nothing_behind(comfy, sd15):
+    import comfy.model_management as mm
+
+    pos, neg = conds(comfy, "sd15")
+    model = comfy.tgate(sd15)
+    fresh = comfy.sample(model, pos, neg, steps=STEPS)
+
+    def cancel(step, x0, x, total):
+        if step == GATE_STEP + 2:
+            raise mm.InterruptProcessingException()
+
+    with pytest.raises(mm.InterruptProcessingException):
+        comfy.sample(model, pos, neg, steps=STEPS, callback=cancel)
+    assert torch.equal(comfy.sample(model, pos, neg, steps=STEPS), fresh)
+
+
+def test_6_cache_memory_is_freed_at_the_end_of_every_run(comfy, sd15):
+    import comfy.model_management as mm
+
+    pos, neg = conds(comfy, "sd15")
+    model = comfy.tgate(sd15)
+    cached = []
+
+    def keep_weak(module, args, output):
+        cached.append(weakref.ref(output))
+
+    def cancel(step, x0, x, total):
+        if step == GATE_STEP + 1:
+            raise mm.InterruptProcessingException()
+
+    layer = next(iter(attn2_modules(sd15).values()))
+    handle = layer.register_forward_hook(keep_weak)
+    try:
+        comfy.sample(model, pos, neg, steps=STEPS)
+        with pytest.raises(mm.InterruptProcessingException):
+            comfy.sample(model, pos, neg, steps=STEPS, callback=cancel)
+    finally:
+        handle.remove()
+    gc.collect()
+    assert cached and all(ref() is None for ref in cached), "a cached tensor outlived its run"
+
+
+# -- 7. host-device synchronisation -------------------------------------------------------------
+def test_7_no_sync_inside_attention_and_at_most_one_per_evaluation(comfy, sd15):
+    pos, neg = conds(comfy, "sd15")
+    counts = {}
+    for label, model in (("plain", sd15), ("tgate", comfy.tgate(sd15))):
+        counter = SyncCounter()
+        probe = ModelProbe()
+        with probe.watch(sd15), counter.around_attention(sd15):
+            comfy.sample(model, pos, neg, steps=STEPS)
+        counts[label] = (counter.total, counter.in_attention, len(probe.batch_sizes))
+    plain_total, _, evaluations = counts["plain"]
+    tgate_total, tgate_in_attention, _ = counts["tgate"]
+    assert tgate_in_attention == 0
+    # One sigma read per evaluation, plus the run's schedule read once (sigmas and gate sigma).
+    assert tgate_total - plain_total <= evaluations + 2
+
+
+# -- 8. bad input ---------------------------------------------------------------------------------
+def tiny_flux():
+    import comfy.supported_models as supported_models
+
+    config = supported_models.Flux(
+        dict(
+            image_model="flux",
+            in_channels=16,
+            out_channels=16,
+            vec_in_dim=8,
+            context_in_dim=8,
+            hidden_size=32,
+            mlp_ratio=2.0,
+            num_heads=2,
+            depth=1,
+            depth_single_blocks=1,
+            axes_dim=[4, 6, 6],
+            theta=10000,
+            patch_size=2,
+            qkv_bias=True,
+            guidance_embed=False,
+        )
+    )
+    return config
+
+
+def test_8_a_model_without_cross_attention_gets_a_clear_error(comfy):
+    import comfy.model_management as mm
+    import comfy.model_patcher as model_patcher
+
+    config = tiny_flux()
+    config.set_inference_dtype(torch.float32, None)
+    flux = model_patcher.ModelPatcher(
+        config.get_model({}), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+    with pytest.raises(comfy.engine.NoCrossAttentionError) as error:
+        comfy.tgate(flux)
+    message = str(error.value)
+    assert "Flux" in message and "cross-attention" in message and "joint attention" in message
+    assert not flux.object_patches  # nothing was changed
+
+
+def test_8_out_of_range_values_are_refused_by_the_schema(comfy):
+    schema = comfy.TGate.GET_SCHEMA()
+    inputs = {i.id: i for i in schema.inputs}
+    assert (inputs["gate_at"].min, inputs["gate_at"].max, inputs["gate_at"].default) == (0.0, 1.0, 0.4)
+    assert inputs["fidelity_branch"].options == ["uncond", "cond"]
+    assert inputs["cache_device"].options == ["model_device", "cpu"]
+    with pytest.raises(ValueError, match="gate_at must be between 0.0 and 1.0"):
+        comfy.tgate(comfy.sd15(), gate_at=1.2)
+
+
+def test_cache_device_cpu_gives_the_same_result(comfy, sd15):
+    pos, neg = conds(comfy, "sd15")
+    torch.testing.assert_close(
+        comfy.sample(comfy.tgate(sd15, cache_device="cpu"), pos, neg, steps=STEPS),
+        comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS),
+    )
