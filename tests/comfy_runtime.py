@@ -118,9 +118,11 @@ class ComfyRuntime:
     # -- conditioning -------------------------------------------------------------------------
     @staticmethod
     def cond(seed: int, batch: int = 1, pooled: bool = False, **extra):
-        g = torch.Generator().manual_seed(seed)
+        """A random conditioning; image i of a batch gets the same tensors whatever the batch size."""
+        context = torch.randn(batch, CONTEXT_TOKENS, SD15_UNET["context_dim"], generator=torch.Generator().manual_seed(seed))
         options = dict(extra)
         if pooled:
+            g = torch.Generator().manual_seed(seed + 1000)
             options.update(
                 pooled_output=torch.randn(batch, SDXL_POOLED, generator=g),
                 width=64,
@@ -130,7 +132,7 @@ class ComfyRuntime:
                 target_width=64,
                 target_height=64,
             )
-        return [[torch.randn(batch, CONTEXT_TOKENS, SD15_UNET["context_dim"], generator=g), options]]
+        return [[context, options]]
 
     # -- sampling -----------------------------------------------------------------------------
     def sample(
