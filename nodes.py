@@ -99,8 +99,18 @@ class TGate(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, fidelity_branch=None, cache_device=None) -> bool | str:
+        # ComfyUI checks FLOAT ranges itself but (as of 0.3.64) not the options of V3 combos, so
+        # a prompt sent to the API with a wrong choice is refused here, before it is queued.
+        try:
+            TGateConfig(fidelity_branch=fidelity_branch or FidelityBranch.UNCOND, cache_device=cache_device or CACHE_DEVICES[0])
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, model, gate_at: float, fidelity_branch: str, cache_device: str) -> io.NodeOutput:
-        config = TGateConfig(gate_at=gate_at, fidelity_branch=FidelityBranch(fidelity_branch), cache_device=cache_device)
+        config = TGateConfig(gate_at=gate_at, fidelity_branch=fidelity_branch, cache_device=cache_device)
         return io.NodeOutput(apply_tgate(model, config))
 
 
