@@ -6,7 +6,6 @@ Imported only once ComfyUI is on sys.path (see conftest.py).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
 from dataclasses import dataclass, field
@@ -15,55 +14,11 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
-SD15_UNET = dict(
-    image_size=32,
-    in_channels=4,
-    out_channels=4,
-    model_channels=32,
-    num_res_blocks=[1, 1],
-    channel_mult=[1, 2],
-    transformer_depth=[1, 1],
-    transformer_depth_output=[1, 1, 1, 1],
-    transformer_depth_middle=1,
-    context_dim=64,
-    num_heads=2,
-    num_head_channels=-1,
-    use_linear_in_transformer=False,
-    adm_in_channels=None,
-    use_spatial_transformer=True,
-    legacy=False,
-    dims=2,
-    use_temporal_resblock=False,
-    use_temporal_attention=False,
-)
-SDXL_POOLED = 32
-SDXL_UNET = dict(
-    SD15_UNET,
-    transformer_depth=[0, 2],
-    transformer_depth_output=[0, 0, 2, 2],
-    transformer_depth_middle=2,
-    context_dim=64,
-    num_heads=-1,
-    num_head_channels=16,
-    use_linear_in_transformer=True,
-    adm_in_channels=SDXL_POOLED + 6 * 256,
-    num_classes="sequential",
-)
-CONTEXT_TOKENS = 7
+from tgate_bench.comfy_env import import_comfyui, load_pack
+from tgate_bench.models import ARCHITECTURES, build_model, random_cond, randomize
 
-
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Fill every weight with seeded random values of sensible scale (ComfyUI leaves them empty)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+SD15_UNET = ARCHITECTURES["tiny-sd15"].unet
+CONTEXT_TOKENS = ARCHITECTURES["tiny-sd15"].context_tokens
 
 
 @dataclass
@@ -75,15 +30,9 @@ class ComfyRuntime:
 
     @classmethod
     def load(cls, comfy_path: Path, pack_root: Path) -> ComfyRuntime:
-        from comfy.cli_args import args
-
-        if not torch.cuda.is_available():
-            args.cpu = True  # read by comfy.model_management when it is first imported
-        import nodes  # ComfyUI's own nodes module
-
+        nodes = import_comfyui(comfy_path)
         if "TGate" not in nodes.NODE_CLASS_MAPPINGS:
-            if not asyncio.run(nodes.load_custom_node(str(pack_root))):
-                raise RuntimeError(f"ComfyUI could not load the pack from {pack_root}")
+            load_pack(nodes, pack_root)
         node = nodes.NODE_CLASS_MAPPINGS["TGate"]
         return cls(comfy_path=comfy_path, pack_module=sys.modules[node.__module__], TGate=node, nodes=nodes)
 
@@ -95,44 +44,18 @@ class ComfyRuntime:
     def tgate(self, model, gate_at=0.4, fidelity_branch="uncond", cache_device="model_device"):
         return self.TGate.execute(model, gate_at=gate_at, fidelity_branch=fidelity_branch, cache_device=cache_device).result[0]
 
-    # -- models -------------------------------------------------------------------------------
-    def sd15(self, seed: int = 0):
-        import comfy.supported_models
-
-        return self._patcher(comfy.supported_models.SD15(SD15_UNET), seed)
-
-    def sdxl(self, seed: int = 0):
-        import comfy.supported_models
-
-        return self._patcher(comfy.supported_models.SDXL(SDXL_UNET), seed)
-
-    def _patcher(self, model_config, seed):
-        import comfy.model_management as mm
-        import comfy.model_patcher
-
-        model_config.set_inference_dtype(torch.float32, None)
-        model = model_config.get_model({})
-        randomize(model, seed)
-        return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-
-    # -- conditioning -------------------------------------------------------------------------
+    # -- models and conditioning ------------------------------------------------------------
     @staticmethod
-    def cond(seed: int, batch: int = 1, pooled: bool = False, **extra):
-        """A random conditioning; image i of a batch gets the same tensors whatever the batch size."""
-        context = torch.randn(batch, CONTEXT_TOKENS, SD15_UNET["context_dim"], generator=torch.Generator().manual_seed(seed))
-        options = dict(extra)
-        if pooled:
-            g = torch.Generator().manual_seed(seed + 1000)
-            options.update(
-                pooled_output=torch.randn(batch, SDXL_POOLED, generator=g),
-                width=64,
-                height=64,
-                crop_w=0,
-                crop_h=0,
-                target_width=64,
-                target_height=64,
-            )
-        return [[context, options]]
+    def sd15(seed: int = 0):
+        return build_model("tiny-sd15", seed=seed)
+
+    @staticmethod
+    def sdxl(seed: int = 0):
+        return build_model("tiny-sdxl", seed=seed)
+
+    @staticmethod
+    def cond(seed: int, batch: int = 1, pooled: bool = False):
+        return random_cond("tiny-sdxl" if pooled else "tiny-sd15", seed, batch)
 
     # -- sampling -----------------------------------------------------------------------------
     def sample(

@@ -7,7 +7,6 @@ and the engine tests still run.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -19,19 +18,10 @@ if str(PACK_ROOT) not in sys.path:
     sys.path.append(str(PACK_ROOT))
 
 
-def find_comfyui() -> Path | None:
-    candidates = [os.environ.get("COMFYUI_PATH"), str(PACK_ROOT.parent.parent)]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "comfy" / "samplers.py").is_file() and (Path(candidate) / "nodes.py").is_file():
-            return Path(candidate).resolve()
-    return None
-
+from tgate_bench.comfy_env import MISSING as COMFYUI_MISSING  # noqa: E402
+from tgate_bench.comfy_env import find_comfyui  # noqa: E402
 
 COMFYUI_PATH = find_comfyui()
-COMFYUI_MISSING = "ComfyUI not found: set COMFYUI_PATH or install the pack in ComfyUI/custom_nodes/"
-
-if COMFYUI_PATH is not None and str(COMFYUI_PATH) not in sys.path:
-    sys.path.insert(0, str(COMFYUI_PATH))
 
 
 def pytest_report_header(config):

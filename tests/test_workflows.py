@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import PACK_ROOT
 
 UI_WORKFLOWS = sorted((PACK_ROOT / "example_workflows").glob("*.json"))

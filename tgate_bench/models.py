@@ -1,0 +1,132 @@
+"""Random-weight diffusion models built from ComfyUI's own model classes.
+
+Speed does not depend on the weights, so benchmarks use the full-size architectures with random
+values; the tests use tiny ones of the same shapes. The UNet configurations are those ComfyUI's
+model detection produces for real checkpoints (comfy/model_detection.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_config: str  # class name in comfy.supported_models
+    unet: dict
+    context_tokens: int
+    pooled: int = 0  # width of SDXL's pooled text vector; 0 for none
+
+    @property
+    def context_dim(self) -> int:
+        return self.unet["context_dim"]
+
+
+_SD15 = dict(
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    num_res_blocks=[2, 2, 2, 2],
+    channel_mult=[1, 2, 4, 4],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    transformer_depth_middle=1,
+    context_dim=768,
+    num_heads=8,
+    num_head_channels=-1,
+    use_linear_in_transformer=False,
+    adm_in_channels=None,
+    use_spatial_transformer=True,
+    legacy=False,
+    dims=2,
+    use_temporal_resblock=False,
+    use_temporal_attention=False,
+)
+_SDXL = dict(
+    _SD15,
+    num_res_blocks=[2, 2, 2],
+    channel_mult=[1, 2, 4],
+    transformer_depth=[0, 0, 2, 2, 10, 10],
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+    transformer_depth_middle=10,
+    context_dim=2048,
+    num_heads=-1,
+    num_head_channels=64,
+    use_linear_in_transformer=True,
+    adm_in_channels=2816,
+    num_classes="sequential",
+)
+_TINY_SD15 = dict(
+    _SD15,
+    model_channels=32,
+    num_res_blocks=[1, 1],
+    channel_mult=[1, 2],
+    transformer_depth=[1, 1],
+    transformer_depth_output=[1, 1, 1, 1],
+    transformer_depth_middle=1,
+    context_dim=64,
+    num_heads=2,
+)
+_TINY_POOLED = 32
+_TINY_SDXL = dict(
+    _TINY_SD15,
+    transformer_depth=[0, 2],
+    transformer_depth_output=[0, 0, 2, 2],
+    transformer_depth_middle=2,
+    num_heads=-1,
+    num_head_channels=16,
+    use_linear_in_transformer=True,
+    adm_in_channels=_TINY_POOLED + 6 * 256,
+    num_classes="sequential",
+)
+
+ARCHITECTURES = {
+    "sd15": Architecture("SD15", _SD15, context_tokens=77),
+    "sdxl": Architecture("SDXL", _SDXL, context_tokens=77, pooled=1280),
+    "tiny-sd15": Architecture("SD15", _TINY_SD15, context_tokens=7),
+    "tiny-sdxl": Architecture("SDXL", _TINY_SDXL, context_tokens=7, pooled=_TINY_POOLED),
+}
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Fill every weight with seeded values of sensible scale (ComfyUI leaves new weights empty)."""
+    with torch.no_grad():
+        for i, (name, p) in enumerate(module.named_parameters()):
+            g = torch.Generator(device=p.device).manual_seed(seed * 100_003 + i)
+            if p.ndim >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
+            elif name.endswith("weight"):
+                p.normal_(1.0, 0.1, generator=g)
+            else:
+                p.normal_(0.0, 0.1, generator=g)
+
+
+def build_model(arch: str | Architecture, dtype: torch.dtype = torch.float32, seed: int = 0, unet: dict | None = None):
+    """A ComfyUI ModelPatcher around a random-weight model of `arch`, built on ComfyUI's device."""
+    import comfy.model_management as mm
+    import comfy.model_patcher as model_patcher
+    import comfy.supported_models as supported_models
+
+    arch = ARCHITECTURES[arch] if isinstance(arch, str) else arch
+    config = getattr(supported_models, arch.model_config)(unet or arch.unet)
+    config.set_inference_dtype(dtype, None)
+    device = mm.get_torch_device()
+    model = config.get_model({}, device=device)
+    model.diffusion_model.to(device=device, dtype=dtype)
+    randomize(model, seed)
+    return model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
+
+
+def random_cond(arch: str | Architecture, seed: int, batch: int = 1, size: int = 64) -> list:
+    """A random conditioning; image i of a batch gets the same tensors whatever the batch size."""
+    arch = ARCHITECTURES[arch] if isinstance(arch, str) else arch
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randn(batch, arch.context_tokens, arch.context_dim, generator=g)
+    options = {}
+    if arch.pooled:
+        pooled = torch.randn(batch, arch.pooled, generator=torch.Generator().manual_seed(seed + 1000))
+        options = dict(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0, target_width=size, target_height=size)
+    return [[context, options]]
