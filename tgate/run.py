@@ -91,6 +91,18 @@ class GateRun:
         # Both CFG inputs get the kept branch: cfg(u, u) == u whatever the scale.
         return [out[keep]] * len(conds)
 
+    def stats(self) -> dict:
+        """What the run did, for logs and benchmarks."""
+        return {
+            "gate_step": self.schedule.gate_step,
+            "num_steps": self.schedule.num_steps,
+            "captured_layers": self.captured_layers,
+            "cache_bytes": self.captured_bytes,
+            "single_branch_evaluations": self.single_branch_evaluations,
+            "uncached_evaluations": self.uncached_evaluations,
+            "late_capture": self.late_capture,
+        }
+
     def summary(self) -> str:
         s = self.schedule
         text = (
@@ -134,7 +146,7 @@ def sample_with_gate(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         guider.model_options = original_options
-        log.info(run.summary())
+        log.info(run.summary(), extra={"tgate_run": run.stats()})
         run.close()
 
 

@@ -1,0 +1,222 @@
+"""Sample one random-weight model under several variants, side by side in one process, and
+report times, speedups, peak memory and the T-GATE cache size.
+
+    python -m tgate_bench --arch sd15 --size 512 --batch 8 --runs 7 --json results.json
+
+Variants: baseline (CFG at --cfg), cfg1 (CFG 1.0: the cost of one branch), tgate (the node's
+defaults), tgate_off (gate_at 1.0: the pack's overhead), peer=PATH (another T-GATE node pack,
+loaded by ComfyUI's loader and applied with its own defaults). Runs are interleaved (A B C A B C)
+after one warm-up each, with device synchronisation around every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .comfy_env import MISSING, PACK_ROOT, find_comfyui, import_comfyui, load_pack
+from .models import ARCHITECTURES
+
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m tgate_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, else two folders above the pack)")
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES), default="tiny-sd15")
+    p.add_argument("--size", type=int, default=512, help="image size in pixels (latent is size/8)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--scheduler", default="normal")
+    p.add_argument("--gate-at", type=float, default=0.4)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on the CPU")
+    p.add_argument("--runs", type=int, default=7, help="timed runs per variant, after one warm-up")
+    p.add_argument("--variants", default="baseline,cfg1,tgate,tgate_off", help="comma-separated; peer=PATH adds another pack")
+    p.add_argument("--json", type=Path, help="write the results here")
+    return p.parse_args(argv)
+
+
+class RunStats(logging.Handler):
+    """Keeps the statistics the T-GATE engine logs at the end of each sampling run."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.last = None
+
+    def emit(self, record):
+        if hasattr(record, "tgate_run"):
+            self.last = record.tgate_run
+
+
+def peer_patch(nodes, path: Path):
+    """Load another pack and return a function applying its MODEL -> MODEL node with defaults."""
+    ids = load_pack(nodes, path)
+    for node_id in ids:
+        cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+        required = cls.INPUT_TYPES().get("required", {})
+        if getattr(cls, "RETURN_TYPES", None) == ("MODEL",) and "model" in required:
+            defaults = {k: v[1]["default"] for k, v in required.items() if k != "model" and len(v) > 1 and "default" in v[1]}
+            combos = {k: v[0][0] for k, v in required.items() if isinstance(v[0], list) and k not in defaults}
+
+            def apply(model, cls=cls, kwargs={**combos, **defaults}):  # noqa: B006
+                return getattr(cls(), cls.FUNCTION)(model=model, **kwargs)[0]
+
+            return node_id, apply
+    raise SystemExit(f"no MODEL -> MODEL node found in {path} (it registered {ids})")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    comfy_path = find_comfyui(args.comfyui)
+    if comfy_path is None:
+        raise SystemExit(MISSING)
+    nodes = import_comfyui(comfy_path)
+    import comfy.model_management as mm
+    import comfy.sample
+    import torch
+
+    from .models import build_model, random_cond
+
+    if "TGate" not in nodes.NODE_CLASS_MAPPINGS:
+        load_pack(nodes, PACK_ROOT)
+    tgate_node = nodes.NODE_CLASS_MAPPINGS["TGate"]
+    stats = RunStats()
+    logging.getLogger("tgate").addHandler(stats)
+    logging.getLogger("tgate").setLevel(logging.INFO)
+
+    device = mm.get_torch_device()
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if cuda else "fp32")])
+    arch = ARCHITECTURES[args.arch]
+    print(f"building {args.arch} with random weights ({dtype}, {device})", flush=True)
+    model = build_model(arch, dtype=dtype)
+    latent = torch.zeros(args.batch, 4, args.size // 8, args.size // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    positive, negative = random_cond(arch, 1, args.batch, args.size), random_cond(arch, 2, args.batch, args.size)
+
+    def tgate(gate_at):
+        return tgate_node.execute(model, gate_at=gate_at, fidelity_branch="uncond", cache_device="model_device").result[0]
+
+    variants = {}
+    for name in args.variants.split(","):
+        if name == "baseline":
+            variants[name] = (model, args.cfg)
+        elif name == "cfg1":
+            variants[name] = (model, 1.0)
+        elif name == "tgate":
+            variants[name] = (tgate(args.gate_at), args.cfg)
+        elif name == "tgate_off":
+            variants[name] = (tgate(1.0), args.cfg)
+        elif name.startswith("peer="):
+            node_id, apply = peer_patch(nodes, Path(name[5:]).resolve())
+            variants[f"peer:{node_id}"] = (apply(model), args.cfg)
+        else:
+            raise SystemExit(f"unknown variant {name!r}")
+
+    def sample(patched, cfg):
+        stats.last = None
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        comfy.sample.sample(
+            patched, noise, args.steps, cfg, args.sampler, args.scheduler, positive, negative, latent, seed=0, disable_pbar=True
+        )
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        return elapsed, (torch.cuda.max_memory_allocated() if cuda else None), stats.last
+
+    times = {name: [] for name in variants}
+    extra = {}
+    for round_ in range(args.runs + 1):  # round 0 warms up every variant
+        for name, (patched, cfg) in variants.items():
+            elapsed, peak, run = sample(patched, cfg)
+            if round_:
+                times[name].append(elapsed)
+                extra[name] = {"peak_bytes": peak, "tgate": run}
+        print(f"round {round_}/{args.runs} done", flush=True)
+
+    base = statistics.median(times["baseline"]) if "baseline" in times else None
+    results = {}
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        results[name] = {
+            "median_s": median,
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "runs_s": ts,
+            "spread_pct": 100 * (max(ts) - min(ts)) / median,
+            "speedup": base / median if base else None,
+            "peak_bytes": extra[name]["peak_bytes"],
+            "cache_bytes": (extra[name]["tgate"] or {}).get("cache_bytes"),
+            "tgate_run": extra[name]["tgate"],
+        }
+    bound = None
+    if {"baseline", "cfg1", "tgate"} <= set(results) and results["tgate"]["tgate_run"]:
+        run = results["tgate"]["tgate_run"]
+        g = run["gate_step"] / run["num_steps"]
+        bound_s = g * results["baseline"]["median_s"] + (1 - g) * results["cfg1"]["median_s"]
+        bound = {
+            "gate_fraction": g,
+            "bound_s": bound_s,
+            "bound_speedup": base / bound_s,
+            "tgate_over_bound": bound_s / results["tgate"]["median_s"],
+        }
+
+    print()
+    print(
+        f"{args.arch} {args.size}x{args.size} batch {args.batch}, {args.steps} steps {args.sampler}/{args.scheduler}, "
+        f"cfg {args.cfg}, {dtype}, {torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu'}"
+    )
+    print(f"{'variant':<22}{'median s':>10}{'min s':>9}{'spread':>8}{'speedup':>9}{'peak MiB':>10}{'cache MiB':>11}")
+    for name, r in results.items():
+        peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else "-"
+        cache = f"{r['cache_bytes'] / 2**20:.1f}" if r["cache_bytes"] is not None else "-"
+        speedup = f"{r['speedup']:.3f}x" if r["speedup"] else "-"
+        print(f"{name:<22}{r['median_s']:>10.3f}{r['min_s']:>9.3f}{r['spread_pct']:>7.1f}%{speedup:>9}{peak:>10}{cache:>11}")
+    if bound:
+        print(
+            f"batch-halving bound {bound['bound_s']:.3f} s ({bound['bound_speedup']:.3f}x); "
+            f"tgate reaches {bound['tgate_over_bound']:.3f}x the bound"
+        )
+
+    if args.json:
+        payload = {
+            "command": "python -m tgate_bench " + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "comfyui": _comfyui_version(comfy_path),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"dtype": str(dtype)},
+            "variants": results,
+            "bound": bound,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _comfyui_version(path: Path) -> str | None:
+    try:
+        import comfyui_version
+
+        return comfyui_version.__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
