@@ -9,6 +9,7 @@ from comfy_api.latest import ComfyExtension, io
 from .tgate import (
     FidelityBranch,
     TGateConfig,
+    apply_model_with_gate,
     cached_cross_attention,
     calc_cond_batch_with_gate,
     cross_attention_layers,
@@ -21,6 +22,7 @@ WRAPPER_KEY = "tgate"
 WRAPPERS = {
     comfy.patcher_extension.WrappersMP.OUTER_SAMPLE: sample_with_gate,
     comfy.patcher_extension.WrappersMP.CALC_COND_BATCH: calc_cond_batch_with_gate,
+    comfy.patcher_extension.WrappersMP.APPLY_MODEL: apply_model_with_gate,
 }
 
 
@@ -28,8 +30,8 @@ def apply_tgate(model, config: TGateConfig):
     """A clone of `model` with T-GATE; `model` itself is left unchanged.
 
     Each cross-attention module gets an object patch on its `forward` (parameter names stay the
-    same, so LoRA and lowvram weight patching are unaffected), and the run is driven by two
-    chainable wrappers. Applying the node twice replaces the first application.
+    same, so LoRA and lowvram weight patching are unaffected), and the run is driven by three
+    chainable wrappers (see tgate/run.py). Applying the node twice replaces the first application.
     """
     layers = require_cross_attention(
         cross_attention_layers(model.get_model_object("diffusion_model"), CrossAttention), model.model.model_config

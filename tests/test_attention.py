@@ -3,9 +3,9 @@
 import torch
 
 from engine_modules import CrossAttention
-from tgate import COND, PASS_KEY, UNCOND, CrossAttentionCache, GatePass, Stage, cached_cross_attention
+from tgate import CAPTURE_KEY, REPLAY_KEY, cached_cross_attention
 
-P, N = "p", "n"
+LAYER = "blocks.0.attn2"
 
 
 def setup():
@@ -13,49 +13,43 @@ def setup():
     module = CrossAttention()
     calls = []
     module.to_q.register_forward_pre_hook(lambda m, a: calls.append(1))
-    forward = cached_cross_attention("blocks.0.attn2", module.forward)
-    return module, forward, calls
+    return module, cached_cross_attention(LAYER, module.forward), calls
 
 
-def options(gate, cond_or_uncond, uuids):
-    return {PASS_KEY: gate, "cond_or_uncond": cond_or_uncond, "uuids": uuids}
-
-
-def test_without_a_gate_pass_it_is_the_original_forward():
+def test_without_tables_it_is_the_original_forward():
     module, forward, _ = setup()
     x, ctx = torch.randn(2, 4, 8), torch.randn(2, 3, 6)
-    assert torch.equal(forward(x, context=ctx, transformer_options={}), module(x, context=ctx))
+    assert torch.equal(forward(x, context=ctx, transformer_options={"cond_or_uncond": [1, 0]}), module(x, context=ctx))
     assert torch.equal(forward(x, context=ctx), module(x, context=ctx))
 
 
-def test_capture_then_replay_computes_nothing_after_the_gate():
-    module, forward, calls = setup()
-    cache = CrossAttentionCache()
+def test_capture_puts_the_output_in_the_table_unchanged():
+    module, forward, _ = setup()
     x, ctx = torch.randn(2, 4, 8), torch.randn(2, 3, 6)
-    cache.begin_capture(UNCOND)
-    out = forward(x, context=ctx, transformer_options=options(GatePass(Stage.CAPTURE, cache), [UNCOND, COND], [N, P]))
-    cache.finish_capture()
-    assert torch.equal(out, module(x, context=ctx))  # capturing changes nothing
-    expected = out.chunk(2)[0] / 2 + out.chunk(2)[1] / 2
+    captured = {}
+    out = forward(x, context=ctx, transformer_options={CAPTURE_KEY: captured})
+    assert torch.equal(out, module(x, context=ctx)) and captured[LAYER] is out
 
-    calls.clear()
-    replay = options(GatePass(Stage.FIDELITY, cache), [UNCOND], [N])
-    got = forward(torch.randn(1, 4, 8), context=torch.randn(1, 3, 6), transformer_options=replay)
-    torch.testing.assert_close(got, expected)
-    assert calls == []  # no projection ran
+
+def test_replay_returns_the_table_entry_and_computes_nothing():
+    _, forward, calls = setup()
+    cached = torch.randn(1, 4, 8)
+    got = forward(torch.randn(1, 4, 8), context=torch.randn(1, 3, 6), transformer_options={REPLAY_KEY: {LAYER: cached}})
+    assert got is cached and calls == []
 
 
 def test_replay_without_a_fitting_entry_computes_normally():
     module, forward, calls = setup()
-    cache = CrossAttentionCache()
     x, ctx = torch.randn(1, 4, 8), torch.randn(1, 3, 6)
-    got = forward(x, context=ctx, transformer_options=options(GatePass(Stage.FIDELITY, cache), [UNCOND], [N]))
-    assert torch.equal(got, module(x, context=ctx)) and calls
+    for table in ({}, {"other.attn2": torch.randn(1, 4, 8)}, {LAYER: torch.randn(2, 4, 8)}):
+        calls.clear()
+        got = forward(x, context=ctx, transformer_options={REPLAY_KEY: table})
+        assert torch.equal(got, module(x, context=ctx)) and calls
 
 
 def test_wrapping_twice_chains_to_the_original_not_to_itself():
     module, forward, _ = setup()
-    again = cached_cross_attention("blocks.0.attn2", forward)
+    again = cached_cross_attention(LAYER, forward)
     assert again.tgate_original is forward.tgate_original
     x, ctx = torch.randn(1, 4, 8), torch.randn(1, 3, 6)
     assert torch.equal(again(x, context=ctx, transformer_options={}), module(x, context=ctx))

@@ -12,15 +12,19 @@ def batched(*chunks):
     return torch.cat(chunks)
 
 
+def lookup(cache, layer, chunk_ids):
+    return cache.replay_table(chunk_ids, torch.device("cpu")).get(layer)
+
+
 def test_stores_the_mean_of_the_kept_chunk_and_the_other_branch():
     cond, uncond = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     cache = CrossAttentionCache()
     cache.begin_capture(UNCOND)
     cache.capture("l0", batched(uncond, cond), [UNCOND, COND], [N, P])
     cache.finish_capture()
-    out = cache.lookup("l0", [N], torch.empty(2, 5, 8))
+    out = lookup(cache, "l0", [N])
     torch.testing.assert_close(out, (cond + uncond) / 2)
-    assert cache.lookup("l0", [P], torch.empty(2, 5, 8)) is None  # the dropped branch is not stored
+    assert lookup(cache, "l0", [P]) is None  # the dropped branch is not stored
     assert len(cache) == 1 and cache.layers == 1 and cache.nbytes == 2 * 5 * 8 * 4
 
 
@@ -30,7 +34,7 @@ def test_several_other_chunks_are_averaged_first():
     cache.begin_capture(UNCOND)
     cache.capture("l0", batched(u, a, b), [UNCOND, COND, COND], [N, P, A])
     cache.finish_capture()
-    torch.testing.assert_close(cache.lookup("l0", [N], u), (u + (a + b) / 2) / 2)
+    torch.testing.assert_close(lookup(cache, "l0", [N]), (u + (a + b) / 2) / 2)
 
 
 def test_fp16_mean_is_computed_in_float32():
@@ -39,7 +43,7 @@ def test_fp16_mean_is_computed_in_float32():
     cache.begin_capture(UNCOND)
     cache.capture("l0", batched(big, big), [UNCOND, COND], [N, P])
     cache.finish_capture()
-    out = cache.lookup("l0", [N], big)
+    out = lookup(cache, "l0", [N])
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
 
 
@@ -49,7 +53,7 @@ def test_a_chunk_without_partner_keeps_its_own_output():
     cache.begin_capture(COND)  # cfg 1.0
     cache.capture("l0", cond, [COND], [P])
     cache.finish_capture()
-    torch.testing.assert_close(cache.lookup("l0", [P], cond), cond)
+    torch.testing.assert_close(lookup(cache, "l0", [P]), cond)
 
 
 def test_branches_run_in_separate_calls_are_still_paired():
@@ -60,7 +64,7 @@ def test_branches_run_in_separate_calls_are_still_paired():
         for tensor, branch, chunk_id in order:
             cache.capture("l0", tensor, [branch], [chunk_id])
         cache.finish_capture()
-        torch.testing.assert_close(cache.lookup("l0", [N], uncond), (cond + uncond) / 2)
+        torch.testing.assert_close(lookup(cache, "l0", [N]), (cond + uncond) / 2)
 
 
 def test_chunks_of_other_shapes_are_not_mixed():
@@ -70,7 +74,7 @@ def test_chunks_of_other_shapes_are_not_mixed():
     cache.capture("l0", uncond, [UNCOND], [N])
     cache.capture("l0", area, [COND], [A])
     cache.finish_capture()
-    torch.testing.assert_close(cache.lookup("l0", [N], uncond), uncond)
+    torch.testing.assert_close(lookup(cache, "l0", [N]), uncond)
 
 
 def test_stored_entries_do_not_alias_the_model_output():
@@ -81,28 +85,39 @@ def test_stored_entries_do_not_alias_the_model_output():
     cache.finish_capture()
     expected = out.clone()
     out.zero_()  # the model reuses its buffers
-    torch.testing.assert_close(cache.lookup("l0", [P], out), expected)
+    torch.testing.assert_close(lookup(cache, "l0", [P]), expected)
 
 
-def test_lookup_concatenates_chunks_in_call_order_and_refuses_misfits():
+def test_tables_concatenate_chunks_in_call_order_and_leave_out_missing_layers():
     a, b = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
     cache = CrossAttentionCache()
     cache.begin_capture(COND)
     cache.capture("l0", batched(a, b), [COND, COND], [P, A])
     cache.finish_capture()
-    torch.testing.assert_close(cache.lookup("l0", [A, P], torch.empty(2, 3, 4)), batched(b, a))
-    assert cache.lookup("l0", [P, "unknown"], torch.empty(2, 3, 4)) is None
-    assert cache.lookup("l0", [P], torch.empty(1, 5, 4)) is None  # resolution changed
-    assert cache.lookup("other-layer", [P], a) is None
+    torch.testing.assert_close(lookup(cache, "l0", [A, P]), batched(b, a))
+    assert lookup(cache, "l0", [P, "unknown"]) is None
+    assert lookup(cache, "other-layer", [P]) is None
 
 
-def test_lookup_casts_to_the_asking_dtype():
-    a = torch.randn(1, 3, 4)
+def test_tables_are_built_once_per_chunk_combination_and_dropped_with_the_capture():
     cache = CrossAttentionCache()
     cache.begin_capture(COND)
-    cache.capture("l0", a, [COND], [P])
+    cache.capture("l0", torch.randn(1, 3, 4), [COND], [P])
     cache.finish_capture()
-    assert cache.lookup("l0", [P], a.half()).dtype == torch.float16
+    cpu = torch.device("cpu")
+    table = cache.replay_table([P], cpu)
+    assert cache.replay_table([P], cpu) is table  # no allocation per step after the gate
+    cache.begin_capture(COND)
+    assert cache.replay_table([P], cpu) == {}
+
+
+def test_cpu_storage_hands_out_copies_for_the_call_only():
+    cache = CrossAttentionCache("cpu")
+    cache.begin_capture(COND)
+    cache.capture("l0", torch.randn(1, 3, 4), [COND], [P])
+    cache.finish_capture()
+    cpu = torch.device("cpu")
+    assert cache.replay_table([P], cpu) is not cache.replay_table([P], cpu)
 
 
 def test_cpu_storage_and_clear_free_everything():
@@ -110,7 +125,7 @@ def test_cpu_storage_and_clear_free_everything():
     cache.begin_capture(COND)
     cache.capture("l0", torch.randn(1, 3, 4), [COND], [P])
     cache.finish_capture()
-    assert cache.lookup("l0", [P], torch.empty(1, 3, 4)).device.type == "cpu"
+    assert lookup(cache, "l0", [P]).device.type == "cpu"
     cache.clear()
     assert len(cache) == 0 and cache.nbytes == 0
 
@@ -131,6 +146,6 @@ def test_cpu_storage_from_cuda_is_pinned_and_comes_back():
     cache.begin_capture(COND)
     cache.capture("l0", a, [COND], [P])
     cache.finish_capture()
-    out = cache.lookup("l0", [P], a)
+    out = cache.replay_table([P], a.device)["l0"]
     assert out.is_cuda
     torch.testing.assert_close(out, a)

@@ -1,4 +1,4 @@
-"""GateRun and the two wrappers, driving a real torch denoiser the way ComfyUI batches conds."""
+"""GateRun and the three wrappers, driving a real torch denoiser the way ComfyUI batches conds."""
 
 import pytest
 import torch
@@ -11,6 +11,7 @@ from tgate import (
     GateRun,
     GateSchedule,
     TGateConfig,
+    apply_model_with_gate,
     cached_cross_attention,
     calc_cond_batch_with_gate,
     sample_with_gate,
@@ -41,7 +42,12 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options, seen=None):
     x = torch.cat([x_in] * len(chunks))
     if seen is not None:
         seen.append(x.shape[0])
-    outs = model(x, torch.cat([c["context"] for _, c in chunks]), options).chunk(len(chunks))
+    context = torch.cat([c["context"] for _, c in chunks])
+
+    def apply_model(x, t, c_concat, c_crossattn, control, transformer_options):  # BaseModel._apply_model's order
+        return model(x, c_crossattn, transformer_options)
+
+    outs = apply_model_with_gate(apply_model, x, timestep, None, context, None, options).chunk(len(chunks))
     results = [torch.zeros_like(x_in) for _ in conds]
     for (i, _), out in zip(chunks, outs, strict=True):
         results[i] = results[i] + out

@@ -3,17 +3,29 @@
 Nothing here imports ComfyUI; `nodes.py` connects it to a ComfyUI MODEL.
 """
 
-from .attention import PASS_KEY, GatePass, cached_cross_attention
+from .attention import CAPTURE_KEY, REPLAY_KEY, cached_cross_attention
 from .branch import COND, UNCOND, FidelityBranch, kept_branch, only_branch
 from .cache import CrossAttentionCache
 from .layers import NoCrossAttentionError, cross_attention_layers, require_cross_attention
-from .run import CONFIG_KEY, RUN_KEY, GateRun, TGateConfig, calc_cond_batch_with_gate, sample_with_gate
+from .run import (
+    CONFIG_KEY,
+    PASS_KEY,
+    RUN_KEY,
+    GatePass,
+    GateRun,
+    TGateConfig,
+    apply_model_with_gate,
+    calc_cond_batch_with_gate,
+    sample_with_gate,
+)
 from .schedule import GateSchedule, Stage
 
 __all__ = [
+    "CAPTURE_KEY",
     "CONFIG_KEY",
     "COND",
     "PASS_KEY",
+    "REPLAY_KEY",
     "RUN_KEY",
     "UNCOND",
     "CrossAttentionCache",
@@ -24,6 +36,7 @@ __all__ = [
     "NoCrossAttentionError",
     "Stage",
     "TGateConfig",
+    "apply_model_with_gate",
     "cached_cross_attention",
     "calc_cond_batch_with_gate",
     "cross_attention_layers",

@@ -1,30 +1,21 @@
 """The forward that each cross-attention module runs while T-GATE is on.
 
 It is installed as an object patch on the module's `forward`, chaining to whatever forward was
-there, and reads the evaluation's gate pass from `transformer_options`. Without one (outside a
-T-GATE run, or in extra model calls made by PAG, SAG and the like) it only calls through.
+there. All decisions are made outside the model (see `run.py`); for one model call the module only
+finds, in `transformer_options`, either a table of outputs to return instead of computing, or a
+table to put its output in. Both are plain dicts keyed by layer name, so a torch.compile'd model
+sees one fixed variant per stage and never reads per-run state such as cond uuids.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .cache import CrossAttentionCache
-from .schedule import Stage
-
-PASS_KEY = "tgate_pass"  # transformer_options key of the current evaluation's GatePass
-
-
-@dataclass(frozen=True)
-class GatePass:
-    """What cross-attention does during one model evaluation: capture, or replay from cache."""
-
-    stage: Stage
-    cache: CrossAttentionCache
+REPLAY_KEY = "tgate_replay"  # transformer_options key: {layer: cached output} for this model call
+CAPTURE_KEY = "tgate_capture"  # transformer_options key: {layer: output} filled during this model call
 
 
 def cached_cross_attention(layer: str, forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -33,17 +24,17 @@ def cached_cross_attention(layer: str, forward: Callable[..., torch.Tensor]) -> 
 
     def tgate_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         options = kwargs.get("transformer_options")
-        gate = options.get(PASS_KEY) if options else None
-        if gate is None:
+        if not options:
             return forward(x, *args, **kwargs)
-        if gate.stage is Stage.FIDELITY:
-            cached = gate.cache.lookup(layer, options["uuids"], x)
-            if cached is not None:
+        replay = options.get(REPLAY_KEY)
+        if replay is not None:
+            cached = replay.get(layer)
+            if cached is not None and cached.shape == x.shape:
                 return cached  # no projections, no attention
-            return forward(x, *args, **kwargs)
         out = forward(x, *args, **kwargs)
-        if gate.stage is Stage.CAPTURE:
-            gate.cache.capture(layer, out, options["cond_or_uncond"], options["uuids"])
+        capture = options.get(CAPTURE_KEY)
+        if capture is not None:
+            capture[layer] = out
         return out
 
     tgate_forward.tgate_original = forward

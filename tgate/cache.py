@@ -25,6 +25,7 @@ class CrossAttentionCache:
         # the other branch's outputs are summed per layer and shape and mixed in at the end.
         self._unpaired: dict[tuple[str, torch.Size], list[ChunkId]] = {}
         self._other_sums: dict[tuple[str, torch.Size], tuple[torch.Tensor, int]] = {}
+        self._tables: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def begin_capture(self, keep_branch: int) -> None:
         """Start a capture; `keep_branch` is the index (0 cond, 1 uncond) that runs after it."""
@@ -72,27 +73,27 @@ class CrossAttentionCache:
                 for chunk_id, tensor in entries.items():
                     entries[chunk_id] = _move(tensor, self.storage_device)
 
-    def lookup(self, layer: str, chunk_ids: Sequence[ChunkId], like: torch.Tensor) -> torch.Tensor | None:
-        """The stored output for a model call made of `chunk_ids`, shaped like `like`, or None.
+    def replay_table(self, chunk_ids: Sequence[ChunkId], device: torch.device) -> dict[str, torch.Tensor]:
+        """{layer: stored output} for a model call made of `chunk_ids`, on `device`.
 
-        None (compute normally) when any chunk is missing or the shape no longer fits; only tensor
-        metadata is read, so this never waits for the device.
+        Layers missing an entry for any of the chunks are left out (they compute normally). Tables
+        are built once per chunk combination and reused for the rest of the run, so steps after
+        the gate allocate nothing, except with CPU storage, where each call gets its own copies.
         """
-        entries = self._entries.get(layer)
-        if not entries:
-            return None
-        parts = []
-        for chunk_id in chunk_ids:
-            part = entries.get(chunk_id)
-            if part is None:
-                return None
-            parts.append(part)
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if out.shape != like.shape:
-            return None
-        if out.device != like.device or out.dtype != like.dtype:
-            out = out.to(device=like.device, dtype=like.dtype, non_blocking=True)
-        return out
+        key = (tuple(chunk_ids), device)
+        table = self._tables.get(key)
+        if table is not None:
+            return table
+        table = {}
+        for layer, entries in self._entries.items():
+            parts = [entries.get(chunk_id) for chunk_id in chunk_ids]
+            if not parts or any(p is None for p in parts):
+                continue
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
+            table[layer] = out.to(device, non_blocking=True)
+        if self.storage_device is None:
+            self._tables[key] = table
+        return table
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._entries.values())
@@ -107,6 +108,7 @@ class CrossAttentionCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._tables.clear()
         self._unpaired.clear()
         self._other_sums.clear()
 

@@ -1,10 +1,12 @@
-"""One sampling run under T-GATE, and the two ComfyUI wrappers that drive it.
+"""One sampling run under T-GATE, and the three ComfyUI wrappers that drive it.
 
 OUTER_SAMPLE builds a fresh GateRun for each sampling run (a hires-fix pass or a refiner is a run
 of its own) and drops it in `finally`, so a cancelled or failed run leaves nothing behind.
-CALC_COND_BATCH decides, once per model evaluation and outside the model, what this evaluation
-does; the cross-attention modules only read that decision. These are plain functions of the
-arguments ComfyUI passes: the engine imports nothing from ComfyUI.
+CALC_COND_BATCH decides, once per model evaluation, what the evaluation does: run unchanged,
+capture, or run one CFG branch on the cache. APPLY_MODEL, once per batched model call and outside
+any torch.compile'd region, hands the cross-attention modules that call's cached outputs, or
+collects what they computed. These are plain functions of the arguments ComfyUI passes: the engine
+imports nothing from ComfyUI.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .attention import PASS_KEY, GatePass
+from .attention import CAPTURE_KEY, REPLAY_KEY
 from .branch import FidelityBranch, kept_branch, only_branch
 from .cache import CrossAttentionCache
 from .schedule import GateSchedule, Stage
@@ -24,6 +26,7 @@ log = logging.getLogger("tgate")
 
 CONFIG_KEY = "tgate"  # transformer_options key of the node's TGateConfig
 RUN_KEY = "tgate_run"  # transformer_options key of the current GateRun
+PASS_KEY = "tgate_pass"  # transformer_options key of the current evaluation's GatePass
 CACHE_DEVICES = ("model_device", "cpu")
 
 
@@ -44,6 +47,14 @@ class TGateConfig:
             choices = tuple(b.value for b in FidelityBranch)
             raise ValueError(f"T-GATE fidelity_branch must be one of {choices}, got {self.fidelity_branch!r}.") from None
         object.__setattr__(self, "fidelity_branch", branch)
+
+
+@dataclass(frozen=True)
+class GatePass:
+    """What one model evaluation does with cross-attention: capture it, or replay the cache."""
+
+    stage: Stage
+    cache: CrossAttentionCache
 
 
 class GateRun:
@@ -160,6 +171,36 @@ def calc_cond_batch_with_gate(executor, model, conds, x_in, timestep, model_opti
     if run is None or len(conds) != 2:
         return executor(model, conds, x_in, timestep, model_options)
     return run.evaluate(executor, model, conds, x_in, timestep, model_options)
+
+
+def apply_model_with_gate(executor, *args, **kwargs):
+    """APPLY_MODEL wrapper: give one batched model call its replay table, or collect its capture.
+
+    ComfyUI calls `_apply_model(x, t, c_concat, c_crossattn, control, transformer_options, ...)`;
+    `transformer_options` carries the call's chunk layout (`cond_or_uncond`, `uuids`).
+    """
+    position = 5 if len(args) > 5 else None
+    options = args[5] if position else kwargs.get("transformer_options")
+    gate: GatePass | None = options.get(PASS_KEY) if options else None
+    if gate is None:
+        return executor(*args, **kwargs)
+    if gate.stage is Stage.FIDELITY:
+        table = gate.cache.replay_table(options["uuids"], args[0].device)
+        call_args, call_kwargs = _with_call_option(args, kwargs, position, options, REPLAY_KEY, table)
+        return executor(*call_args, **call_kwargs)
+    captured: dict = {}
+    call_args, call_kwargs = _with_call_option(args, kwargs, position, options, CAPTURE_KEY, captured)
+    out = executor(*call_args, **call_kwargs)
+    for layer, output in captured.items():
+        gate.cache.capture(layer, output, options["cond_or_uncond"], options["uuids"])
+    return out
+
+
+def _with_call_option(args, kwargs, position, options, key, value):
+    options = {**options, key: value}
+    if position is None:
+        return args, {**kwargs, "transformer_options": options}
+    return (*args[:position], options, *args[position + 1 :]), kwargs
 
 
 def _first_sigma(timestep: Any) -> float:
