@@ -7,6 +7,7 @@ Numbered after the behaviour points of issue 2.
 from __future__ import annotations
 
 import gc
+import logging
 import weakref
 
 import pytest
@@ -566,3 +567,49 @@ def test_cache_device_cpu_gives_the_same_result(comfy, sd15):
         comfy.sample(comfy.tgate(sd15, cache_device="cpu"), pos, neg, steps=STEPS),
         comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS),
     )
+
+
+# -- torch.compile (issue 4): ComfyUI's own compile wrapper, in either order ------------------------
+class RunLog(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.runs = []
+
+    def emit(self, record):
+        if hasattr(record, "tgate_run"):
+            self.runs.append(record.tgate_run)
+
+
+@pytest.mark.parametrize("order", ["tgate_then_compile", "compile_then_tgate"])
+def test_compiled_model_gives_the_eager_result_and_compiles_nothing_on_the_next_run(comfy, sd15, order):
+    import torch._dynamo
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.utils import counters
+
+    pos, neg = conds(comfy, "sd15")
+    eager = comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS)
+    torch._dynamo.reset()
+    counters.clear()
+    # aot_eager keeps the CPU test short; TorchCompileModel's inductor and cudagraphs backends
+    # take the same path (set_torch_compile_wrapper) and are exercised by the GPU benchmark.
+    if order == "tgate_then_compile":
+        model = comfy.tgate(sd15).clone()
+        set_torch_compile_wrapper(model, backend="aot_eager")
+    else:
+        model = sd15.clone()
+        set_torch_compile_wrapper(model, backend="aot_eager")
+        model = comfy.tgate(model)
+    log = RunLog()
+    logging.getLogger("tgate").addHandler(log)
+    logging.getLogger("tgate").setLevel(logging.INFO)
+    try:
+        first = comfy.sample(model, pos, neg, steps=STEPS)
+        graphs = counters["stats"]["unique_graphs"]
+        second = comfy.sample(model, pos, neg, steps=STEPS)
+    finally:
+        logging.getLogger("tgate").removeHandler(log)
+    assert [r["single_branch_evaluations"] for r in log.runs] == [STEPS - GATE_STEP] * 2
+    rel = ((first - eager).norm() / eager.norm()).item()
+    assert rel < 1e-3, rel
+    assert counters["stats"]["unique_graphs"] == graphs > 0, "the second run recompiled"
+    torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)

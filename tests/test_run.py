@@ -1,5 +1,7 @@
 """GateRun and the three wrappers, driving a real torch denoiser the way ComfyUI batches conds."""
 
+import uuid
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ SIGMAS = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
 
 def make_cond(seed, tokens=3):
     g = torch.Generator().manual_seed(seed)
-    return [{"uuid": f"cond-{seed}", "context": torch.randn(1, tokens, 6, generator=g)}]
+    return [{"uuid": uuid.uuid4(), "context": torch.randn(1, tokens, 6, generator=g)}]
 
 
 def patched_denoiser():

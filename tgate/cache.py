@@ -116,7 +116,9 @@ class CrossAttentionCache:
 def _float_sum(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     if not tensors:
         return None
-    total = tensors[0].float()
+    # A copy even when already float32: the model's outputs may live in a CUDA graph's memory pool,
+    # which the next replay overwrites.
+    total = tensors[0].to(torch.float32, copy=True)
     for t in tensors[1:]:
         total = total + t.float()
     return total
