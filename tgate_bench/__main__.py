@@ -43,6 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on the CPU")
     p.add_argument("--runs", type=int, default=7, help="timed runs per variant, after one warm-up")
     p.add_argument("--variants", default="baseline,cfg1,tgate,tgate_off", help="comma-separated; peer=PATH adds another pack")
+    p.add_argument(
+        "--compile",
+        choices=["inductor", "cudagraphs", "aot_eager"],
+        help="compile the diffusion model the way "
+        "ComfyUI's TorchCompileModel node does (applied after T-GATE); compile time is reported apart",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     return p.parse_args(argv)
 
@@ -108,21 +114,36 @@ def main(argv=None) -> int:
     def tgate(gate_at):
         return tgate_node.execute(model, gate_at=gate_at, fidelity_branch="uncond", cache_device="model_device").result[0]
 
+    compiled = {}
+
+    def compile_(patched):
+        """One compiled clone per distinct model (baseline and cfg1 share one), as TorchCompileModel does."""
+        if not args.compile:
+            return patched
+        if id(patched) not in compiled:
+            from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+            clone = patched.clone()
+            set_torch_compile_wrapper(clone, backend=args.compile)
+            compiled[id(patched)] = clone
+        return compiled[id(patched)]
+
     variants = {}
     for name in args.variants.split(","):
         if name == "baseline":
-            variants[name] = (model, args.cfg)
+            variants[name] = (compile_(model), args.cfg)
         elif name == "cfg1":
-            variants[name] = (model, 1.0)
+            variants[name] = (compile_(model), 1.0)
         elif name == "tgate":
-            variants[name] = (tgate(args.gate_at), args.cfg)
+            variants[name] = (compile_(tgate(args.gate_at)), args.cfg)
         elif name == "tgate_off":
-            variants[name] = (tgate(1.0), args.cfg)
+            variants[name] = (compile_(tgate(1.0)), args.cfg)
         elif name.startswith("peer="):
             node_id, apply = peer_patch(nodes, Path(name[5:]).resolve())
-            variants[f"peer:{node_id}"] = (apply(model), args.cfg)
+            variants[f"peer:{node_id}"] = (compile_(apply(model)), args.cfg)
         else:
             raise SystemExit(f"unknown variant {name!r}")
+    graphs = _graph_counter()
 
     def sample(patched, cfg):
         stats.last = None
@@ -139,13 +160,19 @@ def main(argv=None) -> int:
         return elapsed, (torch.cuda.max_memory_allocated() if cuda else None), stats.last
 
     times = {name: [] for name in variants}
-    extra = {}
-    for round_ in range(args.runs + 1):  # round 0 warms up every variant
+    extra = {name: {"graphs_compiled": 0} for name in variants}
+    for round_ in range(args.runs + 1):  # round 0 warms up (and compiles) every variant
         for name, (patched, cfg) in variants.items():
+            before = graphs()
             elapsed, peak, run = sample(patched, cfg)
+            extra[name]["graphs_compiled" if round_ == 0 else "graphs_recompiled"] = (
+                extra[name].get("graphs_recompiled", 0) + graphs() - before if round_ else graphs() - before
+            )
             if round_:
                 times[name].append(elapsed)
-                extra[name] = {"peak_bytes": peak, "tgate": run}
+                extra[name].update(peak_bytes=peak, tgate=run)
+            else:
+                extra[name]["first_run_s"] = elapsed
         print(f"round {round_}/{args.runs} done", flush=True)
 
     base = statistics.median(times["baseline"]) if "baseline" in times else None
@@ -162,6 +189,10 @@ def main(argv=None) -> int:
             "peak_bytes": extra[name]["peak_bytes"],
             "cache_bytes": (extra[name]["tgate"] or {}).get("cache_bytes"),
             "tgate_run": extra[name]["tgate"],
+            "first_run_s": extra[name]["first_run_s"],
+            "compile_s": extra[name]["first_run_s"] - median if args.compile else None,
+            "graphs_compiled": extra[name]["graphs_compiled"],
+            "graphs_recompiled": extra[name].get("graphs_recompiled", 0),
         }
     bound = None
     if {"baseline", "cfg1", "tgate"} <= set(results) and results["tgate"]["tgate_run"]:
@@ -180,12 +211,19 @@ def main(argv=None) -> int:
         f"{args.arch} {args.size}x{args.size} batch {args.batch}, {args.steps} steps {args.sampler}/{args.scheduler}, "
         f"cfg {args.cfg}, {dtype}, {torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu'}"
     )
-    print(f"{'variant':<22}{'median s':>10}{'min s':>9}{'spread':>8}{'speedup':>9}{'peak MiB':>10}{'cache MiB':>11}")
+    compile_header = f"{'compile s':>11}{'graphs':>8}{'recompiled':>11}" if args.compile else ""
+    print(
+        f"{'variant':<22}{'median s':>10}{'min s':>9}{'spread':>8}{'speedup':>9}{'peak MiB':>10}{'cache MiB':>11}{compile_header}"
+    )
     for name, r in results.items():
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else "-"
         cache = f"{r['cache_bytes'] / 2**20:.1f}" if r["cache_bytes"] is not None else "-"
         speedup = f"{r['speedup']:.3f}x" if r["speedup"] else "-"
-        print(f"{name:<22}{r['median_s']:>10.3f}{r['min_s']:>9.3f}{r['spread_pct']:>7.1f}%{speedup:>9}{peak:>10}{cache:>11}")
+        compiled_columns = f"{r['compile_s']:>11.1f}{r['graphs_compiled']:>8}{r['graphs_recompiled']:>11}" if args.compile else ""
+        print(
+            f"{name:<22}{r['median_s']:>10.3f}{r['min_s']:>9.3f}{r['spread_pct']:>7.1f}%{speedup:>9}{peak:>10}{cache:>11}"
+            f"{compiled_columns}"
+        )
     if bound:
         print(
             f"batch-halving bound {bound['bound_s']:.3f} s ({bound['bound_speedup']:.3f}x); "
@@ -207,6 +245,15 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _graph_counter():
+    """A function returning how many graphs torch.compile has produced so far in this process."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return lambda: 0
+    return lambda: counters["stats"]["unique_graphs"]
 
 
 def _comfyui_version(path: Path) -> str | None:
