@@ -5,7 +5,8 @@ report times, speedups, peak memory and the T-GATE cache size.
 
 Variants: baseline (CFG at --cfg), cfg1 (CFG 1.0: the cost of one branch), tgate (the node's
 defaults), tgate_off (gate_at 1.0: the pack's overhead), peer=PATH (another T-GATE node pack,
-loaded by ComfyUI's loader and applied with its own defaults). Runs are interleaved (A B C A B C)
+loaded by ComfyUI's loader, applied with its defaults and --peer-input overrides to a second copy of
+the model with the same weights, since some ports patch module instances for good). Runs are interleaved (A B C A B C)
 after one warm-up each, with device synchronisation around every run.
 """
 
@@ -43,6 +44,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on the CPU")
     p.add_argument("--runs", type=int, default=7, help="timed runs per variant, after one warm-up")
     p.add_argument("--variants", default="baseline,cfg1,tgate,tgate_off", help="comma-separated; peer=PATH adds another pack")
+    p.add_argument("--peer-node", help="node id to use from the peer pack (default: its first MODEL -> MODEL node)")
+    p.add_argument(
+        "--peer-input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set an input of the peer node, e.g. start_at=0.4 for JettHu/ComfyUI_TGate (repeatable)",
+    )
     p.add_argument(
         "--compile",
         choices=["inductor", "cudagraphs", "aot_eager"],
@@ -65,21 +74,26 @@ class RunStats(logging.Handler):
             self.last = record.tgate_run
 
 
-def peer_patch(nodes, path: Path):
-    """Load another pack and return a function applying its MODEL -> MODEL node with defaults."""
+def peer_patch(nodes, path: Path, node_id: str | None, overrides: list[str]):
+    """Load another pack; return a function applying its MODEL -> MODEL node with its defaults."""
     ids = load_pack(nodes, path)
-    for node_id in ids:
-        cls = nodes.NODE_CLASS_MAPPINGS[node_id]
-        required = cls.INPUT_TYPES().get("required", {})
-        if getattr(cls, "RETURN_TYPES", None) == ("MODEL",) and "model" in required:
-            defaults = {k: v[1]["default"] for k, v in required.items() if k != "model" and len(v) > 1 and "default" in v[1]}
-            combos = {k: v[0][0] for k, v in required.items() if isinstance(v[0], list) and k not in defaults}
+    candidates = [node_id] if node_id else ids
+    for candidate in candidates:
+        cls = nodes.NODE_CLASS_MAPPINGS[candidate]
+        inputs = cls.INPUT_TYPES()
+        required = {**inputs.get("required", {}), **inputs.get("optional", {})}
+        if getattr(cls, "RETURN_TYPES", None) != ("MODEL",) or "model" not in required:
+            continue
+        kwargs = {k: v[1]["default"] for k, v in required.items() if k != "model" and len(v) > 1 and "default" in v[1]}
+        for override in overrides:
+            name, value = override.split("=", 1)
+            kwargs[name] = json.loads(value) if value[:1] in "-0123456789tfn[{" else value
 
-            def apply(model, cls=cls, kwargs={**combos, **defaults}):  # noqa: B006
-                return getattr(cls(), cls.FUNCTION)(model=model, **kwargs)[0]
+        def apply(model, cls=cls, kwargs=kwargs):
+            return getattr(cls(), cls.FUNCTION)(model=model, **kwargs)[0]
 
-            return node_id, apply
-    raise SystemExit(f"no MODEL -> MODEL node found in {path} (it registered {ids})")
+        return candidate, kwargs, apply
+    raise SystemExit(f"no MODEL -> MODEL node among {candidates} in {path}")
 
 
 def main(argv=None) -> int:
@@ -139,8 +153,9 @@ def main(argv=None) -> int:
         elif name == "tgate_off":
             variants[name] = (compile_(tgate(1.0)), args.cfg)
         elif name.startswith("peer="):
-            node_id, apply = peer_patch(nodes, Path(name[5:]).resolve())
-            variants[f"peer:{node_id}"] = (compile_(apply(model)), args.cfg)
+            node_id, kwargs, apply = peer_patch(nodes, Path(name[5:]).resolve(), args.peer_node, args.peer_input)
+            print(f"peer {node_id} with {kwargs}", flush=True)
+            variants[f"peer:{node_id}"] = (compile_(apply(build_model(arch, dtype=dtype))), args.cfg)
         else:
             raise SystemExit(f"unknown variant {name!r}")
     graphs = _graph_counter()
