@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU rows of docs/benchmarks.md, for a machine lent by the device tool (or any CUDA box).
+#
+#   bash tgate_bench/gpu_suite.sh prepare            # here: ComfyUI copy, wheels and peer pack in ignored folders
+#   bash tgate_bench/gpu_suite.sh run ROW [ROW...]   # there: each ROW writes $OUT/ROW.json and $OUT/ROW.txt
+#
+# `prepare` needs COMFYUI_PATH (a ComfyUI checkout) and, optionally, PEER_PATH (another T-GATE pack,
+# e.g. JettHu/ComfyUI_TGate, fetched for comparison and never committed). The device call carries
+# .comfyui, .whl and .peers: run(command="bash tgate_bench/gpu_suite.sh run sd15-512-b8 ...",
+# carry=[".comfyui", ".whl", ".peers"]).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+rows() {
+  cat <<'ROWS'
+sd15-512-b8      --arch sd15 --size 512 --batch 8
+sd15-1024-b2     --arch sd15 --size 1024 --batch 2
+sdxl-1024-b4     --arch sdxl --size 1024 --batch 4
+sd15-512-b1      --arch sd15 --size 512 --batch 1 --runs 9
+sdxl-1024-b1     --arch sdxl --size 1024 --batch 1 --runs 9
+sd15-512-b1-cg   --arch sd15 --size 512 --batch 1 --runs 9 --compile cudagraphs
+sd15-512-b1-ind  --arch sd15 --size 512 --batch 1 --runs 9 --compile inductor
+sdxl-1024-b1-cg  --arch sdxl --size 1024 --batch 1 --runs 9 --compile cudagraphs
+tiny-smoke       --arch tiny-sd15 --size 128 --runs 2
+ROWS
+}
+
+case "${1:-}" in
+  prepare)
+    : "${COMFYUI_PATH:?set COMFYUI_PATH to a ComfyUI checkout}"
+    for d in .comfyui .whl .peers; do grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude; done
+    rm -rf .comfyui && mkdir -p .comfyui .whl .peers
+    (cd "$COMFYUI_PATH" && tar --exclude=.git --exclude=__pycache__ --anchored --exclude=./models --exclude=./output --exclude=./custom_nodes -cf - .) | tar -xf - -C .comfyui
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d .whl torchsde==0.2.6 trampoline==0.1.2 av==16.0.1
+    if [ -n "${PEER_PATH:-}" ]; then rm -rf ".peers/$(basename "$PEER_PATH")" && cp -r "$PEER_PATH" .peers/; fi
+    du -sh .comfyui .whl .peers
+    ;;
+  run)
+    shift
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site COMFYUI_PATH="$PWD/.comfyui" PYTHONUNBUFFERED=1
+    out="${OUT:-benchmark-results}"
+    mkdir -p "$out"
+    (nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader || echo "no nvidia-smi") | tee "$out/gpu.txt"
+    peer=()
+    if [ -d .peers/ComfyUI_TGate ]; then
+      peer=(--variants "baseline,cfg1,tgate,tgate_off,peer=.peers/ComfyUI_TGate" --peer-node TGateApplySimple --peer-input start_at=0.4)
+    fi
+    for row in "$@"; do
+      args=$(rows | awk -v r="$row" '$1 == r { $1 = ""; print }')
+      [ -n "$args" ] || { echo "unknown row $row; rows: $(rows | awk '{print $1}' | tr '\n' ' ')"; exit 2; }
+      # shellcheck disable=SC2086
+      python3 -m tgate_bench $args "${peer[@]}" --json "$out/$row.json" 2>&1 | grep -v "^W[0-9]" | tee "$out/$row.txt"
+    done
+    ;;
+  *)
+    echo "usage: $0 prepare | run ROW [ROW...]"; echo "rows:"; rows; exit 2 ;;
+esac
