@@ -58,70 +58,31 @@ class ComfyRuntime:
         return random_cond("tiny-sdxl" if pooled else "tiny-sd15", seed, batch)
 
     # -- sampling -----------------------------------------------------------------------------
-    def sample(
-        self,
-        model,
-        positive,
-        negative,
-        steps=12,
-        cfg=7.0,
-        sampler="euler",
-        scheduler="normal",
-        size=16,
-        batch=1,
-        seed=0,
-        denoise=1.0,
-        latent=None,
-        callback=None,
-        start_step=None,
-        last_step=None,
-        sigmas=None,
-    ):
-        """comfy.sample.sample with a seeded noise, as KSampler does, and an optional step callback."""
+    def sample(self, model, positive, negative, *, size=16, batch=1, seed=0, latent=None, **settings):
+        """comfy.sample.sample with a seeded noise, as KSampler does. `settings`: steps, cfg, sampler,
+        scheduler, denoise, callback, start_step, last_step, sigmas."""
         import comfy.sample
 
+        s = {**SAMPLING_DEFAULTS, **settings}
         if latent is None:
             latent = torch.zeros(batch, 4, size, size)
         noise = comfy.sample.prepare_noise(latent, seed)
+        steps, cfg, sampler, scheduler = s.pop("steps"), s.pop("cfg"), s.pop("sampler"), s.pop("scheduler")
         return comfy.sample.sample(
-            model,
-            noise,
-            steps,
-            cfg,
-            sampler,
-            scheduler,
-            positive,
-            negative,
-            latent,
-            denoise=denoise,
-            start_step=start_step,
-            last_step=last_step,
-            sigmas=sigmas,
-            callback=callback,
-            disable_pbar=True,
-            seed=seed,
+            model, noise, steps, cfg, sampler, scheduler, positive, negative, latent, disable_pbar=True, seed=seed, **s
         )
 
-    def ksampler(
-        self,
-        model,
-        positive,
-        negative,
-        steps=12,
-        cfg=7.0,
-        sampler="euler",
-        scheduler="normal",
-        size=16,
-        batch=1,
-        seed=0,
-        denoise=1.0,
-        latent=None,
-    ):
-        if latent is None:
-            latent = {"samples": torch.zeros(batch, 4, size, size)}
-        return self.nodes.KSampler().sample(
-            model, seed, steps, cfg, sampler, scheduler, positive, negative, latent, denoise=denoise
+    def ksampler(self, model, positive, negative, *, size=16, batch=1, seed=0, latent=None, **settings):
+        """The KSampler node itself."""
+        s = {**SAMPLING_DEFAULTS, **settings}
+        latent = latent if latent is not None else {"samples": torch.zeros(batch, 4, size, size)}
+        node = self.nodes.KSampler()
+        return node.sample(
+            model, seed, s["steps"], s["cfg"], s["sampler"], s["scheduler"], positive, negative, latent, denoise=s["denoise"]
         )[0]["samples"]
+
+
+SAMPLING_DEFAULTS = {"steps": 12, "cfg": 7.0, "sampler": "euler", "scheduler": "normal", "denoise": 1.0}
 
 
 @dataclass
