@@ -12,7 +12,7 @@ from conftest import COMFYUI_PATH, PACK_ROOT
 def test_benchmark_runs_the_tiny_model_and_writes_json(comfy, tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, COMFYUI_PATH=str(COMFYUI_PATH))
-    settings = "--arch tiny-sdxl --size 64 --batch 2 --steps 6 --runs 2".split()
+    settings = "--arch tiny-sdxl --size 64 --batch 2 --steps 6 --runs 2 --profile".split()
     command = [sys.executable, "-m", "tgate_bench", *settings, "--json", str(out)]
     done = subprocess.run(command, cwd=PACK_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -26,3 +26,7 @@ def test_benchmark_runs_the_tiny_model_and_writes_json(comfy, tmp_path):
     assert tgate["cache_bytes"] > 0 and result["variants"]["baseline"]["cache_bytes"] is None
     assert result["variants"]["tgate_off"]["tgate_run"] is None  # gate_at 1.0 leaves sampling alone
     assert 0 < result["bound"]["gate_fraction"] < 1 and result["comfyui"]
+    profile = result["profile"]
+    assert [profile[k]["step"] for k in ("before gate", "capture", "after gate")] == [1, 2, 4]
+    assert all(profile[k]["aten_ops"] > 0 for k in profile)
+    assert "CrossAttention.attn2" in profile["after gate"]["host_ms_by_module"]

@@ -58,6 +58,7 @@ def parse_args(argv=None):
         help="compile the diffusion model the way "
         "ComfyUI's TorchCompileModel node does (applied after T-GATE); compile time is reported apart",
     )
+    p.add_argument("--profile", action="store_true", help="also profile one step before and one after the gate of a tgate run")
     p.add_argument("--json", type=Path, help="write the results here")
     return p.parse_args(argv)
 
@@ -244,6 +245,35 @@ def main(argv=None) -> int:
             f"batch-halving bound {bound['bound_s']:.3f} s ({bound['bound_speedup']:.3f}x); "
             f"tgate reaches {bound['tgate_over_bound']:.3f}x the bound"
         )
+
+    profile_result = None
+    if args.profile and "tgate" in variants and results["tgate"]["tgate_run"]:
+        from .profile import format_profile, profile_steps
+
+        gate = results["tgate"]["tgate_run"]["gate_step"]
+        patched, cfg = variants["tgate"]
+
+        def sample_with_callback(model_, callback):
+            comfy.sample.sample(
+                model_,
+                noise,
+                args.steps,
+                cfg,
+                args.sampler,
+                args.scheduler,
+                positive,
+                negative,
+                latent,
+                seed=0,
+                disable_pbar=True,
+                callback=callback,
+            )
+
+        steps = {"before gate": max(0, gate - 2), "capture": gate - 1, "after gate": min(args.steps - 1, gate + 1)}
+        profile_result = profile_steps(sample_with_callback, patched, model.model.diffusion_model, steps, cuda)
+        print()
+        print("one step of the tgate run, profiled:")
+        print(format_profile(profile_result))
 
     if args.json:
         payload = {
