@@ -285,6 +285,7 @@ def main(argv=None) -> int:
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"dtype": str(dtype)},
             "variants": results,
             "bound": bound,
+            "profile": profile_result,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
