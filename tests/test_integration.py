@@ -613,3 +613,27 @@ def test_compiled_model_gives_the_eager_result_and_compiles_nothing_on_the_next_
     assert rel < 1e-3, rel
     assert counters["stats"]["unique_graphs"] == graphs > 0, "the second run recompiled"
     torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
+
+
+def test_4_context_windows_cache_each_window_apart(comfy, sd15):
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode as ContextWindowsManual
+
+    pos, neg = conds(comfy, "sd15")
+    # Windows of 8 latent rows over the height (dim 2) of a 16x16 latent: two windows per step.
+    windowed = ContextWindowsManual.execute(sd15, 8, 0, "standard_static", 1, False, "flat", 2).result[0]
+    recorder = Attn2Recorder(sd15)
+    try:
+        out = comfy.sample(comfy.tgate(windowed), pos, neg, steps=STEPS)
+    finally:
+        recorder.remove()
+    assert torch.isfinite(out).all()
+    calls = recorder.calls["input_blocks.1.1.transformer_blocks.0.attn2"]
+    windows = 2
+    assert len(calls) == STEPS * windows
+    capture = calls[windows * (GATE_STEP - 1) : windows * GATE_STEP]
+    for w in range(windows):
+        uncond, cond = capture[w].chunk(2)
+        mean = ((uncond.float() + cond.float()) / 2).to(uncond.dtype)
+        for step in range(GATE_STEP, STEPS):
+            torch.testing.assert_close(calls[windows * step + w], mean, rtol=0, atol=0, msg=f"window {w} step {step}")
+    assert not torch.equal(capture[0], capture[1])

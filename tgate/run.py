@@ -68,6 +68,7 @@ class GateRun:
         self.capture_pass = GatePass(Stage.CAPTURE, self.cache)
         self.replay_pass = GatePass(Stage.FIDELITY, self.cache)
         self.captured = False
+        self._capture_sigma: float | None = None
         self.late_capture = False
         self.captured_bytes = 0
         self.captured_layers = 0
@@ -76,7 +77,8 @@ class GateRun:
 
     def evaluate(self, executor, model, conds, x_in, timestep, model_options) -> list:
         """Run one CALC_COND_BATCH evaluation of the main CFG call."""
-        stage = self.schedule.stage_of(_first_sigma(timestep))  # the evaluation's one host read
+        sigma = _first_sigma(timestep)  # the evaluation's one host read
+        stage = self.schedule.stage_of(sigma)
         if stage is Stage.PLAN:
             return executor(model, conds, x_in, timestep, model_options)
         keep = kept_branch(conds, self.config.fidelity_branch)
@@ -86,7 +88,10 @@ class GateRun:
             stage = Stage.CAPTURE
             self.late_capture = True
         if stage is Stage.CAPTURE:
-            self.cache.begin_capture(keep)
+            if sigma != self._capture_sigma:
+                # A new capture; context windows call again at the same sigma and add to it.
+                self.cache.begin_capture(keep)
+                self._capture_sigma = sigma
             out = executor(model, conds, x_in, timestep, _with_option(model_options, PASS_KEY, self.capture_pass))
             self.cache.finish_capture()
             self.captured_bytes, self.captured_layers = self.cache.nbytes, self.cache.layers
@@ -184,16 +189,27 @@ def apply_model_with_gate(executor, *args, **kwargs):
     gate: GatePass | None = options.get(PASS_KEY) if options else None
     if gate is None:
         return executor(*args, **kwargs)
+    chunk_ids = _chunk_ids(options)
     if gate.stage is Stage.FIDELITY:
-        table = gate.cache.replay_table(options["uuids"], args[0].device)
+        table = gate.cache.replay_table(chunk_ids, args[0].device)
         call_args, call_kwargs = _with_call_option(args, kwargs, position, options, REPLAY_KEY, table)
         return executor(*call_args, **call_kwargs)
     captured: dict = {}
     call_args, call_kwargs = _with_call_option(args, kwargs, position, options, CAPTURE_KEY, captured)
     out = executor(*call_args, **call_kwargs)
     for layer, output in captured.items():
-        gate.cache.capture(layer, output, options["cond_or_uncond"], options["uuids"])
+        gate.cache.capture(layer, output, options["cond_or_uncond"], chunk_ids)
     return out
+
+
+def _chunk_ids(options: dict) -> list:
+    """What identifies a chunk's cached output: its cond's uuid, and its context window if any
+    (ComfyUI's context windows run the same conds on several slices of the latent)."""
+    window = options.get("context_window")
+    if window is None:
+        return options["uuids"]
+    span = tuple(getattr(window, "index_list", ()) or ())
+    return [(uuid, span) for uuid in options["uuids"]]
 
 
 def _with_call_option(args, kwargs, position, options, key, value):
