@@ -637,3 +637,19 @@ def test_4_context_windows_cache_each_window_apart(comfy, sd15):
         for step in range(GATE_STEP, STEPS):
             torch.testing.assert_close(calls[windows * step + w], mean, rtol=0, atol=0, msg=f"window {w} step {step}")
     assert not torch.equal(capture[0], capture[1])
+
+
+@pytest.mark.parametrize("arch", ["tiny-sd2", "tiny-sdxl-refiner"])
+def test_sd2_and_the_sdxl_refiner_are_supported(comfy, arch):
+    from tgate_bench.models import build_model, random_cond
+
+    model = build_model(arch)
+    pos, neg = random_cond(arch, 1), random_cond(arch, 2)
+    probe = ModelProbe()
+    with probe.watch(model):
+        comfy.sample(comfy.tgate(model), pos, neg, steps=STEPS)
+    assert probe.batch_sizes == [2] * GATE_STEP + [1] * (STEPS - GATE_STEP)
+    assert probe.to_q_calls == GATE_STEP * len(attn2_modules(model))
+    assert torch.equal(
+        comfy.sample(comfy.tgate(model, gate_at=1.0), pos, neg, steps=STEPS), comfy.sample(model, pos, neg, steps=STEPS)
+    )

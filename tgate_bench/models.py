@@ -83,11 +83,17 @@ _TINY_SDXL = dict(
     num_classes="sequential",
 )
 
+# SD2.x takes 64-channel heads (its model config imposes them), so its tiny UNet is a little wider.
+_TINY_SD2 = dict(_TINY_SD15, model_channels=64, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64)
+_TINY_SDXL_REFINER = dict(_TINY_SDXL, adm_in_channels=_TINY_POOLED + 5 * 256)
+
 ARCHITECTURES = {
     "sd15": Architecture("SD15", _SD15, context_tokens=77),
     "sdxl": Architecture("SDXL", _SDXL, context_tokens=77, pooled=1280),
     "tiny-sd15": Architecture("SD15", _TINY_SD15, context_tokens=7),
     "tiny-sdxl": Architecture("SDXL", _TINY_SDXL, context_tokens=7, pooled=_TINY_POOLED),
+    "tiny-sd2": Architecture("SD20", _TINY_SD2, context_tokens=7),
+    "tiny-sdxl-refiner": Architecture("SDXLRefiner", _TINY_SDXL_REFINER, context_tokens=7, pooled=_TINY_POOLED),
 }
 
 
