@@ -3,7 +3,8 @@
 import torch
 
 from engine_modules import CrossAttention
-from tgate import CAPTURE_KEY, REPLAY_KEY, cached_cross_attention
+from tgate import CAPTURE_KEY, REPLAY_KEY, ChunkPlan, cached_cross_attention
+from tgate.attention import CAPTURE_PLAN_KEY
 
 LAYER = "blocks.0.attn2"
 
@@ -23,12 +24,15 @@ def test_without_tables_it_is_the_original_forward():
     assert torch.equal(forward(x, context=ctx), module(x, context=ctx))
 
 
-def test_capture_puts_the_output_in_the_table_unchanged():
+def test_capture_leaves_the_output_unchanged_and_puts_its_reduction_in_the_table():
     module, forward, _ = setup()
     x, ctx = torch.randn(2, 4, 8), torch.randn(2, 3, 6)
     captured = {}
-    out = forward(x, context=ctx, transformer_options={CAPTURE_KEY: captured})
-    assert torch.equal(out, module(x, context=ctx)) and captured[LAYER] is out
+    plan = ChunkPlan(n_chunks=2, kept=(0,), others=(1,))
+    out = forward(x, context=ctx, transformer_options={CAPTURE_KEY: captured, CAPTURE_PLAN_KEY: plan})
+    assert torch.equal(out, module(x, context=ctx))
+    (mean,) = captured[LAYER]
+    torch.testing.assert_close(mean, (out[:1] + out[1:]) / 2)
 
 
 def test_replay_returns_the_table_entry_and_computes_nothing():

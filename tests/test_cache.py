@@ -3,18 +3,24 @@
 import pytest
 import torch
 
-from tgate import COND, UNCOND, CrossAttentionCache
+from tgate import COND, UNCOND, CrossAttentionCache, reduce_chunks
 
 P, N, A = "positive-uuid", "negative-uuid", "area-uuid"
 CPU = torch.device("cpu")
+
+
+def capture(cache, layer, output, branches, chunk_ids):
+    """What T-GATE does with one layer of one model call at the capture step."""
+    plan = cache.plan(branches)
+    cache.store(layer, reduce_chunks(output, plan), plan, chunk_ids)
 
 
 def captured(keep, *calls, storage=None):
     """A cache after one capture of `calls`: (layer, batched output, branches, chunk ids) each."""
     cache = CrossAttentionCache(storage)
     cache.begin_capture(keep)
-    for layer, output, branches, chunk_ids in calls:
-        cache.capture(layer, output, branches, chunk_ids)
+    for call in calls:
+        capture(cache, *call)
     cache.finish_capture()
     return cache
 
@@ -74,9 +80,9 @@ def test_split_partner_sums_do_not_alias_the_model_output():
     expected = (cond + uncond) / 2
     cache = CrossAttentionCache()
     cache.begin_capture(UNCOND)
-    cache.capture("l0", cond, [COND], [P])  # the other branch comes first, in a call of its own
+    capture(cache, "l0", cond, [COND], [P])  # the other branch comes first, in a call of its own
     cond.zero_()
-    cache.capture("l0", uncond, [UNCOND], [N])
+    capture(cache, "l0", uncond, [UNCOND], [N])
     cache.finish_capture()
     torch.testing.assert_close(lookup(cache, "l0", [N]), expected)
 
@@ -107,6 +113,13 @@ def test_cpu_storage_and_clear_free_everything():
     assert lookup(cache, "l0", [P]).device.type == "cpu"
     cache.clear()
     assert len(cache) == 0 and cache.nbytes == 0 and lookup(cache, "l0", [P]) is None
+
+
+def test_the_plan_places_each_branch():
+    cache = CrossAttentionCache()
+    cache.begin_capture(UNCOND)
+    assert cache.plan([UNCOND, COND, COND]) == (3, (0,), (1, 2))
+    assert cache.plan([COND]) == (1, (), (0,))
 
 
 def test_a_new_capture_starts_empty():

@@ -16,6 +16,7 @@ from tgate import (
     apply_model_with_gate,
     cached_cross_attention,
     calc_cond_batch_with_gate,
+    reduce_chunks,
     sample_with_gate,
 )
 
@@ -186,7 +187,8 @@ def test_each_run_gets_a_fresh_run_and_frees_it_even_when_cancelled():
     def body(options):
         run = options["transformer_options"][RUN_KEY]
         run.cache.begin_capture(0)
-        run.cache.capture("l", torch.ones(1, 2, 2), [0], ["p"])
+        plan = run.cache.plan([0])
+        run.cache.store("l", reduce_chunks(torch.ones(1, 2, 2), plan), plan, ["p"])
         run.cache.finish_capture()
         runs.append(run)
         raise KeyboardInterrupt  # ComfyUI's cancel is an exception raised mid-run

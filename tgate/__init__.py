@@ -5,7 +5,7 @@ Nothing here imports ComfyUI; `nodes.py` connects it to a ComfyUI MODEL.
 
 from .attention import CAPTURE_KEY, REPLAY_KEY, cached_cross_attention
 from .branch import COND, UNCOND, FidelityBranch, kept_branch, only_branch
-from .cache import CrossAttentionCache
+from .cache import ChunkPlan, CrossAttentionCache, reduce_chunks
 from .layers import NoCrossAttentionError, cross_attention_layers, require_cross_attention
 from .run import (
     CONFIG_KEY,
@@ -22,6 +22,7 @@ from .schedule import GateSchedule, Stage
 
 __all__ = [
     "CAPTURE_KEY",
+    "ChunkPlan",
     "CONFIG_KEY",
     "COND",
     "PASS_KEY",
@@ -42,6 +43,7 @@ __all__ = [
     "cross_attention_layers",
     "kept_branch",
     "only_branch",
+    "reduce_chunks",
     "require_cross_attention",
     "sample_with_gate",
 ]

@@ -3,7 +3,7 @@
 It is installed as an object patch on the module's `forward`, chaining to whatever forward was
 there. All decisions are made outside the model (see `run.py`); for one model call the module only
 finds, in `transformer_options`, either a table of outputs to return instead of computing, or a
-table to put its output in. Both are plain dicts keyed by layer name, so a torch.compile'd model
+table to put its reduced output in. Both are plain dicts keyed by layer name, so a torch.compile'd model
 sees one fixed variant per stage and never reads per-run state such as cond uuids.
 """
 
@@ -14,8 +14,11 @@ from typing import Any
 
 import torch
 
+from .cache import reduce_chunks
+
 REPLAY_KEY = "tgate_replay"  # transformer_options key: {layer: cached output} for this model call
-CAPTURE_KEY = "tgate_capture"  # transformer_options key: {layer: output} filled during this model call
+CAPTURE_KEY = "tgate_capture"  # transformer_options key: {layer: reduced output}, filled during the call
+CAPTURE_PLAN_KEY = "tgate_capture_plan"  # transformer_options key: the call's ChunkPlan
 
 
 def cached_cross_attention(layer: str, forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -34,7 +37,8 @@ def cached_cross_attention(layer: str, forward: Callable[..., torch.Tensor]) -> 
         out = forward(x, *args, **kwargs)
         capture = options.get(CAPTURE_KEY)
         if capture is not None:
-            capture[layer] = out
+            # Reduced here, layer by layer, so the full batched outputs are not all kept alive.
+            capture[layer] = reduce_chunks(out, options[CAPTURE_PLAN_KEY])
         return out
 
     tgate_forward.tgate_original = forward

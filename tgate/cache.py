@@ -9,10 +9,40 @@ with no same-shaped partner (cfg 1.0, area conds) keeps its own output.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import NamedTuple
 
 import torch
 
 ChunkId = Hashable
+
+
+class ChunkPlan(NamedTuple):
+    """Positions, in one batched model call, of the chunks of the branch kept after the gate and
+    of the other branch's chunks. A tuple of ints, so a compiled model sees it as a constant."""
+
+    n_chunks: int
+    kept: tuple[int, ...]
+    others: tuple[int, ...]
+
+
+def reduce_chunks(output: torch.Tensor, plan: ChunkPlan) -> tuple[torch.Tensor, ...]:
+    """What a capture keeps of one layer's batched output; runs inside the model.
+
+    One tensor per kept chunk: the mean of the chunk and of the other branch's chunks (the paper's
+    rule), averaged in float32 since fp16 sums of large activations overflow, stored in the output
+    dtype; or the chunk itself where the call holds no other chunk. A call with no kept chunk
+    gives the float32 sum of its chunks, to pair with kept chunks from other calls.
+    """
+    chunks = output.chunk(plan.n_chunks)
+    other_sum = None
+    for i in plan.others:
+        other_sum = chunks[i].float() if other_sum is None else other_sum + chunks[i].float()
+    if not plan.kept:
+        return (other_sum,)
+    if other_sum is None:
+        return tuple(chunks[i] for i in plan.kept)
+    other_mean = other_sum / len(plan.others)
+    return tuple(((chunks[i].float() + other_mean) * 0.5).to(output.dtype) for i in plan.kept)
 
 
 class CrossAttentionCache:
@@ -32,28 +62,30 @@ class CrossAttentionCache:
         self.clear()
         self.keep_branch = keep_branch
 
-    def capture(self, layer: str, output: torch.Tensor, branches: Sequence[int], chunk_ids: Sequence[ChunkId]) -> None:
-        """Store one layer's output of a batched model call made of `len(chunk_ids)` chunks."""
-        chunks = output.chunk(len(chunk_ids))
-        kept = [(c, i) for c, b, i in zip(chunks, branches, chunk_ids, strict=True) if b == self.keep_branch]
-        others = [c for c, b in zip(chunks, branches, strict=True) if b != self.keep_branch]
-        other_sum = _float_sum(others)
-        layer_entries = self._entries.setdefault(layer, {})
-        if not kept:
-            if other_sum is not None:
-                key = (layer, others[0].shape)
-                total, count = self._other_sums.get(key, (None, 0))
-                self._other_sums[key] = (other_sum if total is None else total + other_sum, count + len(others))
+    def plan(self, branches: Sequence[int]) -> ChunkPlan:
+        """How a call whose chunks belong to `branches` (cond_or_uncond) is reduced at capture."""
+        kept = tuple(i for i, b in enumerate(branches) if b == self.keep_branch)
+        others = tuple(i for i, b in enumerate(branches) if b != self.keep_branch)
+        return ChunkPlan(len(branches), kept, others)
+
+    def store(self, layer: str, reduced: Sequence[torch.Tensor], plan: ChunkPlan, chunk_ids: Sequence[ChunkId]) -> None:
+        """Keep what `reduce_chunks` gave for one layer of one model call.
+
+        Everything is copied: what comes out of a compiled model may live in a CUDA graph's memory
+        pool, which the next replay overwrites, and a view would keep a whole batch alive.
+        """
+        if not plan.kept:
+            (other_sum,) = reduced
+            key = (layer, other_sum.shape)
+            total, count = self._other_sums.get(key, (None, 0))
+            self._other_sums[key] = (other_sum.clone() if total is None else total + other_sum, count + len(plan.others))
             return
-        for chunk, chunk_id in kept:
-            if other_sum is not None:
-                # Average in float32: fp16 sums of two large activations can overflow.
-                layer_entries[chunk_id] = ((chunk.float() + other_sum / len(others)) * 0.5).to(chunk.dtype)
-            else:
-                # A view would keep the whole batched output alive and, under CUDA graphs, point
-                # into memory the next replay overwrites.
-                layer_entries[chunk_id] = chunk.clone()
-                self._unpaired.setdefault((layer, chunk.shape), []).append(chunk_id)
+        layer_entries = self._entries.setdefault(layer, {})
+        for position, tensor in zip(plan.kept, reduced, strict=True):
+            chunk_id = chunk_ids[position]
+            layer_entries[chunk_id] = tensor.clone()
+            if not plan.others:
+                self._unpaired.setdefault((layer, tensor.shape), []).append(chunk_id)
 
     def finish_capture(self) -> None:
         """Mix in partners seen in other model calls, then move entries to the storage device."""
@@ -111,17 +143,6 @@ class CrossAttentionCache:
         self._tables.clear()
         self._unpaired.clear()
         self._other_sums.clear()
-
-
-def _float_sum(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    if not tensors:
-        return None
-    # A copy even when already float32: the model's outputs may live in a CUDA graph's memory pool,
-    # which the next replay overwrites.
-    total = tensors[0].to(torch.float32, copy=True)
-    for t in tensors[1:]:
-        total = total + t.float()
-    return total
 
 
 def _move(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .attention import CAPTURE_KEY, REPLAY_KEY
+from .attention import CAPTURE_KEY, CAPTURE_PLAN_KEY, REPLAY_KEY
 from .branch import FidelityBranch, kept_branch, only_branch
 from .cache import CrossAttentionCache
 from .schedule import GateSchedule, Stage
@@ -195,10 +195,12 @@ def apply_model_with_gate(executor, *args, **kwargs):
         call_args, call_kwargs = _with_call_option(args, kwargs, position, options, REPLAY_KEY, table)
         return executor(*call_args, **call_kwargs)
     captured: dict = {}
-    call_args, call_kwargs = _with_call_option(args, kwargs, position, options, CAPTURE_KEY, captured)
+    plan = gate.cache.plan(options["cond_or_uncond"])
+    call_options = {**options, CAPTURE_PLAN_KEY: plan}
+    call_args, call_kwargs = _with_call_option(args, kwargs, position, call_options, CAPTURE_KEY, captured)
     out = executor(*call_args, **call_kwargs)
-    for layer, output in captured.items():
-        gate.cache.capture(layer, output, options["cond_or_uncond"], chunk_ids)
+    for layer in list(captured):
+        gate.cache.store(layer, captured.pop(layer), plan, chunk_ids)  # one layer's copy at a time
     return out
 
 
