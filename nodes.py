@@ -7,6 +7,8 @@ from comfy.ldm.modules.attention import CrossAttention
 from comfy_api.latest import ComfyExtension, io
 
 from .tgate import (
+    CACHE_DEVICES,
+    CONFIG_KEY,
     FidelityBranch,
     TGateConfig,
     apply_model_with_gate,
@@ -16,7 +18,6 @@ from .tgate import (
     require_cross_attention,
     sample_with_gate,
 )
-from .tgate.run import CACHE_DEVICES, CONFIG_KEY
 
 WRAPPER_KEY = "tgate"
 WRAPPERS = {

@@ -6,6 +6,7 @@ Nothing here imports ComfyUI; `nodes.py` connects it to a ComfyUI MODEL.
 from .attention import CAPTURE_KEY, REPLAY_KEY, cached_cross_attention
 from .branch import COND, UNCOND, FidelityBranch, kept_branch, only_branch
 from .cache import ChunkPlan, CrossAttentionCache, reduce_chunks
+from .config import CACHE_DEVICES, TGateConfig
 from .layers import NoCrossAttentionError, cross_attention_layers, require_cross_attention
 from .run import (
     CONFIG_KEY,
@@ -13,7 +14,6 @@ from .run import (
     RUN_KEY,
     GatePass,
     GateRun,
-    TGateConfig,
     apply_model_with_gate,
     calc_cond_batch_with_gate,
     sample_with_gate,
@@ -21,6 +21,7 @@ from .run import (
 from .schedule import GateSchedule, Stage
 
 __all__ = [
+    "CACHE_DEVICES",
     "CAPTURE_KEY",
     "ChunkPlan",
     "CONFIG_KEY",

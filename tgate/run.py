@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from .attention import CAPTURE_KEY, CAPTURE_PLAN_KEY, REPLAY_KEY
-from .branch import FidelityBranch, kept_branch, only_branch
+from .branch import kept_branch, only_branch
 from .cache import CrossAttentionCache
+from .config import TGateConfig
 from .schedule import GateSchedule, Stage
 
 log = logging.getLogger("tgate")
@@ -27,26 +28,6 @@ log = logging.getLogger("tgate")
 CONFIG_KEY = "tgate"  # transformer_options key of the node's TGateConfig
 RUN_KEY = "tgate_run"  # transformer_options key of the current GateRun
 PASS_KEY = "tgate_pass"  # transformer_options key of the current evaluation's GatePass
-CACHE_DEVICES = ("model_device", "cpu")
-
-
-@dataclass(frozen=True)
-class TGateConfig:
-    gate_at: float = 0.4
-    fidelity_branch: FidelityBranch = FidelityBranch.UNCOND
-    cache_device: str = "model_device"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.gate_at <= 1.0:
-            raise ValueError(f"T-GATE gate_at must be between 0.0 and 1.0, got {self.gate_at}; 1.0 turns gating off.")
-        if self.cache_device not in CACHE_DEVICES:
-            raise ValueError(f"T-GATE cache_device must be one of {CACHE_DEVICES}, got {self.cache_device!r}.")
-        try:
-            branch = FidelityBranch(self.fidelity_branch)
-        except ValueError:
-            choices = tuple(b.value for b in FidelityBranch)
-            raise ValueError(f"T-GATE fidelity_branch must be one of {choices}, got {self.fidelity_branch!r}.") from None
-        object.__setattr__(self, "fidelity_branch", branch)
 
 
 @dataclass(frozen=True)
@@ -162,7 +143,8 @@ def sample_with_gate(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         guider.model_options = original_options
-        log.info(run.summary(), extra={"tgate_run": run.stats()})
+        level = logging.WARNING if run.uncached_evaluations else logging.INFO
+        log.log(level, run.summary(), extra={"tgate_run": run.stats()})
         run.close()
 
 
@@ -186,7 +168,7 @@ def apply_model_with_gate(executor, *args, **kwargs):
     """
     position = 5 if len(args) > 5 else None
     options = args[5] if position else kwargs.get("transformer_options")
-    gate: GatePass | None = options.get(PASS_KEY) if options else None
+    gate: GatePass | None = options.get(PASS_KEY) if isinstance(options, dict) else None
     if gate is None:
         return executor(*args, **kwargs)
     chunk_ids = _chunk_ids(options)
