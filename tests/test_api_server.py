@@ -46,9 +46,8 @@ def server(comfy, tmp_path_factory):
     from comfy_runtime import write_sd15_checkpoint
 
     base = tmp_path_factory.mktemp("comfy_base")
-    shutil.copytree(
-        PACK_ROOT, base / "custom_nodes" / "ComfyUI-TGATE", ignore=shutil.ignore_patterns(".git", "__pycache__", ".*cache")
-    )
+    pack_files = shutil.ignore_patterns(".*", "__pycache__", "benchmark-results")
+    shutil.copytree(PACK_ROOT, base / "custom_nodes" / "ComfyUI-TGATE", ignore=pack_files)
     write_sd15_checkpoint(base / "models" / "checkpoints" / CHECKPOINT)
     (base / "web").mkdir()  # the API needs no frontend: an empty web root stands in for the frontend package
     port = free_port()
