@@ -299,14 +299,17 @@ def test_4_area_masked_and_several_positive_conds(comfy, sd15):
     masked = comfy.cond(4)
     masked[0][1].update(mask=mask, set_area_to_bounds=False, mask_strength=1.0)
     several = pos + comfy.cond(5) + area + masked
+    # How many q projections the unchanged model makes in the steps before the gate.
+    full, per_step = ModelProbe(), []
+    with full.watch(sd15):
+        comfy.sample(sd15, several, neg, steps=STEPS, callback=lambda step, *a: per_step.append(full.to_q_calls))
     for branch in ("uncond", "cond"):
         probe = ModelProbe()
         with probe.watch(sd15):
             out = comfy.sample(comfy.tgate(sd15, fidelity_branch=branch), several, neg, steps=STEPS)
         assert torch.isfinite(out).all()
-        assert probe.to_q_calls > 0
-        after = probe.batch_sizes[-1]
-        assert after == 1 if branch == "uncond" else after >= 1
+        assert probe.to_q_calls == per_step[GATE_STEP - 1], branch  # none after the gate, for every chunk
+        assert sum(probe.batch_sizes) < sum(full.batch_sizes), branch
 
 
 def test_4_controlnet(comfy, sd15):
