@@ -328,11 +328,18 @@ def test_4_controlnet(comfy, sd15):
     image = torch.rand(1, 128, 128, 3)
     pos_c, neg_c = comfy.nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, image, 1.0, 0.0, 1.0)
     base = comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS)
-    probe = ModelProbe()
-    with probe.watch(sd15):
-        out = comfy.sample(comfy.tgate(sd15), pos_c, neg_c, steps=STEPS)
+    probe, control_batches = ModelProbe(), []
+    handle = control_model.register_forward_pre_hook(
+        lambda m, a, k: control_batches.append((a[0] if a else k["x"]).shape[0]), with_kwargs=True
+    )
+    try:
+        with probe.watch(sd15):
+            out = comfy.sample(comfy.tgate(sd15), pos_c, neg_c, steps=STEPS)
+    finally:
+        handle.remove()
     assert torch.isfinite(out).all() and not torch.equal(out, base)  # the control acted
-    assert probe.batch_sizes[-1] == 1
+    # ControlNetApplyAdvanced puts the control on both prompts: it keeps acting, on half the batch.
+    assert probe.batch_sizes == control_batches == [2] * GATE_STEP + [1] * (STEPS - GATE_STEP)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
