@@ -56,6 +56,14 @@ class Attn2Recorder:
             h.remove()
 
 
+def probed(comfy, watched, model, *args, **kwargs):
+    """comfy.sample(model, ...) while a ModelProbe watches the `watched` patcher's diffusion model."""
+    probe = ModelProbe()
+    with probe.watch(watched):
+        out = comfy.sample(model, *args, **kwargs)
+    return out, probe
+
+
 # -- 1. before the gate, computation is unchanged -------------------------------------------------
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_1_gate_at_one_is_bit_identical(comfy, family, request):
@@ -138,9 +146,7 @@ def test_2_chunks_of_each_shape_are_cached_apart(comfy, sd15):
 def test_3_after_the_gate_cross_attention_computes_nothing_and_the_batch_halves(comfy, family, request):
     model = request.getfixturevalue(family)
     pos, neg = conds(comfy, family)
-    probe = ModelProbe()
-    with probe.watch(model):
-        comfy.sample(comfy.tgate(model), pos, neg, steps=STEPS)
+    _, probe = probed(comfy, model, comfy.tgate(model), pos, neg, steps=STEPS)
     layers = len(attn2_modules(model))
     assert probe.batch_sizes == [2] * GATE_STEP + [1] * (STEPS - GATE_STEP)
     assert probe.to_q_calls == GATE_STEP * layers  # q projections ran only before the gate
@@ -167,13 +173,6 @@ def test_3_the_kept_branch_is_what_runs_after_the_gate(comfy, sd15, branch, kept
 
 
 # -- 4. samplers, schedulers and workflows -------------------------------------------------------
-def gated_ok(comfy, model, probe_model, *args, **kwargs):
-    probe = ModelProbe()
-    with probe.watch(probe_model):
-        out = comfy.sample(model, *args, **kwargs)
-    return out, probe
-
-
 def test_4_every_sampler(comfy, sd15):
     import comfy.samplers as samplers
 
@@ -182,7 +181,7 @@ def test_4_every_sampler(comfy, sd15):
     failures = []
     for name in samplers.KSampler.SAMPLERS:
         try:
-            out, probe = gated_ok(comfy, model, sd15, pos, neg, steps=8, sampler=name, scheduler="normal")
+            out, probe = probed(comfy, sd15, model, pos, neg, steps=8, sampler=name, scheduler="normal")
             if not torch.isfinite(out).all():
                 failures.append(f"{name}: non-finite output")
             elif 1 not in probe.batch_sizes or probe.batch_sizes[0] != 2:
@@ -204,7 +203,7 @@ def test_4_every_scheduler_gates_where_its_sigmas_cross_the_gate(comfy, sd15):
         sigmas = samplers.calculate_sigmas(model_sampling, name, 10).tolist()[:-1]
         planning = max(1, sum(1 for s in sigmas if s >= gate_sigma))  # sigmas decrease
         expected = [2] * planning + [1] * (len(sigmas) - planning)
-        out, probe = gated_ok(comfy, model, sd15, pos, neg, steps=10, sampler="euler", scheduler=name)
+        out, probe = probed(comfy, sd15, model, pos, neg, steps=10, sampler="euler", scheduler=name)
         if not torch.isfinite(out).all() or probe.batch_sizes != expected:
             failures.append(f"{name}: batch sizes {probe.batch_sizes}, expected {expected}")
     assert not failures, "\n".join(failures)
@@ -213,9 +212,7 @@ def test_4_every_scheduler_gates_where_its_sigmas_cross_the_gate(comfy, sd15):
 def test_4_multi_evaluation_samplers_capture_before_they_replay(comfy, sd15):
     pos, neg = conds(comfy, "sd15")
     for sampler in ("heun", "dpm_2", "dpmpp_2s_ancestral", "dpmpp_sde", "uni_pc", "lcm"):
-        probe = ModelProbe()
-        with probe.watch(sd15):
-            comfy.sample(comfy.tgate(sd15), pos, neg, steps=8, sampler=sampler)
+        _, probe = probed(comfy, sd15, comfy.tgate(sd15), pos, neg, steps=8, sampler=sampler)
         first_single = probe.batch_sizes.index(1)
         assert set(probe.batch_sizes[first_single:]) == {1}, sampler  # once gated, stays gated
         assert probe.to_q_calls == first_single * len(attn2_modules(sd15)), sampler
@@ -279,9 +276,7 @@ def test_4_hires_fix_second_pass_at_another_resolution(comfy, sd15):
 def test_4_batch_of_several_images(comfy, family, request):
     model = request.getfixturevalue(family)
     pos, neg = conds(comfy, family, batch=3)
-    probe = ModelProbe()
-    with probe.watch(model):
-        out = comfy.sample(comfy.tgate(model), pos, neg, steps=STEPS, batch=3)
+    out, probe = probed(comfy, model, comfy.tgate(model), pos, neg, steps=STEPS, batch=3)
     assert out.shape[0] == 3 and probe.batch_sizes == [6] * GATE_STEP + [3] * (STEPS - GATE_STEP)
     # Each image stays its own: image 0 of the batch is what a one-image run with its noise gives.
     single_pos, single_neg = conds(comfy, family, batch=1)
@@ -304,9 +299,7 @@ def test_4_area_masked_and_several_positive_conds(comfy, sd15):
     with full.watch(sd15):
         comfy.sample(sd15, several, neg, steps=STEPS, callback=lambda step, *a: per_step.append(full.to_q_calls))
     for branch in ("uncond", "cond"):
-        probe = ModelProbe()
-        with probe.watch(sd15):
-            out = comfy.sample(comfy.tgate(sd15, fidelity_branch=branch), several, neg, steps=STEPS)
+        out, probe = probed(comfy, sd15, comfy.tgate(sd15, fidelity_branch=branch), several, neg, steps=STEPS)
         assert torch.isfinite(out).all()
         assert probe.to_q_calls == per_step[GATE_STEP - 1], branch  # none after the gate, for every chunk
         assert sum(probe.batch_sizes) < sum(full.batch_sizes), branch
@@ -346,9 +339,7 @@ def test_4_controlnet(comfy, sd15):
 def test_4_cfg_one_still_caches_cross_attention(comfy, family, request):
     model = request.getfixturevalue(family)
     pos, neg = conds(comfy, family)
-    probe = ModelProbe()
-    with probe.watch(model):
-        out = comfy.sample(comfy.tgate(model), pos, neg, steps=STEPS, cfg=1.0)
+    out, probe = probed(comfy, model, comfy.tgate(model), pos, neg, steps=STEPS, cfg=1.0)
     assert probe.batch_sizes == [1] * STEPS
     assert probe.to_q_calls == GATE_STEP * len(attn2_modules(model))
     assert not torch.equal(out, comfy.sample(model, pos, neg, steps=STEPS, cfg=1.0))
@@ -662,9 +653,7 @@ def test_sd2_and_the_sdxl_refiner_are_supported(comfy, arch):
 
     model = build_model(arch)
     pos, neg = random_cond(arch, 1), random_cond(arch, 2)
-    probe = ModelProbe()
-    with probe.watch(model):
-        comfy.sample(comfy.tgate(model), pos, neg, steps=STEPS)
+    _, probe = probed(comfy, model, comfy.tgate(model), pos, neg, steps=STEPS)
     assert probe.batch_sizes == [2] * GATE_STEP + [1] * (STEPS - GATE_STEP)
     assert probe.to_q_calls == GATE_STEP * len(attn2_modules(model))
     assert torch.equal(
