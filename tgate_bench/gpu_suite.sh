@@ -3,7 +3,9 @@
 #
 #   bash tgate_bench/gpu_suite.sh prepare            # here: ComfyUI copy, wheels and peer pack in ignored folders
 #   bash tgate_bench/gpu_suite.sh run ROW [ROW...]   # there: each ROW writes $OUT/ROW.json and $OUT/ROW.txt
+#   bash tgate_bench/gpu_suite.sh tests              # there: the test suite on CUDA (not the server test)
 #
+# BENCH_ARGS is appended to every row (e.g. BENCH_ARGS="--runs 5" to fit a short lease).
 # `prepare` needs COMFYUI_PATH (a ComfyUI checkout) and, optionally, PEER_PATH (another T-GATE pack,
 # e.g. JettHu/ComfyUI_TGate, fetched for comparison and never committed). The device call carries
 # .comfyui, .whl and .peers: run(command="bash tgate_bench/gpu_suite.sh run sd15-512-b8 ...",
@@ -37,6 +39,13 @@ case "${1:-}" in
     if [ -n "${PEER_PATH:-}" ]; then rm -rf ".peers/$(basename "$PEER_PATH")" && cp -r "$PEER_PATH" .peers/; fi
     du -sh .comfyui .whl .peers
     ;;
+  tests)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site COMFYUI_PATH="$PWD/.comfyui" PYTHONUNBUFFERED=1
+    out="${OUT:-benchmark-results}"
+    mkdir -p "$out"
+    python3 -m pytest -q -p no:cacheprovider --deselect tests/test_api_server.py 2>&1 | tee "$out/tests.txt"
+    ;;
   run)
     shift
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -52,9 +61,9 @@ case "${1:-}" in
       args=$(rows | awk -v r="$row" '$1 == r { $1 = ""; print }')
       [ -n "$args" ] || { echo "unknown row $row; rows: $(rows | awk '{print $1}' | tr '\n' ' ')"; exit 2; }
       # shellcheck disable=SC2086
-      python3 -m tgate_bench $args "${peer[@]}" --json "$out/$row.json" 2>&1 | grep -v "^W[0-9]" | tee "$out/$row.txt"
+      python3 -m tgate_bench $args "${peer[@]}" ${BENCH_ARGS:-} --json "$out/$row.json" 2>&1 | grep -v "^W[0-9]" | tee "$out/$row.txt"
     done
     ;;
   *)
-    echo "usage: $0 prepare | run ROW [ROW...]"; echo "rows:"; rows; exit 2 ;;
+    echo "usage: $0 prepare | run ROW [ROW...] | tests"; echo "rows:"; rows; exit 2 ;;
 esac
