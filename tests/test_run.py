@@ -214,3 +214,11 @@ def test_gate_at_one_leaves_the_run_alone():
 def test_config_refuses_out_of_range_values_with_the_fix(bad):
     with pytest.raises(ValueError, match="must be"):
         TGateConfig(**bad)
+
+
+def test_the_summary_names_the_branch_that_really_ran():
+    model, x = patched_denoiser(), torch.randn(1, 4, 8)
+    run, options = run_options()  # prefers uncond, but cfg 1.0 has none
+    for sigma in SIGMAS[:-1]:
+        calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), None], x, torch.tensor([sigma]), options)
+    assert "ran the cond branch alone" in run.summary()

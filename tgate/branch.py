@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 COND, UNCOND = 0, 1  # positions in ComfyUI's `conds` list and values of `cond_or_uncond`
+BRANCH_NAMES = ("cond", "uncond")  # by position
 
 
 class FidelityBranch(str, enum.Enum):

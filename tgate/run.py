@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .attention import CAPTURE_KEY, CAPTURE_PLAN_KEY, REPLAY_KEY
-from .branch import kept_branch, only_branch
+from .branch import BRANCH_NAMES, kept_branch, only_branch
 from .cache import CrossAttentionCache
 from .config import TGateConfig
 from .schedule import GateSchedule, Stage
@@ -104,7 +104,7 @@ class GateRun:
         s = self.schedule
         text = (
             f"T-GATE: {s.gate_step} of {s.num_steps} steps planned with text, then "
-            f"{self.single_branch_evaluations} evaluations ran the {self.config.fidelity_branch.value} branch "
+            f"{self.single_branch_evaluations} evaluations ran the {BRANCH_NAMES[self.cache.keep_branch]} branch "
             f"alone on {self.captured_layers} cached cross-attention layers ({self.captured_bytes / 2**20:.1f} MiB)"
         )
         if self.late_capture:
