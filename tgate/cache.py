@@ -3,7 +3,7 @@
 One entry per cross-attention layer and per conditioning chunk of the branch that keeps running
 after the gate (ComfyUI identifies chunks by the uuid of their cond). Following the paper, an
 entry is the mean of that chunk's output and the other branch's output of the same shape; a chunk
-with no same-shaped partner (cfg 1.0, area conds) keeps its own output.
+with no same-shaped partner (cfg 1.0: there is no other branch) keeps its own output.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def reduce_chunks(output: torch.Tensor, plan: ChunkPlan) -> tuple[torch.Tensor, 
 
 
 class CrossAttentionCache:
+    """One run's captured cross-attention outputs: filled at the capture step, read after it."""
+
     def __init__(self, storage_device: torch.device | str | None = None):
         # None keeps entries where they were computed (the model's device).
         self.storage_device = torch.device(storage_device) if storage_device is not None else None
