@@ -30,3 +30,8 @@ def test_benchmark_runs_the_tiny_model_and_writes_json(comfy, tmp_path):
     assert [profile[k]["step"] for k in ("before gate", "capture", "after gate")] == [1, 2, 4]
     assert all(profile[k]["aten_ops"] > 0 for k in profile)
     assert "CrossAttention.attn2" in profile["after gate"]["host_ms_by_module"]
+
+    report = subprocess.run([sys.executable, "-m", "tgate_bench.report", str(out)], cwd=PACK_ROOT, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    table_row = next(line for line in report.stdout.splitlines() if line.startswith("| bench |"))
+    assert f"{tgate['speedup']:.3f}x" in table_row and "python -m tgate_bench" in report.stdout

@@ -6,6 +6,7 @@
 #   bash tgate_bench/gpu_suite.sh tests              # there: the test suite on CUDA (not the server test)
 #
 # BENCH_ARGS is appended to every row (e.g. BENCH_ARGS="--runs 5" to fit a short lease).
+# Back here: python -m tgate_bench.report <files_at>/*.json prints the rows for docs/benchmarks.md.
 # `prepare` needs COMFYUI_PATH (a ComfyUI checkout) and, optionally, PEER_PATH (another T-GATE pack,
 # e.g. JettHu/ComfyUI_TGate, fetched for comparison and never committed). The device call carries
 # .comfyui, .whl and .peers: run(command="bash tgate_bench/gpu_suite.sh run sd15-512-b8 ...",
