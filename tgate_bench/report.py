@@ -62,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for path in paths:
         result = json.loads(path.read_text())
-        print(
-            f"- {path.stem}: `{result['command']}` ({result['device']}, ComfyUI {result['comfyui']}, torch {result['torch']}, {result['date']})"
-        )
+        where = f"{result['device']}, ComfyUI {result['comfyui']}, torch {result['torch']}, {result['date']}"
+        print(f"- {path.stem}: `{result['command']}` ({where})")
     return 0
 
 
