@@ -51,6 +51,15 @@ def module_timer(root: torch.nn.Module, sink: list):
             h.remove()
 
 
+def _kernel_us(event) -> float:
+    # `device_time` since torch 2.4, `cuda_time` before; a kernel's own duration either way.
+    for name in ("device_time", "cuda_time"):
+        value = getattr(event, name, None)
+        if value:
+            return float(value)
+    return float(event.time_range.elapsed_us())
+
+
 def summarize(prof, wall_s: float, modules: dict[str, float]) -> dict:
     events = prof.events()
     kernels = [e for e in events if e.device_type.name == "CUDA"]
@@ -59,7 +68,7 @@ def summarize(prof, wall_s: float, modules: dict[str, float]) -> dict:
         "wall_ms": 1e3 * wall_s,
         "aten_ops": sum(1 for e in events if e.device_type.name == "CPU" and e.name.startswith("aten::")),
         "cuda_kernels": len(kernels),
-        "kernel_ms": sum(e.device_time for e in kernels) / 1e3,
+        "kernel_ms": sum(_kernel_us(e) for e in kernels) / 1e3,
         "syncs": len(syncs),
         "sync_kinds": sorted({e.name for e in syncs}),
         "host_ms_by_module": {k: round(1e3 * v, 3) for k, v in sorted(modules.items(), key=lambda kv: -kv[1])},
