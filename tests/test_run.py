@@ -8,10 +8,13 @@ import torch
 from engine_modules import TinyDenoiser
 from tgate import (
     CONFIG_KEY,
+    PASS_KEY,
     RUN_KEY,
     FidelityBranch,
+    GatePass,
     GateRun,
     GateSchedule,
+    Stage,
     TGateConfig,
     apply_model_with_gate,
     cached_cross_attention,
@@ -222,3 +225,16 @@ def test_the_summary_names_the_branch_that_really_ran():
     for sigma in SIGMAS[:-1]:
         calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), None], x, torch.tensor([sigma]), options)
     assert "ran the cond branch alone" in run.summary()
+
+
+def test_a_model_call_without_its_chunk_layout_runs_unchanged():
+    run, _ = run_options()
+    seen = []
+
+    def apply_model(x, t, c_concat, c_crossattn, control, transformer_options):
+        seen.append(transformer_options)
+        return x
+
+    options = {PASS_KEY: GatePass(Stage.FIDELITY, run.cache)}  # no "uuids": a ComfyUI that changed
+    apply_model_with_gate(apply_model, torch.zeros(1), None, None, None, None, options)
+    assert seen == [options]

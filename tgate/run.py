@@ -169,7 +169,9 @@ def apply_model_with_gate(executor, *args, **kwargs):
     position = 5 if len(args) > 5 else None
     options = args[5] if position else kwargs.get("transformer_options")
     gate: GatePass | None = options.get(PASS_KEY) if isinstance(options, dict) else None
-    if gate is None:
+    if gate is None or "uuids" not in options or "cond_or_uncond" not in options:
+        # Without the chunk layout nothing can be matched: this call runs as usual, and an
+        # evaluation past the gate that finds no cache keeps both branches (GateRun.evaluate).
         return executor(*args, **kwargs)
     chunk_ids = _chunk_ids(options)
     if gate.stage is Stage.FIDELITY:
