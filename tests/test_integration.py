@@ -386,18 +386,24 @@ def test_4_extra_model_calls_do_not_corrupt_the_cache(comfy, sd15):
 
 # -- 5. only chainable hooks; composes with other patches and EasyCache -------------------------------
 def test_5_the_node_uses_object_patches_and_keyed_wrappers_only(comfy, sd15):
+    import comfy.ldm.modules.attention as attention
     import comfy.patcher_extension as pe
+    import comfy.samplers as samplers
 
+    globals_before = (attention.CrossAttention.forward, samplers.calc_cond_batch, samplers.sampling_function)
     model = comfy.tgate(sd15)
     assert set(model.object_patches) == {f"diffusion_model.{n}.forward" for n in attn2_modules(sd15)}
-    for wrapper_type in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.CALC_COND_BATCH):
+    for wrapper_type in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.CALC_COND_BATCH, pe.WrappersMP.APPLY_MODEL):
         assert len(model.get_wrappers(wrapper_type, "tgate")) == 1
     for single_slot in ("model_function_wrapper", "sampler_cfg_function", "sampler_calc_cond_batch_function"):
         assert single_slot not in model.model_options
     twice = comfy.tgate(model, gate_at=0.6)  # applying again replaces, never stacks
-    assert len(twice.get_wrappers(pe.WrappersMP.OUTER_SAMPLE, "tgate")) == 1
+    for wrapper_type in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.CALC_COND_BATCH, pe.WrappersMP.APPLY_MODEL):
+        assert len(twice.get_wrappers(wrapper_type, "tgate")) == 1
+    assert not any(hasattr(f.tgate_original, "tgate_original") for f in twice.object_patches.values())
     pos, neg = conds(comfy, "sd15")
     torch.testing.assert_close(comfy.sample(twice, pos, neg), comfy.sample(comfy.tgate(sd15, gate_at=0.6), pos, neg))
+    assert (attention.CrossAttention.forward, samplers.calc_cond_batch, samplers.sampling_function) == globals_before
 
 
 def test_5_an_attn2_replace_patch_still_runs_where_it_applies(comfy, sd15):
