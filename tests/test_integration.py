@@ -349,12 +349,15 @@ def test_4_extra_model_calls_do_not_corrupt_the_cache(comfy, sd15):
     from comfy_extras.nodes_pag import PerturbedAttentionGuidance
     from comfy_extras.nodes_perpneg import PerpNegGuider
     from comfy_extras.nodes_sag import SelfAttentionGuidance
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
 
     pos, neg = conds(comfy, "sd15")
     layer = "input_blocks.1.1.transformer_blocks.0.attn2"
     for label, extra in (
         ("pag", lambda m: PerturbedAttentionGuidance.execute(m, 3.0).result[0]),
         ("sag", lambda m: SelfAttentionGuidance.execute(m, 0.5, 2.0).result[0]),
+        # SLG targets DiT blocks; on a UNet it still makes its extra cond call at every step.
+        ("slg", lambda m: SkipLayerGuidanceDiT.execute(m, 3.0, 0.0, 1.0, "7", "7", 0.0).result[0]),
     ):
         for order in ("tgate_first", "tgate_last"):
             model = extra(comfy.tgate(sd15)) if order == "tgate_first" else comfy.tgate(extra(sd15))
