@@ -668,3 +668,15 @@ def test_sd2_and_the_sdxl_refiner_are_supported(comfy, arch):
     assert torch.equal(
         comfy.sample(comfy.tgate(model, gate_at=1.0), pos, neg, steps=STEPS), comfy.sample(model, pos, neg, steps=STEPS)
     )
+
+
+def test_5_lora_weight_patches_apply_under_tgate(comfy, sd15):
+    """Object patches leave parameter names alone, so weight patches (what LoRA loaders add) apply."""
+    pos, neg = conds(comfy, "sd15")
+    lora = sd15.clone()
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    original = lora.get_model_object(key).detach().clone()
+    lora.add_patches({key: (0.5 * torch.randn(original.shape, generator=torch.Generator().manual_seed(3)),)}, 1.0)
+    assert torch.equal(comfy.sample(comfy.tgate(lora, gate_at=1.0), pos, neg), comfy.sample(lora, pos, neg))
+    assert not torch.equal(comfy.sample(comfy.tgate(lora), pos, neg), comfy.sample(comfy.tgate(sd15), pos, neg))
+    assert torch.equal(sd15.get_model_object(key), original)  # undone once the unpatched model runs
