@@ -48,11 +48,8 @@ class GateRun:
         # Built once per run so that evaluations allocate nothing on the host side.
         self.capture_pass = GatePass(Stage.CAPTURE, self.cache)
         self.replay_pass = GatePass(Stage.FIDELITY, self.cache)
-        self.captured = False
-        self._capture_sigma: float | None = None
+        self._capture_sigma: float | None = None  # the sigma of the last capture; None before any
         self.late_capture = False
-        self.captured_bytes = 0
-        self.captured_layers = 0
         self.single_branch_evaluations = 0
         self.uncached_evaluations = 0
 
@@ -75,8 +72,6 @@ class GateRun:
                 self._capture_sigma = sigma
             out = executor(model, conds, x_in, timestep, _with_option(model_options, PASS_KEY, self.capture_pass))
             self.cache.finish_capture()
-            self.captured_bytes, self.captured_layers = self.cache.nbytes, self.cache.layers
-            self.captured = True
             return out
         if len(self.cache) == 0:
             # No layer could be cached (all of them replaced by other packs' attn2 patches): one
@@ -87,6 +82,18 @@ class GateRun:
         self.single_branch_evaluations += 1
         # Both CFG inputs get the kept branch: cfg(u, u) == u whatever the scale.
         return [out[keep]] * len(conds)
+
+    @property
+    def captured(self) -> bool:
+        return self._capture_sigma is not None
+
+    @property
+    def captured_layers(self) -> int:
+        return self.cache.layers
+
+    @property
+    def captured_bytes(self) -> int:
+        return self.cache.nbytes
 
     def stats(self) -> dict:
         """What the run did, for logs and benchmarks."""
@@ -176,12 +183,12 @@ def apply_model_with_gate(executor, *args, **kwargs):
     chunk_ids = _chunk_ids(options)
     if gate.stage is Stage.FIDELITY:
         table = gate.cache.replay_table(chunk_ids, args[0].device)
-        call_args, call_kwargs = _with_call_option(args, kwargs, position, options, REPLAY_KEY, table)
+        call_args, call_kwargs = _with_call_options(args, kwargs, position, options, {REPLAY_KEY: table})
         return executor(*call_args, **call_kwargs)
     captured: dict = {}
     plan = gate.cache.plan(options["cond_or_uncond"])
-    call_options = {**options, CAPTURE_PLAN_KEY: plan}
-    call_args, call_kwargs = _with_call_option(args, kwargs, position, call_options, CAPTURE_KEY, captured)
+    additions = {CAPTURE_KEY: captured, CAPTURE_PLAN_KEY: plan}
+    call_args, call_kwargs = _with_call_options(args, kwargs, position, options, additions)
     out = executor(*call_args, **call_kwargs)
     for layer in list(captured):
         gate.cache.store(layer, captured.pop(layer), plan, chunk_ids)  # one layer's copy at a time
@@ -198,8 +205,9 @@ def _chunk_ids(options: dict) -> list:
     return [(uuid, span) for uuid in options["uuids"]]
 
 
-def _with_call_option(args, kwargs, position, options, key, value):
-    options = {**options, key: value}
+def _with_call_options(args, kwargs, position, options, additions):
+    """The call's arguments with a copy of `transformer_options` that carries `additions`."""
+    options = {**options, **additions}
     if position is None:
         return args, {**kwargs, "transformer_options": options}
     return (*args[:position], options, *args[position + 1 :]), kwargs

@@ -195,14 +195,15 @@ def main(argv=None) -> int:
 
     variants = {name: (with_clock(patched), cfg) for name, (patched, cfg) in variants.items()}
 
-    def sample(patched, cfg):
+    def sample(patched, cfg, callback=None):
         stats.last = None
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         comfy.sample.sample(
-            patched, noise, args.steps, cfg, args.sampler, args.scheduler, positive, negative, latent, seed=0, disable_pbar=True
-        )
+            patched, noise, args.steps, cfg, args.sampler, args.scheduler, positive, negative, latent, seed=0,
+            disable_pbar=True, callback=callback,
+        )  # fmt: skip
         return clock["end"] - clock["start"], (torch.cuda.max_memory_allocated() if cuda else None), stats.last
 
     times = {name: [] for name in variants}
@@ -291,24 +292,8 @@ def main(argv=None) -> int:
         gate = results["tgate"]["tgate_run"]["gate_step"]
         patched, cfg = variants["tgate"]
 
-        def sample_with_callback(model_, callback):
-            comfy.sample.sample(
-                model_,
-                noise,
-                args.steps,
-                cfg,
-                args.sampler,
-                args.scheduler,
-                positive,
-                negative,
-                latent,
-                seed=0,
-                disable_pbar=True,
-                callback=callback,
-            )
-
         steps = {"before gate": max(0, gate - 2), "capture": gate - 1, "after gate": min(args.steps - 1, gate + 1)}
-        profile_result = profile_steps(sample_with_callback, patched, model.model.diffusion_model, steps, cuda)
+        profile_result = profile_steps(lambda m, cb: sample(m, cfg, cb), patched, model.model.diffusion_model, steps, cuda)
         print()
         print("one step of the tgate run, profiled:")
         print(format_profile(profile_result))
