@@ -1,23 +1,32 @@
-"""The T-GATE node: patches a clone of a ComfyUI MODEL with the engine in `tgate/`."""
+"""The T-GATE nodes: patch a clone of a ComfyUI MODEL with the engine in `tgate/`."""
 
 from __future__ import annotations
 
+import logging
+
 import comfy.patcher_extension
-from comfy.ldm.modules.attention import CrossAttention
 from comfy_api.latest import ComfyExtension, io
 
 from .tgate import (
     CACHE_DEVICES,
     CONFIG_KEY,
+    CROSS,
+    FAMILIES,
+    KINDS,
     FidelityBranch,
+    GatePatch,
+    SelfAttentionReuse,
     TGateConfig,
     apply_model_with_gate,
-    cached_cross_attention,
+    attention_layers,
     calc_cond_batch_with_gate,
-    cross_attention_layers,
-    require_cross_attention,
+    family_of,
+    gated_attention,
     sample_with_gate,
+    supported_families,
 )
+
+log = logging.getLogger("tgate")
 
 WRAPPER_KEY = "tgate"
 WRAPPERS = {
@@ -30,22 +39,99 @@ WRAPPERS = {
 def apply_tgate(model, config: TGateConfig):
     """A clone of `model` with T-GATE; `model` itself is left unchanged.
 
-    Each cross-attention module gets an object patch on its `forward` (parameter names stay the
-    same, so LoRA and lowvram weight patching are unaffected), and the run is driven by three
-    chainable wrappers (see tgate/run.py). Applying the node twice replaces the first application.
+    Each attention module T-GATE drives gets an object patch on its `forward` (parameter names stay
+    the same, so LoRA and lowvram weight patching are unaffected), and the run is driven by three
+    chainable wrappers (see tgate/run.py). Applying T-GATE again replaces the first application.
     """
-    layers = require_cross_attention(
-        cross_attention_layers(model.get_model_object("diffusion_model"), CrossAttention), model.model.model_config
-    )
+    family = family_of(model.model.model_config)  # refuses, with the reason, what it cannot serve
+    kinds = KINDS if config.self_attention is not None else (CROSS,)
+    layers = attention_layers(family, model.get_model_object("diffusion_model"), kinds)
+    fidelity_branch = family.auto_branch if config.fidelity_branch is FidelityBranch.AUTO else config.fidelity_branch
     patched = model.clone()
-    for layer in layers:
+    options = patched.model_options.setdefault("transformer_options", {})
+    previous: GatePatch | None = options.get(CONFIG_KEY)
+    if previous is not None:
+        log.warning(
+            "T-GATE is applied twice in a chain: the later node's settings (%s) replace the earlier one's (%s)",
+            config.describe(),
+            previous.config.describe(),
+        )
+        for layer in set(previous.layer_kinds) - set(layers):  # e.g. advanced, then simple: attn1 back to normal
+            key = f"diffusion_model.{layer}.forward"
+            patched.add_object_patch(key, patched.get_model_object(key).tgate_original)
+    for layer, kind in layers.items():
         key = f"diffusion_model.{layer}.forward"
-        patched.add_object_patch(key, cached_cross_attention(layer, patched.get_model_object(key)))
+        patched.add_object_patch(key, gated_attention(layer, kind, patched.get_model_object(key)))
     for wrapper_type, wrapper in WRAPPERS.items():
         patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
         patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)
-    patched.model_options.setdefault("transformer_options", {})[CONFIG_KEY] = config
+    options[CONFIG_KEY] = GatePatch(config, family.name, fidelity_branch, layers)
+    if config.fidelity_branch is FidelityBranch.AUTO:
+        log.info("T-GATE: %s model; fidelity_branch auto keeps the %s branch", family.name, fidelity_branch.value)
     return patched
+
+
+class ValidatedCombo(io.Combo.Input):
+    """A combo ComfyUI checks itself when a prompt is queued, input by input, as it checks KSampler's
+    sampler_name: in ComfyUI 0.3.64 the options of V3 "COMBO" inputs are not checked, and a node's
+    own validate_inputs message is reported against every input it reads. Typed by its options, as
+    ComfyUI's own V3 Combo.Output is."""
+
+    def get_io_type(self):
+        return self.options
+
+
+def _auto_choices() -> str:
+    return "; ".join(f"{f.name}: {f.auto_branch.value}" for f in FAMILIES)
+
+
+def common_inputs() -> list:
+    """The inputs both nodes share, with the same names and defaults."""
+    return [
+        io.Model.Input("model", tooltip=f"The model to speed up ({supported_families()}). It is cloned, never changed."),
+        io.Float.Input(
+            "gate_at",
+            default=0.4,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip=(
+                "Fraction of the denoising process spent planning semantics with text (ComfyUI's percent "
+                "convention, as ControlNet start/end). Cross-attention is cached at the last step before it. "
+                "0.4 gates after 10 of 25 steps, the paper's SD/SDXL setting; lower is faster but follows the "
+                "prompt less; 1.0 never gates (T-GATE off); 0.0 gates after the first step."
+            ),
+        ),
+        ValidatedCombo(
+            "fidelity_branch",
+            options=[b.value for b in FidelityBranch],
+            default=FidelityBranch.AUTO.value,
+            tooltip=(
+                "Which classifier-free guidance branch runs after the gate. auto: the model family's choice "
+                f"({_auto_choices()}): the negative's branch as in the paper, or the positive's where only the "
+                "positive carries the input image. uncond: the negative prompt's branch. cond: the positive branch, "
+                "for workflows whose positive carries ControlNet or area conds that must persist."
+            ),
+        ),
+        ValidatedCombo(
+            "cache_device",
+            options=list(CACHE_DEVICES),
+            default=CACHE_DEVICES[0],
+            tooltip=(
+                "Where the cached attention outputs live until the run ends. model_device is fastest; cpu saves "
+                "GPU memory (SDXL 1024x1024: about 0.2 GB per image for cross-attention, twice that and more "
+                "with the advanced node's self-attention) at the cost of a copy per layer and step."
+            ),
+        ),
+    ]
+
+
+DESCRIPTION = (
+    "Training-free speed-up (T-GATE, Liu et al.) for {families}. Cross-attention settles after the first steps: "
+    "at the gate its output is cached and reused, text stops entering the network, and classifier-free guidance "
+    "runs one branch instead of two. Steps before the gate are unchanged. Refuses, with the reason, models without "
+    "separate cross-attention (Flux, SD3, ...); gains little on few-step distilled models."
+)
 
 
 class TGate(io.ComfyNode):
@@ -55,61 +141,10 @@ class TGate(io.ComfyNode):
             node_id="TGate",
             display_name="T-GATE",
             category="model_patches/unet",
-            description=(
-                "Training-free speed-up for SD1.x, SD2.x and SDXL (T-GATE, Liu et al.). Cross-attention "
-                "settles after the first steps: at the gate its output is cached and reused, text stops "
-                "entering the network, and classifier-free guidance runs one branch instead of two. "
-                "Steps before the gate are unchanged. Does not apply to joint-attention models "
-                "(Flux, SD3, ...) and gains little on few-step distilled models."
-            ),
-            inputs=[
-                io.Model.Input("model", tooltip="The SD1.x, SD2.x or SDXL model to speed up. It is cloned, never changed."),
-                io.Float.Input(
-                    "gate_at",
-                    default=0.4,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip=(
-                        "Fraction of the denoising process spent planning semantics with text (ComfyUI's "
-                        "percent convention, as ControlNet start/end). Cross-attention is cached at the last "
-                        "step before it. 0.4 gates after 10 of 25 steps, the paper's SD/SDXL setting; lower is "
-                        "faster but follows the prompt less; 1.0 never gates; 0.0 gates after the first step."
-                    ),
-                ),
-                io.Combo.Input(
-                    "fidelity_branch",
-                    options=[b.value for b in FidelityBranch],
-                    default=FidelityBranch.UNCOND.value,
-                    tooltip=(
-                        "Which classifier-free guidance branch runs after the gate. uncond: the negative "
-                        "prompt's branch, as in the paper and the official code. cond: the positive branch, for "
-                        "workflows whose positive carries ControlNet or area conds that must persist."
-                    ),
-                ),
-                io.Combo.Input(
-                    "cache_device",
-                    options=list(CACHE_DEVICES),
-                    default=CACHE_DEVICES[0],
-                    tooltip=(
-                        "Where the cached cross-attention outputs live until the run ends. model_device is "
-                        "fastest; cpu saves GPU memory (SDXL 1024x1024: about 0.2 GB per image) at the cost of "
-                        "a copy per layer and step."
-                    ),
-                ),
-            ],
+            description=DESCRIPTION.format(families=supported_families()),
+            inputs=common_inputs(),
             outputs=[io.Model.Output(tooltip="The model with T-GATE; sample it with any sampler.")],
         )
-
-    @classmethod
-    def validate_inputs(cls, fidelity_branch=None, cache_device=None) -> bool | str:
-        # ComfyUI checks FLOAT ranges itself but (as of 0.3.64) not the options of V3 combos, so
-        # a prompt sent to the API with a wrong choice is refused here, before it is queued.
-        try:
-            TGateConfig(fidelity_branch=fidelity_branch or FidelityBranch.UNCOND, cache_device=cache_device or CACHE_DEVICES[0])
-        except ValueError as e:
-            return str(e)
-        return True
 
     @classmethod
     def execute(cls, model, gate_at: float, fidelity_branch: str, cache_device: str) -> io.NodeOutput:
@@ -117,6 +152,72 @@ class TGate(io.ComfyNode):
         return io.NodeOutput(apply_tgate(model, config))
 
 
+class TGateAdvanced(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        official = SelfAttentionReuse()
+        return io.Schema(
+            node_id="TGateAdvanced",
+            display_name="T-GATE (advanced)",
+            category="model_patches/unet",
+            description=DESCRIPTION.format(families=supported_families())
+            + " The advanced node is TGATE-V2: it also reuses self-attention on the official schedule (warm_up, "
+            "sp_interval, fi_interval as in the paper and the official code), for more speed at some memory; "
+            "sp_interval 1 and fi_interval 1 give the simple node's result.",
+            inputs=[
+                *common_inputs(),
+                io.Int.Input(
+                    "warm_up",
+                    default=official.warm_up,
+                    min=0,
+                    max=1000,
+                    tooltip=(
+                        "Steps at the start computed in full before self-attention is first cached (at step warm_up). "
+                        "Official: 2 for SD, SDXL and PixArt; 0 for LCM."
+                    ),
+                ),
+                io.Int.Input(
+                    "sp_interval",
+                    default=official.sp_interval,
+                    min=1,
+                    max=1000,
+                    tooltip=(
+                        "Semantics-planning interval: before the gate, self-attention is recomputed (and cached) at "
+                        "steps divisible by it and reused in between. Official: 5 for SD/SDXL, 3 for PixArt. "
+                        "1 never reuses."
+                    ),
+                ),
+                io.Int.Input(
+                    "fi_interval",
+                    default=official.fi_interval,
+                    min=1,
+                    max=1000,
+                    tooltip=(
+                        "Fidelity-improving interval: after the gate, self-attention is recomputed at steps divisible "
+                        "by it and reused in between. Official: 1 (recompute every step). Higher is faster but "
+                        "blurs fine detail."
+                    ),
+                ),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with TGATE-V2; sample it with any sampler.")],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        gate_at: float,
+        fidelity_branch: str,
+        cache_device: str,
+        warm_up: int,
+        sp_interval: int,
+        fi_interval: int,
+    ) -> io.NodeOutput:
+        reuse = SelfAttentionReuse(warm_up=warm_up, sp_interval=sp_interval, fi_interval=fi_interval)
+        config = TGateConfig(gate_at=gate_at, fidelity_branch=fidelity_branch, cache_device=cache_device, self_attention=reuse)
+        return io.NodeOutput(apply_tgate(model, config))
+
+
 class TGateExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TGate]
+        return [TGate, TGateAdvanced]

@@ -26,6 +26,7 @@ class ComfyRuntime:
     comfy_path: Path
     pack_module: object
     TGate: type
+    TGateAdvanced: type
     nodes: object
 
     @classmethod
@@ -34,7 +35,9 @@ class ComfyRuntime:
         if "TGate" not in nodes.NODE_CLASS_MAPPINGS:
             load_pack(nodes, pack_root)
         node = nodes.NODE_CLASS_MAPPINGS["TGate"]
-        return cls(comfy_path=comfy_path, pack_module=sys.modules[node.__module__], TGate=node, nodes=nodes)
+        advanced = nodes.NODE_CLASS_MAPPINGS["TGateAdvanced"]
+        module = sys.modules[node.__module__]
+        return cls(comfy_path=comfy_path, pack_module=module, TGate=node, TGateAdvanced=advanced, nodes=nodes)
 
     @property
     def engine(self):
@@ -43,6 +46,13 @@ class ComfyRuntime:
 
     def tgate(self, model, gate_at=0.4, fidelity_branch="uncond", cache_device="model_device"):
         return self.TGate.execute(model, gate_at=gate_at, fidelity_branch=fidelity_branch, cache_device=cache_device).result[0]
+
+    def tgate_advanced(
+        self, model, gate_at=0.4, fidelity_branch="auto", cache_device="model_device", warm_up=2, sp_interval=5, fi_interval=1
+    ):
+        settings = dict(gate_at=gate_at, fidelity_branch=fidelity_branch, cache_device=cache_device)
+        reuse = dict(warm_up=warm_up, sp_interval=sp_interval, fi_interval=fi_interval)
+        return self.TGateAdvanced.execute(model, **settings, **reuse).result[0]
 
     # -- models and conditioning ------------------------------------------------------------
     @staticmethod
@@ -56,6 +66,24 @@ class ComfyRuntime:
     @staticmethod
     def cond(seed: int, batch: int = 1, pooled: bool = False):
         return random_cond("tiny-sdxl" if pooled else "tiny-sd15", seed, batch)
+
+    @staticmethod
+    def svd(seed: int = 0):
+        return build_model("tiny-svd", seed=seed)
+
+    @staticmethod
+    def svd_conditioning(seed: int = 0, frames: int = 4, size: int = 16, **settings):
+        """(positive, negative, latent) from ComfyUI's SVD_img2vid_Conditioning node, run for real on a
+        seeded init image with tiny random-weight CLIP-vision and VAE models. `size`: the latent's side;
+        `settings`: motion_bucket_id, fps, augmentation_level."""
+        from comfy_extras.nodes_video_model import SVD_img2vid_Conditioning
+
+        s = {"motion_bucket_id": 127, "fps": 6, "augmentation_level": 0.0, **settings}
+        image = torch.rand(1, size * 8, size * 8, 3, generator=torch.Generator().manual_seed(seed))
+        positive, negative, latent = SVD_img2vid_Conditioning().encode(
+            tiny_clip_vision(seed), image, tiny_vae(seed), size * 8, size * 8, frames, **s
+        )
+        return positive, negative, latent["samples"]
 
     # -- sampling -----------------------------------------------------------------------------
     def sample(self, model, positive, negative, *, size=16, batch=1, seed=0, latent=None, **settings):
@@ -203,3 +231,49 @@ def write_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
     return path
+
+
+# SVD's conditioning node needs a CLIP-vision model and a VAE. These are their real ComfyUI classes,
+# shrunk: the CLIP-vision projection is as wide as tiny-svd's context, and the VAE keeps SD's 8x
+# downscale (four levels) and 4 latent channels.
+TINY_CLIP_VISION = {
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "hidden_act": "gelu",
+    "hidden_size": 32,
+    "image_size": 32,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-05,
+    "model_type": "clip_vision_model",
+    "num_attention_heads": 2,
+    "num_channels": 3,
+    "num_hidden_layers": 2,
+    "patch_size": 8,
+    "projection_dim": ARCHITECTURES["tiny-svd"].context_dim,
+}
+TINY_VAE = dict(SD_VAE, ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1)
+
+
+def tiny_clip_vision(seed: int = 0):
+    import json
+    import tempfile
+
+    import comfy.clip_vision
+
+    # ClipVisionModel reads its configuration from a json file only.
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "clip_vision.json"
+        config.write_text(json.dumps(TINY_CLIP_VISION))
+        clip_vision = comfy.clip_vision.ClipVisionModel(str(config))
+    randomize(clip_vision.model, seed)
+    return clip_vision
+
+
+def tiny_vae(seed: int = 0):
+    import comfy.ldm.models.autoencoder as autoencoder
+    import comfy.sd
+
+    params = {"ddconfig": TINY_VAE, "embed_dim": 4}
+    module = autoencoder.AutoencoderKL(**params)
+    randomize(module, seed)
+    return comfy.sd.VAE(sd=module.state_dict(), config={"params": params})

@@ -24,18 +24,20 @@ class CrossAttention(torch.nn.Module):
 
 
 class Block(torch.nn.Module):
+    """A transformer block as in SD UNets: self-attention over the image tokens, then cross-attention."""
+
     def __init__(self):
         super().__init__()
-        self.attn1 = torch.nn.Linear(8, 8)
+        self.attn1 = CrossAttention(dim=8, context_dim=8)
         self.attn2 = CrossAttention()
 
     def forward(self, x, context, transformer_options):
-        x = x + self.attn1(x)
+        x = x + self.attn1(x, context=x, transformer_options=transformer_options)
         return x + self.attn2(x, context=context, transformer_options=transformer_options)
 
 
 class TinyDenoiser(torch.nn.Module):
-    """Two blocks with cross-attention, called the way ComfyUI batches conds: chunks along dim 0."""
+    """Two blocks with self- and cross-attention, called the way ComfyUI batches conds: chunks along dim 0."""
 
     def __init__(self, seed=0):
         super().__init__()

@@ -1,27 +1,33 @@
 """T-GATE under torch.compile, on a real torch model driven through the engine's wrappers.
 
-The compiled model must give the eager result, compile one graph per stage (plan, capture,
-replay) and nothing at all on the next run with the same shapes: every decision is taken in the
-wrappers, outside the compiled region, which sees only plain tables of tensors.
+The compiled model must give the eager result, compile at most one graph per distinct step plan
+(plan, capture, replay for V1; a few more with V2's self-attention reuse) and nothing at all on the
+next run with the same shapes: every decision is taken in the wrappers, outside the compiled
+region, which sees only plain tables of tensors.
 """
 
 import pytest
 import torch
-from test_run import SIGMAS, calc_cond_batch, make_cond, patched_denoiser, run_options
+from test_run import LAYERS, SIGMAS, V2_LAYERS, calc_cond_batch, make_cond, patched_denoiser, run_options
 
 torch._dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.utils import counters  # noqa: E402
 
-from tgate import calc_cond_batch_with_gate  # noqa: E402
+from tgate import SelfAttentionReuse, TGateConfig, calc_cond_batch_with_gate  # noqa: E402
 
 BACKENDS = ["aot_eager", "inductor"]
+LONG_SIGMAS = [12.0 - i for i in range(12)] + [0.0]  # 12 steps
+V2_SETTINGS = {
+    "official": SelfAttentionReuse(warm_up=2, sp_interval=5, fi_interval=1),
+    "fi_interval_2": SelfAttentionReuse(warm_up=1, sp_interval=2, fi_interval=2),
+}
 
 
-def sample(model, x, conds):
-    """One T-GATE run (a fresh GateRun, as OUTER_SAMPLE builds) of euler steps over SIGMAS."""
-    run, options = run_options()
+def sample(model, x, conds, config=None, sigmas=SIGMAS, gate_sigma=3.5):
+    """One T-GATE run (a fresh GateRun, as OUTER_SAMPLE builds) of euler steps over `sigmas`."""
+    run, options = run_options(config, gate_sigma=gate_sigma, sigmas=sigmas)
     outputs = []
-    for sigma, next_sigma in zip(SIGMAS[:-1], SIGMAS[1:], strict=True):
+    for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:], strict=True):
         out = calc_cond_batch_with_gate(calc_cond_batch, model, conds, x, torch.tensor([sigma]), options)
         denoised = out[1] + (out[0] - out[1]) * 5.0
         x = x + (x - denoised) / sigma * (next_sigma - sigma)
@@ -29,22 +35,39 @@ def sample(model, x, conds):
     return torch.stack(outputs), run
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_equals_eager_with_one_graph_per_stage_and_no_recompile(backend):
+def compiled_against_eager(backend, layers, **settings):
     torch._dynamo.reset()
     counters.clear()
-    eager_model = patched_denoiser()
-    compiled = torch.compile(patched_denoiser(), backend=backend, fullgraph=True)  # fullgraph: no graph break allowed
+    eager_model = patched_denoiser(layers)
+    compiled = torch.compile(patched_denoiser(layers), backend=backend, fullgraph=True)  # fullgraph: no graph break allowed
     x = torch.randn(1, 4, 8)
-    conds = [make_cond(1), make_cond(2)]
     with torch.no_grad():
-        expected, _ = sample(eager_model, x, conds)
-        got, run = sample(compiled, x, conds)
-        assert run.single_branch_evaluations == 3  # the compiled run did gate
+        expected, _ = sample(eager_model, x, [make_cond(1), make_cond(2)], **settings)
+        got, run = sample(compiled, x, [make_cond(1), make_cond(2)], **settings)
         graphs_first_run = counters["stats"]["unique_graphs"]
-        again, _ = sample(compiled, x, [make_cond(1), make_cond(2)])  # new run, new cond objects
+        again, _ = sample(compiled, x, [make_cond(1), make_cond(2)], **settings)  # new run, new cond objects
     rel = ((got - expected).norm() / expected.norm()).item()
     assert rel < 1e-5, rel
     assert torch.equal(got, again)
-    assert graphs_first_run <= 3, f"{graphs_first_run} graphs for plan, capture and replay"
     assert counters["stats"]["unique_graphs"] == graphs_first_run, "the second run recompiled"
+    return run, graphs_first_run
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_equals_eager_with_one_graph_per_stage_and_no_recompile(backend):
+    run, graphs = compiled_against_eager(backend, LAYERS)
+    assert run.single_branch_evaluations == 3  # the compiled run did gate
+    assert graphs <= 3, f"{graphs} graphs for plan, capture and replay"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("setting", sorted(V2_SETTINGS))
+def test_v2_compiles_at_most_one_graph_per_distinct_step_plan(backend, setting):
+    config = TGateConfig(gate_at=0.5, self_attention=V2_SETTINGS[setting])
+    run, graphs = compiled_against_eager(backend, V2_LAYERS, config=config, sigmas=LONG_SIGMAS, gate_sigma=6.5)
+    assert run.schedule.gate_step == 6 and run.single_branch_evaluations == 6
+    assert run.self_attention_reuses > 0  # the compiled run did reuse self-attention
+    distinct = len(set(run.plans))
+    assert graphs <= distinct, f"{graphs} graphs for {distinct} distinct step plans"
+    if setting == "official":
+        assert distinct == 5  # plain, keep self, reuse self, the gate, after the gate

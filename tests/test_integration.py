@@ -561,7 +561,7 @@ def test_8_a_model_without_cross_attention_gets_a_clear_error(comfy):
     flux = model_patcher.ModelPatcher(
         config.get_model({}), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )
-    with pytest.raises(comfy.engine.NoCrossAttentionError) as error:
+    with pytest.raises(comfy.engine.UnsupportedModelError) as error:
         comfy.tgate(flux)
     message = str(error.value)
     assert "Flux" in message and "cross-attention" in message and "joint attention" in message
@@ -572,7 +572,7 @@ def test_8_out_of_range_values_are_refused_by_the_schema(comfy):
     schema = comfy.TGate.GET_SCHEMA()
     inputs = {i.id: i for i in schema.inputs}
     assert (inputs["gate_at"].min, inputs["gate_at"].max, inputs["gate_at"].default) == (0.0, 1.0, 0.4)
-    assert inputs["fidelity_branch"].options == ["uncond", "cond"]
+    assert inputs["fidelity_branch"].options == ["auto", "uncond", "cond"]
     assert inputs["cache_device"].options == ["model_device", "cpu"]
     with pytest.raises(ValueError, match="gate_at must be between 0.0 and 1.0"):
         comfy.tgate(comfy.sd15(), gate_at=1.2)

@@ -8,17 +8,18 @@ import torch
 from engine_modules import TinyDenoiser
 from tgate import (
     CONFIG_KEY,
-    PASS_KEY,
+    CROSS,
     RUN_KEY,
+    SELF,
     FidelityBranch,
-    GatePass,
+    GatePatch,
     GateRun,
     GateSchedule,
-    Stage,
     TGateConfig,
     apply_model_with_gate,
-    cached_cross_attention,
     calc_cond_batch_with_gate,
+    gated_attention,
+    plan_steps,
     reduce_chunks,
     sample_with_gate,
 )
@@ -31,12 +32,24 @@ def make_cond(seed, tokens=3):
     return [{"uuid": uuid.uuid4(), "context": torch.randn(1, tokens, 6, generator=g)}]
 
 
-def patched_denoiser():
+LAYERS = {"blocks.0.attn2": CROSS, "blocks.1.attn2": CROSS}
+V2_LAYERS = {**LAYERS, "blocks.0.attn1": SELF, "blocks.1.attn1": SELF}
+
+
+def patched_denoiser(layers=LAYERS):
+    """TinyDenoiser with the T-GATE forward on `layers` (cross-attention only, as the simple node does)."""
     model = TinyDenoiser()
     for name, module in model.named_modules():
-        if name.endswith("attn2"):
-            module.forward = cached_cross_attention(name, module.forward)
+        if name in layers:
+            module.forward = gated_attention(name, layers[name], module.forward)
     return model
+
+
+def gate_patch(config=None):
+    """What the node puts on a model; TinyDenoiser is text-to-image, so `auto` keeps uncond."""
+    config = config or TGateConfig(gate_at=0.5)
+    branch = FidelityBranch.UNCOND if config.fidelity_branch is FidelityBranch.AUTO else config.fidelity_branch
+    return GatePatch(config, "tiny", branch, V2_LAYERS if config.self_attention else LAYERS)
 
 
 def calc_cond_batch(model, conds, x_in, timestep, model_options, seen=None):
@@ -60,8 +73,8 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options, seen=None):
     return results
 
 
-def run_options(config=None, gate_sigma=3.5):
-    run = GateRun(config or TGateConfig(gate_at=0.5), GateSchedule.from_sigmas(SIGMAS, gate_sigma))
+def run_options(config=None, gate_sigma=3.5, sigmas=SIGMAS):
+    run = GateRun(gate_patch(config), GateSchedule.from_sigmas(sigmas, gate_sigma))
     return run, {"transformer_options": {RUN_KEY: run}}
 
 
@@ -99,7 +112,7 @@ def test_the_run_matches_an_independent_computation_of_the_rule():
         torch.testing.assert_close(outputs[step][1], single)
     assert seen == [2, 2, 1, 1, 1]
     assert len(to_q) == 2 * 2  # two full evaluations, two layers; none after the gate
-    assert run.single_branch_evaluations == 3 and run.captured_layers == 2
+    assert run.single_branch_evaluations == 3 and run.store.layers(CROSS) == 2
 
 
 def test_cond_branch_and_cfg1_keep_the_positive():
@@ -116,7 +129,7 @@ def test_cond_branch_and_cfg1_keep_the_positive():
             return calc_cond_batch(*args, seen=seen)
 
         outs = [calc_cond_batch_with_gate(executor, model, conds, x, torch.tensor([s]), options) for s in SIGMAS[:-1]]
-        assert seen[-1] == 1 and run.cache.keep_branch == 0
+        assert seen[-1] == 1 and run.store.kept_branch == 0
         assert outs[-1][0] is outs[-1][1]
 
 
@@ -133,7 +146,7 @@ def test_extra_model_calls_pass_through_untouched(n_lists):
     for sigma in SIGMAS[:-1]:
         calc_cond_batch_with_gate(executor, None, conds, None, torch.tensor([sigma]), options)
     assert all(c is conds and o is options for c, o in received)
-    assert len(run.cache) == 0
+    assert len(run.store) == 0
 
 
 def test_a_sampler_that_skips_the_capture_step_captures_at_the_first_step_past_the_gate():
@@ -146,7 +159,7 @@ def test_a_sampler_that_skips_the_capture_step_captures_at_the_first_step_past_t
 
     for sigma in (5.0, 2.0, 1.0):  # step 1, the capture step, is never evaluated
         calc_cond_batch_with_gate(executor, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
-    assert seen == [2, 2, 1] and run.late_capture and run.captured_layers == 2
+    assert seen == [2, 2, 1] and run.late_capture and run.store.layers(CROSS) == 2
 
 
 def test_when_no_layer_could_be_cached_guidance_stays_whole():
@@ -172,7 +185,7 @@ class Sampling:
 
     def __init__(self, config, body):
         self.class_obj = self
-        self.model_options = {"transformer_options": {CONFIG_KEY: config}}
+        self.model_options = {"transformer_options": {CONFIG_KEY: gate_patch(config)}}
         self.model_patcher = self
         self.body = body
 
@@ -189,10 +202,10 @@ def test_each_run_gets_a_fresh_run_and_frees_it_even_when_cancelled():
 
     def body(options):
         run = options["transformer_options"][RUN_KEY]
-        run.cache.begin_capture(0)
-        plan = run.cache.plan([0])
-        run.cache.store("l", reduce_chunks(torch.ones(1, 2, 2), plan), plan, ["p"])
-        run.cache.finish_capture()
+        plan = run.store.chunk_plan([0], mean_of_branches=True)
+        run.store.store("blocks.0.attn2", reduce_chunks(torch.ones(1, 2, 2), plan), plan, ["p"])
+        run.store.finish_capture()
+        assert run.store.nbytes > 0
         runs.append(run)
         raise KeyboardInterrupt  # ComfyUI's cancel is an exception raised mid-run
 
@@ -203,7 +216,7 @@ def test_each_run_gets_a_fresh_run_and_frees_it_even_when_cancelled():
             sample_with_gate(sampling, None, None, None, torch.tensor(SIGMAS))
         assert sampling.model_options is original and RUN_KEY not in original["transformer_options"]
     assert runs[0] is not runs[1]
-    assert all(len(r.cache) == 0 and r.cache.nbytes == 0 for r in runs)
+    assert all(len(r.store) == 0 and r.store.nbytes == 0 for r in runs)
 
 
 def test_gate_at_one_leaves_the_run_alone():
@@ -235,6 +248,7 @@ def test_a_model_call_without_its_chunk_layout_runs_unchanged():
         seen.append(transformer_options)
         return x
 
-    options = {PASS_KEY: GatePass(Stage.FIDELITY, run.cache)}  # no "uuids": a ComfyUI that changed
+    run.current = plan_steps(5, 2, None)[4]  # an evaluation after the gate
+    options = {RUN_KEY: run}  # no "uuids": a ComfyUI that changed
     apply_model_with_gate(apply_model, torch.zeros(1), None, None, None, None, options)
     assert seen == [options]

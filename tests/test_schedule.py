@@ -1,10 +1,17 @@
-"""GateSchedule: where the gate closes and which stage each evaluation belongs to."""
+"""GateSchedule: where the gate closes and which step, so which stage, each evaluation belongs to."""
 
 import math
 
 import pytest
 
-from tgate import GateSchedule, Stage
+from tgate import Action, GateSchedule, plan_steps
+
+PLAN, CAPTURE, FIDELITY = Action.COMPUTE, Action.CAPTURE, Action.REUSE  # the stages, as cross-attention sees them
+
+
+def stage_of(schedule, sigma):
+    """What cross-attention does in the evaluation at `sigma`: the stage of its step."""
+    return plan_steps(schedule.num_steps, schedule.gate_step, None)[schedule.step_of(sigma)].cross_attention
 
 
 def karras(n, sigma_min=0.03, sigma_max=14.6, rho=7.0):
@@ -26,23 +33,23 @@ def test_gate_never_closes_before_the_first_step_and_not_at_all_at_sigma_zero():
     assert GateSchedule.from_sigmas(sigmas, 1e9).gate_step == 1  # gate_at 0.0
     never = GateSchedule.from_sigmas(sigmas, 0.0)  # gate_at 1.0
     assert never.gate_step == never.num_steps == 10 and not never.gates
-    assert all(never.stage_of(s) is Stage.PLAN for s in sigmas)
+    assert all(p.both_branches for p in plan_steps(never.num_steps, never.gate_step, None))
 
 
 def test_stages_follow_the_steps():
     sigmas = karras(8)
     schedule = GateSchedule.from_sigmas(sigmas, sigmas[3] * 0.99)
     assert schedule.gate_step == 4
-    stages = [schedule.stage_of(s) for s in sigmas[:-1]]
-    assert stages == [Stage.PLAN] * 3 + [Stage.CAPTURE] + [Stage.FIDELITY] * 4
+    stages = [stage_of(schedule, s) for s in sigmas[:-1]]
+    assert stages == [PLAN] * 3 + [CAPTURE] + [FIDELITY] * 4
 
 
 def test_evaluations_between_steps_belong_to_the_earlier_step():
     sigmas = [10.0, 8.0, 6.0, 4.0, 2.0, 0.0]
     schedule = GateSchedule.from_sigmas(sigmas, 7.0)  # steps 0, 1 plan; 1 captures
     midpoint = math.sqrt(8.0 * 6.0)  # dpm_2's intermediate evaluation of step 1
-    assert schedule.step_of(midpoint) == 1 and schedule.stage_of(midpoint) is Stage.CAPTURE
-    assert schedule.step_of(6.0) == 2 and schedule.stage_of(6.0) is Stage.FIDELITY  # heun's second evaluation
+    assert schedule.step_of(midpoint) == 1 and stage_of(schedule, midpoint) is CAPTURE
+    assert schedule.step_of(6.0) == 2 and stage_of(schedule, 6.0) is FIDELITY  # heun's second evaluation
     assert schedule.step_of(8.0 * (1 + 1e-6)) == 1  # read back a little high from the device
     assert schedule.step_of(50.0) == 0  # above the schedule
     assert schedule.step_of(0.001) == 4  # uni_pc's rewritten last sigma

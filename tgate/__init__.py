@@ -1,50 +1,71 @@
-"""The T-GATE engine: schedule, cache, branch choice and the ComfyUI wrapper functions.
+"""The T-GATE engine: model families, the per-step plan, what a run keeps, and the ComfyUI
+wrapper functions that carry the plan out.
 
 Nothing here imports ComfyUI; `nodes.py` connects it to a ComfyUI MODEL.
 """
 
-from .attention import CAPTURE_KEY, REPLAY_KEY, cached_cross_attention
 from .branch import COND, UNCOND, FidelityBranch, kept_branch, only_branch
-from .cache import ChunkPlan, CrossAttentionCache, reduce_chunks
-from .config import CACHE_DEVICES, TGateConfig
-from .layers import NoCrossAttentionError, cross_attention_layers, require_cross_attention
+from .config import CACHE_DEVICES, SelfAttentionReuse, TGateConfig
+from .families import (
+    CROSS,
+    FAMILIES,
+    KINDS,
+    REFUSED,
+    SELF,
+    Family,
+    UnsupportedModelError,
+    attention_layers,
+    family_of,
+    supported_families,
+)
+from .forward import CALL_KEY, ModelCall, gated_attention
+from .plan import Action, StepPlan, plan_steps
 from .run import (
     CONFIG_KEY,
-    PASS_KEY,
     RUN_KEY,
-    GatePass,
+    GatePatch,
     GateRun,
     apply_model_with_gate,
     calc_cond_batch_with_gate,
     sample_with_gate,
 )
-from .schedule import GateSchedule, Stage
+from .schedule import GateSchedule
+from .store import AttentionStore, ChunkPlan, reduce_chunks
 
 __all__ = [
     "CACHE_DEVICES",
-    "CAPTURE_KEY",
-    "ChunkPlan",
-    "CONFIG_KEY",
+    "CALL_KEY",
     "COND",
-    "PASS_KEY",
-    "REPLAY_KEY",
+    "CONFIG_KEY",
+    "CROSS",
+    "FAMILIES",
+    "KINDS",
+    "REFUSED",
     "RUN_KEY",
+    "SELF",
     "UNCOND",
-    "CrossAttentionCache",
+    "Action",
+    "AttentionStore",
+    "ChunkPlan",
+    "Family",
     "FidelityBranch",
-    "GatePass",
+    "GatePatch",
     "GateRun",
     "GateSchedule",
-    "NoCrossAttentionError",
-    "Stage",
+    "ModelCall",
+    "SelfAttentionReuse",
+    "StepPlan",
     "TGateConfig",
+    "UnsupportedModelError",
     "apply_model_with_gate",
-    "cached_cross_attention",
+    "attention_layers",
     "calc_cond_batch_with_gate",
-    "cross_attention_layers",
+    "family_of",
+    "gated_attention",
     "kept_branch",
     "only_branch",
+    "plan_steps",
     "reduce_chunks",
-    "require_cross_attention",
     "sample_with_gate",
+    "supported_families",
 ]

@@ -1,7 +1,9 @@
 """Which classifier-free guidance branch runs after the gate.
 
 Once cross-attention is cached, text no longer enters the network, so CFG's two branches would
-compute the same thing: one is enough, and its output stands for both.
+compute the same thing: one is enough, and its output stands for both. Which one matters where the
+positive carries conditioning the negative lacks (an input image): `auto` lets the model family
+decide (see families.py).
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ BRANCH_NAMES = ("cond", "uncond")  # by position
 
 
 class FidelityBranch(str, enum.Enum):
+    AUTO = "auto"  # the family's choice: uncond for text-to-image, cond where only the positive has the image
     UNCOND = "uncond"  # the paper's and the official code's choice: the negative prompt's branch
     COND = "cond"  # the positive branch, for workflows whose positive carries ControlNet or areas
 
 
-def kept_branch(conds: Sequence[Any], preference: FidelityBranch) -> int:
-    """The index of the branch to keep: the preferred one, or the only one that exists."""
-    if preference is FidelityBranch.UNCOND and conds[UNCOND]:
+def kept_branch(conds: Sequence[Any], fidelity_branch: FidelityBranch) -> int:
+    """The index of the branch to keep: `fidelity_branch` (uncond or cond), or the only one that exists."""
+    if fidelity_branch is FidelityBranch.UNCOND and conds[UNCOND]:
         return UNCOND
     return COND
 
 
-def only_branch(conds: Sequence[Any], keep: int) -> list[Any]:
-    """`conds` with every list but `keep` replaced by None, which ComfyUI skips."""
-    return [c if i == keep else None for i, c in enumerate(conds)]
+def only_branch(conds: Sequence[Any], kept: int) -> list[Any]:
+    """`conds` with every list but `kept` replaced by None, which ComfyUI skips."""
+    return [c if i == kept else None for i, c in enumerate(conds)]

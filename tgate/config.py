@@ -1,4 +1,4 @@
-"""The T-GATE node's settings, checked once when the node runs."""
+"""The nodes' settings, checked once when a node runs."""
 
 from __future__ import annotations
 
@@ -10,10 +10,27 @@ CACHE_DEVICES = ("model_device", "cpu")
 
 
 @dataclass(frozen=True)
+class SelfAttentionReuse:
+    """TGATE-V2's self-attention schedule, named as in the paper and the official code."""
+
+    warm_up: int = 2  # steps computed in full before self-attention is first cached
+    sp_interval: int = 5  # before the gate (semantics planning): recompute self-attention every this many steps
+    fi_interval: int = 1  # after the gate (fidelity improving): recompute self-attention every this many steps
+
+    def __post_init__(self) -> None:
+        if self.warm_up < 0:
+            raise ValueError(f"T-GATE warm_up must be 0 or more, got {self.warm_up}.")
+        for name in ("sp_interval", "fi_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"T-GATE {name} must be 1 or more, got {getattr(self, name)}; 1 recomputes every step.")
+
+
+@dataclass(frozen=True)
 class TGateConfig:
     gate_at: float = 0.4
-    fidelity_branch: FidelityBranch = FidelityBranch.UNCOND
+    fidelity_branch: FidelityBranch = FidelityBranch.AUTO
     cache_device: str = "model_device"
+    self_attention: SelfAttentionReuse | None = None  # None: cross-attention only (T-GATE V1)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gate_at <= 1.0:
@@ -26,3 +43,11 @@ class TGateConfig:
             choices = tuple(b.value for b in FidelityBranch)
             raise ValueError(f"T-GATE fidelity_branch must be one of {choices}, got {self.fidelity_branch!r}.") from None
         object.__setattr__(self, "fidelity_branch", branch)
+
+    def describe(self) -> str:
+        """The settings as a user set them, for logs."""
+        text = f"gate_at {self.gate_at:g}, fidelity_branch {self.fidelity_branch.value}, cache_device {self.cache_device}"
+        if self.self_attention is not None:
+            s = self.self_attention
+            text += f", warm_up {s.warm_up}, sp_interval {s.sp_interval}, fi_interval {s.fi_interval}"
+        return text

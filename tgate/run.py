@@ -1,119 +1,156 @@
-"""One sampling run under T-GATE, and the three ComfyUI wrappers that drive it.
+"""One sampling run under T-GATE, and the three ComfyUI wrappers that carry out its plan.
 
 OUTER_SAMPLE builds a fresh GateRun for each sampling run (a hires-fix pass or a refiner is a run
 of its own) and drops it in `finally`, so a cancelled or failed run leaves nothing behind.
-CALC_COND_BATCH decides, once per model evaluation, what the evaluation does: run unchanged,
-capture, or run one CFG branch on the cache. APPLY_MODEL, once per batched model call and outside
-any torch.compile'd region, hands the cross-attention modules that call's cached outputs, or
-collects what they computed. These are plain functions of the arguments ComfyUI passes: the engine
-imports nothing from ComfyUI.
+CALC_COND_BATCH looks up, once per model evaluation, the plan of the evaluation's step (plan.py)
+and runs one or both CFG branches. APPLY_MODEL, once per batched model call and outside any
+torch.compile'd region, hands the attention modules that call's ModelCall (forward.py) and keeps
+what they captured. These are plain functions of the arguments ComfyUI passes: the engine imports
+nothing from ComfyUI.
+
+transformer_options keys: CONFIG_KEY (the node's GatePatch, on the patched model), RUN_KEY (the
+run, for its duration) and CALL_KEY (one model call's tables, see forward.py).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from .attention import CAPTURE_KEY, CAPTURE_PLAN_KEY, REPLAY_KEY
-from .branch import BRANCH_NAMES, kept_branch, only_branch
-from .cache import CrossAttentionCache
+from .branch import BRANCH_NAMES, FidelityBranch, kept_branch, only_branch
 from .config import TGateConfig
-from .schedule import GateSchedule, Stage
+from .families import CROSS, SELF
+from .forward import CALL_KEY, ModelCall
+from .plan import Action, StepPlan, plan_steps
+from .schedule import GateSchedule
+from .store import AttentionStore
 
 log = logging.getLogger("tgate")
 
-CONFIG_KEY = "tgate"  # transformer_options key of the node's TGateConfig
+CONFIG_KEY = "tgate"  # transformer_options key of the GatePatch a node put on the model
 RUN_KEY = "tgate_run"  # transformer_options key of the current GateRun
-PASS_KEY = "tgate_pass"  # transformer_options key of the current evaluation's GatePass
 
 
 @dataclass(frozen=True)
-class GatePass:
-    """What one model evaluation does with cross-attention: capture it, or replay the cache."""
+class GatePatch:
+    """What a T-GATE node put on a model: the user's settings, resolved for the model's family."""
 
-    stage: Stage
-    cache: CrossAttentionCache
+    config: TGateConfig  # as the user set them
+    family: str
+    fidelity_branch: FidelityBranch  # uncond or cond: `auto` resolved for the family
+    layer_kinds: Mapping[str, str]  # {patched attention module path: kind}
 
 
 class GateRun:
-    """The state of one sampling run: its schedule, its cache and what happened."""
+    """The state of one sampling run: its schedule and plan, what it keeps, and what happened."""
 
-    def __init__(self, config: TGateConfig, schedule: GateSchedule):
-        self.config = config
+    def __init__(self, patch: GatePatch, schedule: GateSchedule):
+        self.patch = patch
         self.schedule = schedule
-        self.cache = CrossAttentionCache("cpu" if config.cache_device == "cpu" else None)
-        # Built once per run so that evaluations allocate nothing on the host side.
-        self.capture_pass = GatePass(Stage.CAPTURE, self.cache)
-        self.replay_pass = GatePass(Stage.FIDELITY, self.cache)
-        self._capture_sigma: float | None = None  # the sigma of the last capture; None before any
+        self.plans = plan_steps(schedule.num_steps, schedule.gate_step, patch.config.self_attention)
+        self.store = AttentionStore(patch.layer_kinds, "cpu" if patch.config.cache_device == "cpu" else None)
+        self.current: StepPlan | None = None  # the plan of the main CFG evaluation in progress
+        self._capture_sigmas: dict[str, float] = {}  # per kind, the sigma of its last capture
+        self.gate_captured = False
         self.late_capture = False
         self.single_branch_evaluations = 0
         self.uncached_evaluations = 0
+        self.self_attention_reuses = 0
+        self.peak_bytes = 0
+        self.last_step: int | None = None  # the step of the last evaluation
+        self.stopped = False  # cancelled or failed
 
     def evaluate(self, executor, model, conds, x_in, timestep, model_options) -> list:
-        """Run one CALC_COND_BATCH evaluation of the main CFG call."""
+        """Run one CALC_COND_BATCH evaluation of the main CFG call as its step's plan says."""
         sigma = _first_sigma(timestep)  # the evaluation's one host read
-        stage = self.schedule.stage_of(sigma)
-        if stage is Stage.PLAN:
-            return executor(model, conds, x_in, timestep, model_options)
-        keep = kept_branch(conds, self.config.fidelity_branch)
-        if stage is Stage.FIDELITY and not self.captured:
+        step = self.schedule.step_of(sigma)
+        self.last_step = step
+        plan = self.plans[step]
+        if plan.cross_attention is Action.REUSE and not self.gate_captured:
             # The sampler never evaluated the capture step (dpm_fast and dpm_adaptive pick their
             # own sigmas; EasyCache may skip it): capture at the first evaluation past the gate.
-            stage = Stage.CAPTURE
+            plan = self.plans[self.schedule.gate_step - 1]
             self.late_capture = True
-        if stage is Stage.CAPTURE:
-            if sigma != self._capture_sigma:
-                # A new capture; context windows call again at the same sigma and add to it.
-                self.cache.begin_capture(keep)
-                self._capture_sigma = sigma
-            out = executor(model, conds, x_in, timestep, _with_option(model_options, PASS_KEY, self.capture_pass))
-            self.cache.finish_capture()
-            return out
-        if len(self.cache) == 0:
+        if plan.self_attention is Action.REUSE and not self.store.holds(SELF):
+            plan = replace(plan, self_attention=Action.CAPTURE)  # its capture step was skipped too
+        if plan.is_plain:
+            return executor(model, conds, x_in, timestep, model_options)
+        kept = kept_branch(conds, self.patch.fidelity_branch)
+        if not plan.both_branches and not self.store.holds(CROSS):
             # No layer could be cached (all of them replaced by other packs' attn2 patches): one
             # branch would lose the prompt altogether, so guidance stays whole.
             self.uncached_evaluations += 1
             return executor(model, conds, x_in, timestep, model_options)
-        out = executor(model, only_branch(conds, keep), x_in, timestep, _with_option(model_options, PASS_KEY, self.replay_pass))
+        self.store.kept_branch = kept
+        for kind in plan.kinds(Action.CAPTURE):
+            if self._capture_sigmas.get(kind) != sigma:
+                # A new capture; context windows call again at the same sigma and add to it.
+                self.store.clear((kind,))
+                self._capture_sigmas[kind] = sigma
+        self.current = plan
+        try:
+            out = executor(model, conds if plan.both_branches else only_branch(conds, kept), x_in, timestep, model_options)
+        finally:
+            self.current = None
+            self.store.finish_capture()
+        self.gate_captured |= plan.cross_attention is Action.CAPTURE
+        self.self_attention_reuses += plan.self_attention is Action.REUSE
+        self.peak_bytes = max(self.peak_bytes, self.store.nbytes)
+        if plan.both_branches:
+            return out
         self.single_branch_evaluations += 1
         # Both CFG inputs get the kept branch: cfg(u, u) == u whatever the scale.
-        return [out[keep]] * len(conds)
+        return [out[kept]] * len(conds)
 
-    @property
-    def captured(self) -> bool:
-        return self._capture_sigma is not None
-
-    @property
-    def captured_layers(self) -> int:
-        return self.cache.layers
-
-    @property
-    def captured_bytes(self) -> int:
-        return self.cache.nbytes
+    def model_call(self, plan: StepPlan, chunk_ids: list, branches: list[int], device: torch.device) -> ModelCall:
+        """The tables one batched model call of an evaluation planned by `plan` hands its modules."""
+        reuse_kinds = plan.kinds(Action.REUSE)
+        capture_kinds = plan.kinds(Action.CAPTURE)
+        reuse = self.store.reuse_table(reuse_kinds, chunk_ids, device) if reuse_kinds else {}
+        chunk_plan = self.store.chunk_plan(branches, plan.mean_of_branches) if capture_kinds else None
+        return ModelCall(reuse, capture_kinds, chunk_plan, {})
 
     def stats(self) -> dict:
         """What the run did, for logs and benchmarks."""
         return {
+            "family": self.patch.family,
             "gate_step": self.schedule.gate_step,
             "num_steps": self.schedule.num_steps,
-            "captured_layers": self.captured_layers,
-            "cache_bytes": self.captured_bytes,
+            "captured_layers": self.store.layers(CROSS),
+            "self_attention_layers": self.store.layers(SELF),
+            "cache_bytes": self.store.nbytes,
+            "peak_cache_bytes": self.peak_bytes,
             "single_branch_evaluations": self.single_branch_evaluations,
+            "self_attention_reuses": self.self_attention_reuses,
             "uncached_evaluations": self.uncached_evaluations,
             "late_capture": self.late_capture,
+            "stopped_at_step": self.last_step if self.stopped else None,
         }
 
     def summary(self) -> str:
         s = self.schedule
-        text = (
-            f"T-GATE: {s.gate_step} of {s.num_steps} steps planned with text, then "
-            f"{self.single_branch_evaluations} evaluations ran the {BRANCH_NAMES[self.cache.keep_branch]} branch "
-            f"alone on {self.captured_layers} cached cross-attention layers ({self.captured_bytes / 2**20:.1f} MiB)"
+        if not self.stopped:
+            text = f"T-GATE: {s.gate_step} of {s.num_steps} steps planned with text, then "
+        elif self.last_step is None:
+            text = f"T-GATE: the run stopped (cancelled or failed) before its first step of {s.num_steps}; "
+        else:
+            text = (
+                f"T-GATE: the run stopped (cancelled or failed) at step {self.last_step + 1} of {s.num_steps}, "
+                f"the gate being after step {s.gate_step}; until then "
+            )
+        text += (
+            f"{self.single_branch_evaluations} evaluations ran the {BRANCH_NAMES[self.store.kept_branch]} branch "
+            f"alone on {self.store.layers(CROSS)} cached cross-attention layers ({self.store.nbytes / 2**20:.1f} MiB)"
         )
+        if self.patch.config.self_attention is not None:
+            text += (
+                f"; self-attention was reused in {self.self_attention_reuses} evaluations "
+                f"(peak cache {self.peak_bytes / 2**20:.1f} MiB)"
+            )
         if self.late_capture:
             text += "; the sampler skipped the capture step, so the first evaluation past the gate captured"
         if self.uncached_evaluations:
@@ -121,17 +158,18 @@ class GateRun:
         return text
 
     def close(self) -> None:
-        self.cache.clear()
+        self.store.clear()
 
 
 def sample_with_gate(executor, *args, **kwargs):
     """OUTER_SAMPLE wrapper: one GateRun per sampling run, freed however the run ends."""
     guider = executor.class_obj
     original_options = guider.model_options
-    config: TGateConfig | None = original_options.get("transformer_options", {}).get(CONFIG_KEY)
+    patch: GatePatch | None = original_options.get("transformer_options", {}).get(CONFIG_KEY)
     sigmas = kwargs["sigmas"] if "sigmas" in kwargs else args[3]
-    if config is None or sigmas is None or len(sigmas) < 2:
+    if patch is None or sigmas is None or len(sigmas) < 2:
         return executor(*args, **kwargs)
+    config = patch.config
     model_sampling = guider.model_patcher.get_model_object("model_sampling")
     gate_sigma = float(model_sampling.percent_to_sigma(config.gate_at))
     schedule = GateSchedule.from_sigmas(sigmas.tolist(), gate_sigma)
@@ -144,22 +182,25 @@ def sample_with_gate(executor, *args, **kwargs):
         schedule.num_steps,
         config.gate_at,
     )
-    run = GateRun(config, schedule)
+    run = GateRun(patch, schedule)
     guider.model_options = _with_option(original_options, RUN_KEY, run)
     try:
         return executor(*args, **kwargs)
+    except BaseException:
+        run.stopped = True
+        raise
     finally:
         guider.model_options = original_options
-        level = logging.WARNING if run.uncached_evaluations else logging.INFO
+        level = logging.WARNING if run.uncached_evaluations or run.stopped else logging.INFO
         log.log(level, run.summary(), extra={"tgate_run": run.stats()})
         run.close()
 
 
 def calc_cond_batch_with_gate(executor, model, conds, x_in, timestep, model_options):
-    """CALC_COND_BATCH wrapper: capture or skip the text branch in the main CFG call only.
+    """CALC_COND_BATCH wrapper: carry out the step's plan in the main CFG call only.
 
     Extra model calls made by PAG, SAG, PerpNeg or DualCFG pass one or three cond lists; they
-    run untouched and never see the cache.
+    run untouched and never see what the run keeps.
     """
     run: GateRun | None = model_options.get("transformer_options", {}).get(RUN_KEY)
     if run is None or len(conds) != 2:
@@ -168,49 +209,39 @@ def calc_cond_batch_with_gate(executor, model, conds, x_in, timestep, model_opti
 
 
 def apply_model_with_gate(executor, *args, **kwargs):
-    """APPLY_MODEL wrapper: give one batched model call its replay table, or collect its capture.
+    """APPLY_MODEL wrapper: hand one batched model call its ModelCall, then keep what it captured.
 
     ComfyUI calls `_apply_model(x, t, c_concat, c_crossattn, control, transformer_options, ...)`;
     `transformer_options` carries the call's chunk layout (`cond_or_uncond`, `uuids`).
     """
     position = 5 if len(args) > 5 else None
     options = args[5] if position else kwargs.get("transformer_options")
-    gate: GatePass | None = options.get(PASS_KEY) if isinstance(options, dict) else None
-    if gate is None or "uuids" not in options or "cond_or_uncond" not in options:
-        # Without the chunk layout nothing can be matched: this call runs as usual, and an
-        # evaluation past the gate that finds no cache keeps both branches (GateRun.evaluate).
+    run: GateRun | None = options.get(RUN_KEY) if isinstance(options, dict) else None
+    plan = run.current if run is not None else None
+    if plan is None or "uuids" not in options or "cond_or_uncond" not in options:
+        # Outside the main CFG evaluation, or without the chunk layout nothing can be matched:
+        # this call runs as usual.
         return executor(*args, **kwargs)
     chunk_ids = _chunk_ids(options)
-    if gate.stage is Stage.FIDELITY:
-        table = gate.cache.replay_table(chunk_ids, args[0].device)
-        call_args, call_kwargs = _with_call_options(args, kwargs, position, options, {REPLAY_KEY: table})
-        return executor(*call_args, **call_kwargs)
-    captured: dict = {}
-    plan = gate.cache.plan(options["cond_or_uncond"])
-    additions = {CAPTURE_KEY: captured, CAPTURE_PLAN_KEY: plan}
-    call_args, call_kwargs = _with_call_options(args, kwargs, position, options, additions)
-    out = executor(*call_args, **call_kwargs)
-    for layer in list(captured):
-        gate.cache.store(layer, captured.pop(layer), plan, chunk_ids)  # one layer's copy at a time
+    call = run.model_call(plan, chunk_ids, options["cond_or_uncond"], args[0].device)
+    options = {**options, CALL_KEY: call}
+    if position is None:
+        out = executor(*args, **{**kwargs, "transformer_options": options})
+    else:
+        out = executor(*args[:position], options, *args[position + 1 :], **kwargs)
+    for layer in list(call.captured):
+        run.store.store(layer, call.captured.pop(layer), call.plan, chunk_ids)  # one layer's copy at a time
     return out
 
 
 def _chunk_ids(options: dict) -> list:
-    """What identifies a chunk's cached output: its cond's uuid, and its context window if any
+    """What identifies a chunk's kept output: its cond's uuid, and its context window if any
     (ComfyUI's context windows run the same conds on several slices of the latent)."""
     window = options.get("context_window")
     if window is None:
         return options["uuids"]
     span = tuple(getattr(window, "index_list", ()) or ())
     return [(uuid, span) for uuid in options["uuids"]]
-
-
-def _with_call_options(args, kwargs, position, options, additions):
-    """The call's arguments with a copy of `transformer_options` that carries `additions`."""
-    options = {**options, **additions}
-    if position is None:
-        return args, {**kwargs, "transformer_options": options}
-    return (*args[:position], options, *args[position + 1 :]), kwargs
 
 
 def _first_sigma(timestep: Any) -> float:

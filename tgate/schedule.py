@@ -1,7 +1,7 @@
-"""When T-GATE gates: the whole schedule of one sampling run as a pure function of its sigmas.
+"""Where the gate falls in one sampling run, and which step each model evaluation belongs to.
 
-Like the official `tgate_scheduler`, every decision is made here from plain numbers, so it can be
-tested without a model. A run's sigmas are its own schedule (already cut by KSamplerAdvanced,
+Pure functions of the run's sigmas, tested without a model (plan.py says what each step does).
+A run's sigmas are its own schedule (already cut by KSamplerAdvanced,
 denoise < 1 or custom sigmas); the gate is placed with ComfyUI's percent convention, the one
 ControlNet start/end and EasyCache use: steps whose sigma is at or above the gate sigma plan
 semantics, the rest improve fidelity.
@@ -10,7 +10,6 @@ semantics, the rest improve fidelity.
 from __future__ import annotations
 
 import bisect
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,12 +17,6 @@ from functools import cached_property
 # Samplers evaluate at sigmas read back from device tensors, and uni_pc rewrites the last one in
 # place: a sigma is matched to its step with a relative tolerance, never by exact equality.
 SIGMA_RTOL = 1e-4
-
-
-class Stage(enum.Enum):
-    PLAN = "plan"  # semantics planning: the model runs unchanged
-    CAPTURE = "capture"  # the last planning step: unchanged, and cross-attention outputs are stored
-    FIDELITY = "fidelity"  # after the gate: stored cross-attention, one CFG branch
 
 
 @dataclass(frozen=True)
@@ -68,13 +61,3 @@ class GateSchedule:
     def _search_keys(self) -> list[float]:
         # bisect needs ascending keys: negate the descending sigmas, widened by the tolerance.
         return [-s * (1.0 + SIGMA_RTOL) for s in self.sigmas]
-
-    def stage_of(self, sigma: float) -> Stage:
-        if not self.gates:
-            return Stage.PLAN
-        step = self.step_of(sigma)
-        if step < self.gate_step - 1:
-            return Stage.PLAN
-        if step == self.gate_step - 1:
-            return Stage.CAPTURE
-        return Stage.FIDELITY

@@ -87,6 +87,26 @@ _TINY_SDXL = dict(
 _TINY_SD2 = dict(_TINY_SD15, model_channels=64, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64)
 _TINY_SDXL_REFINER = dict(_TINY_SDXL, adm_in_channels=_TINY_POOLED + 5 * 256)
 
+# Stable Video Diffusion (img2vid): the keys model detection adds for a video UNet. The init image's
+# latent is concatenated to the noisy latent (8 input channels); the 768-wide `y` is three 256-wide
+# timestep embeddings of fps, motion bucket and augmentation (model_base.SVD_img2vid.encode_adm); the
+# context is one token, the init image's CLIP-vision embedding, so context_tokens is 1. The model
+# config imposes 64-channel heads, so the tiny UNet is 64 wide like tiny-sd2.
+_TINY_SVD = dict(
+    _TINY_SD2,
+    in_channels=8,
+    adm_in_channels=768,
+    num_classes="sequential",
+    extra_ff_mix_layer=True,
+    use_spatial_context=True,
+    merge_strategy="learned_with_images",
+    merge_factor=0.0,
+    video_kernel_size=[3, 1, 1],
+    use_temporal_resblock=True,
+    use_temporal_attention=True,
+    disable_temporal_crossattention=False,
+)
+
 ARCHITECTURES = {
     "sd15": Architecture("SD15", _SD15, context_tokens=77),
     "sdxl": Architecture("SDXL", _SDXL, context_tokens=77, pooled=1280),
@@ -94,6 +114,7 @@ ARCHITECTURES = {
     "tiny-sdxl": Architecture("SDXL", _TINY_SDXL, context_tokens=7, pooled=_TINY_POOLED),
     "tiny-sd2": Architecture("SD20", _TINY_SD2, context_tokens=7),
     "tiny-sdxl-refiner": Architecture("SDXLRefiner", _TINY_SDXL_REFINER, context_tokens=7, pooled=_TINY_POOLED),
+    "tiny-svd": Architecture("SVD_img2vid", _TINY_SVD, context_tokens=1),
 }
 
 

@@ -1,32 +1,38 @@
-"""CrossAttentionCache: what is stored at the gate and what comes back after it."""
+"""AttentionStore: what is kept at a capture and what comes back when a later step reuses it."""
 
 import pytest
 import torch
 
-from tgate import COND, UNCOND, CrossAttentionCache, reduce_chunks
+from tgate import COND, CROSS, SELF, UNCOND, AttentionStore, reduce_chunks
 
 P, N, A = "positive-uuid", "negative-uuid", "area-uuid"
 CPU = torch.device("cpu")
+LAYERS = {"l0": CROSS, "other-layer": CROSS, "s0": SELF}
 
 
-def capture(cache, layer, output, branches, chunk_ids):
-    """What T-GATE does with one layer of one model call at the capture step."""
-    plan = cache.plan(branches)
+def capture(cache, layer, output, branches, chunk_ids, mean=True):
+    """What T-GATE does with one layer of one model call at a capture step (the gate's: mean=True)."""
+    plan = cache.chunk_plan(branches, mean_of_branches=mean)
     cache.store(layer, reduce_chunks(output, plan), plan, chunk_ids)
 
 
-def captured(keep, *calls, storage=None):
-    """A cache after one capture of `calls`: (layer, batched output, branches, chunk ids) each."""
-    cache = CrossAttentionCache(storage)
-    cache.begin_capture(keep)
+def begin_capture(cache, keep):
+    cache.clear()
+    cache.kept_branch = keep
+
+
+def captured(keep, *calls, storage=None, mean=True):
+    """A store after one capture of `calls`: (layer, batched output, branches, chunk ids) each."""
+    cache = AttentionStore(LAYERS, storage)
+    begin_capture(cache, keep)
     for call in calls:
-        capture(cache, *call)
+        capture(cache, *call, mean=mean)
     cache.finish_capture()
     return cache
 
 
-def lookup(cache, layer, chunk_ids):
-    return cache.replay_table(chunk_ids, CPU).get(layer)
+def lookup(cache, layer, chunk_ids, kinds=(CROSS,)):
+    return cache.reuse_table(kinds, chunk_ids, CPU).get(layer)
 
 
 def test_stores_the_mean_of_the_kept_chunk_and_the_other_branch():
@@ -34,7 +40,7 @@ def test_stores_the_mean_of_the_kept_chunk_and_the_other_branch():
     cache = captured(UNCOND, ("l0", torch.cat([uncond, cond]), [UNCOND, COND], [N, P]))
     torch.testing.assert_close(lookup(cache, "l0", [N]), (cond + uncond) / 2)
     assert lookup(cache, "l0", [P]) is None  # the dropped branch is not stored
-    assert len(cache) == 1 and cache.layers == 1 and cache.nbytes == 2 * 5 * 8 * 4
+    assert len(cache) == 1 and cache.layers(CROSS) == 1 and cache.nbytes == 2 * 5 * 8 * 4
 
 
 def test_several_other_chunks_are_averaged_first():
@@ -78,8 +84,8 @@ def test_stored_entries_do_not_alias_the_model_output():
 def test_split_partner_sums_do_not_alias_the_model_output():
     cond, uncond = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
     expected = (cond + uncond) / 2
-    cache = CrossAttentionCache()
-    cache.begin_capture(UNCOND)
+    cache = AttentionStore(LAYERS)
+    begin_capture(cache, UNCOND)
     capture(cache, "l0", cond, [COND], [P])  # the other branch comes first, in a call of its own
     cond.zero_()
     capture(cache, "l0", uncond, [UNCOND], [N])
@@ -97,15 +103,15 @@ def test_tables_concatenate_chunks_in_call_order_and_leave_out_missing_layers():
 
 def test_tables_are_built_once_per_chunk_combination_and_dropped_with_the_capture():
     cache = captured(COND, ("l0", torch.randn(1, 3, 4), [COND], [P]))
-    table = cache.replay_table([P], CPU)
-    assert cache.replay_table([P], CPU) is table  # no allocation per step after the gate
-    cache.begin_capture(COND)
-    assert cache.replay_table([P], CPU) == {}
+    table = cache.reuse_table([CROSS], [P], CPU)
+    assert cache.reuse_table([CROSS], [P], CPU) is table  # no allocation per step after the gate
+    begin_capture(cache, COND)
+    assert cache.reuse_table([CROSS], [P], CPU) == {}
 
 
 def test_cpu_storage_hands_out_copies_for_the_call_only():
     cache = captured(COND, ("l0", torch.randn(1, 3, 4), [COND], [P]), storage="cpu")
-    assert cache.replay_table([P], CPU) is not cache.replay_table([P], CPU)
+    assert cache.reuse_table([CROSS], [P], CPU) is not cache.reuse_table([CROSS], [P], CPU)
 
 
 def test_cpu_storage_and_clear_free_everything():
@@ -116,23 +122,47 @@ def test_cpu_storage_and_clear_free_everything():
 
 
 def test_the_plan_places_each_branch():
-    cache = CrossAttentionCache()
-    cache.begin_capture(UNCOND)
-    assert cache.plan([UNCOND, COND, COND]) == (3, (0,), (1, 2))
-    assert cache.plan([COND]) == (1, (), (0,))
+    cache = AttentionStore(LAYERS)
+    begin_capture(cache, UNCOND)
+    assert cache.chunk_plan([UNCOND, COND, COND], True) == (3, (0,), (1, 2), True)
+    assert cache.chunk_plan([COND], True) == (1, (), (0,), True)
+    assert cache.chunk_plan([UNCOND, COND], False) == (2, (0, 1), (), False)  # a whole capture keeps every chunk
 
 
 def test_a_new_capture_starts_empty():
     cache = captured(COND, ("l0", torch.randn(1, 3, 4), [COND], [P]))
-    cache.begin_capture(UNCOND)
-    assert len(cache) == 0 and cache.keep_branch == UNCOND
+    begin_capture(cache, UNCOND)
+    assert len(cache) == 0 and cache.kept_branch == UNCOND
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cpu_storage_from_cuda_is_pinned_and_comes_back():
     a = torch.randn(1, 3, 4, device="cuda")
     cache = captured(COND, ("l0", a, [COND], [P]), storage="cpu")
-    assert next(iter(cache._entries["l0"].values())).is_pinned()
-    out = cache.replay_table([P], a.device)["l0"]
+    assert next(iter(cache._slots["l0"].values())).block.is_pinned()
+    out = cache.reuse_table([CROSS], [P], a.device)["l0"]
     assert out.is_cuda
     torch.testing.assert_close(out, a)
+
+
+def test_a_whole_capture_keeps_both_branches_and_hands_the_same_call_its_tensor_back():
+    """Self-attention before the gate: each chunk's own output, kept once for the whole call."""
+    out = torch.randn(4, 3, 4)  # two chunks of two images
+    cache = captured(UNCOND, ("s0", out, [UNCOND, COND], [N, P]), mean=False)
+    whole = lookup(cache, "s0", [N, P], kinds=(SELF,))
+    torch.testing.assert_close(whole, out)
+    assert lookup(cache, "s0", [N, P], kinds=(SELF,)) is whole  # no copy, no concatenation per step
+    assert cache.nbytes == out.numel() * 4  # one block, not one per chunk plus a joined copy
+    torch.testing.assert_close(lookup(cache, "s0", [P, N], kinds=(SELF,)), torch.cat([out[2:], out[:2]]))
+    torch.testing.assert_close(lookup(cache, "s0", [N], kinds=(SELF,)), out[:2])  # the branch grouped alone
+
+
+def test_kinds_are_kept_and_cleared_apart():
+    cache = captured(UNCOND, ("s0", torch.randn(2, 3, 4), [UNCOND, COND], [N, P]), mean=False)
+    capture(cache, "l0", torch.randn(2, 3, 4), [UNCOND, COND], [N, P])
+    cache.finish_capture()
+    assert cache.holds(SELF) and cache.holds(CROSS)
+    assert set(cache.reuse_table([CROSS], [N], CPU)) == {"l0"}
+    assert set(cache.reuse_table([CROSS, SELF], [N], CPU)) == {"l0", "s0"}
+    cache.clear([SELF])
+    assert cache.holds(CROSS) and not cache.holds(SELF)

@@ -1,0 +1,101 @@
+"""The attention forward T-GATE installs, on real torch modules."""
+
+import torch
+
+from engine_modules import CrossAttention
+from tgate import CALL_KEY, CROSS, SELF, ChunkPlan, ModelCall, gated_attention
+
+LAYER = "blocks.0.attn2"
+
+
+def setup():
+    torch.manual_seed(0)
+    module = CrossAttention()
+    calls = []
+    module.to_q.register_forward_pre_hook(lambda m, a: calls.append(1))
+    return module, gated_attention(LAYER, CROSS, module.forward), calls
+
+
+def call_options(reuse=None, capture_kinds=frozenset(), plan=None, captured=None):
+    """transformer_options carrying one model call's ModelCall."""
+    return {CALL_KEY: ModelCall(reuse or {}, frozenset(capture_kinds), plan, {} if captured is None else captured)}
+
+
+def test_without_tables_it_is_the_original_forward():
+    module, forward, _ = setup()
+    x, ctx = torch.randn(2, 4, 8), torch.randn(2, 3, 6)
+    assert torch.equal(forward(x, context=ctx, transformer_options={"cond_or_uncond": [1, 0]}), module(x, context=ctx))
+    assert torch.equal(forward(x, context=ctx), module(x, context=ctx))
+
+
+def test_capture_leaves_the_output_unchanged_and_puts_its_reduction_in_the_table():
+    module, forward, _ = setup()
+    x, ctx = torch.randn(2, 4, 8), torch.randn(2, 3, 6)
+    captured = {}
+    plan = ChunkPlan(n_chunks=2, kept=(0,), others=(1,), mean_of_branches=True)
+    out = forward(x, context=ctx, transformer_options=call_options(capture_kinds={CROSS}, plan=plan, captured=captured))
+    assert torch.equal(out, module(x, context=ctx))
+    torch.testing.assert_close(captured[LAYER], (out[:1] + out[1:]) / 2)
+
+
+def test_replay_returns_the_table_entry_and_computes_nothing():
+    _, forward, calls = setup()
+    cached = torch.randn(1, 4, 8)
+    got = forward(torch.randn(1, 4, 8), context=torch.randn(1, 3, 6), transformer_options=call_options({LAYER: cached}))
+    assert got is cached and calls == []
+
+
+def test_replay_without_a_fitting_entry_computes_normally():
+    module, forward, calls = setup()
+    x, ctx = torch.randn(1, 4, 8), torch.randn(1, 3, 6)
+    for table in ({}, {"other.attn2": torch.randn(1, 4, 8)}, {LAYER: torch.randn(2, 4, 8)}):
+        calls.clear()
+        got = forward(x, context=ctx, transformer_options=call_options(table))
+        assert torch.equal(got, module(x, context=ctx)) and calls
+
+
+def test_wrapping_twice_chains_to_the_original_not_to_itself():
+    module, forward, _ = setup()
+    again = gated_attention(LAYER, CROSS, forward)
+    assert again.tgate_original is forward.tgate_original
+    x, ctx = torch.randn(1, 4, 8), torch.randn(1, 3, 6)
+    assert torch.equal(again(x, context=ctx, transformer_options={}), module(x, context=ctx))
+
+
+def test_another_packs_forward_patch_is_chained():
+    module, _, _ = setup()
+    seen = []
+
+    def other_pack_forward(x, *args, **kwargs):
+        seen.append(x.shape)
+        return module.forward(x, *args, **kwargs) * 2
+
+    forward = gated_attention("l", CROSS, other_pack_forward)
+    x, ctx = torch.randn(1, 4, 8), torch.randn(1, 3, 6)
+    assert torch.equal(forward(x, context=ctx, transformer_options={}), module(x, context=ctx) * 2) and seen
+
+
+def test_a_module_captures_only_when_its_kind_is_captured():
+    module, forward, _ = setup()
+    x, ctx = torch.randn(2, 4, 8), torch.randn(2, 3, 6)
+    plan = ChunkPlan(n_chunks=2, kept=(0, 1), others=(), mean_of_branches=False)
+    captured = {}
+    forward(x, context=ctx, transformer_options=call_options(capture_kinds={SELF}, plan=plan, captured=captured))
+    assert captured == {}  # a self-attention capture step leaves cross-attention alone
+    forward(x, context=ctx, transformer_options=call_options(capture_kinds={SELF, CROSS}, plan=plan, captured=captured))
+    assert torch.equal(captured[LAYER], module(x, context=ctx))  # the whole batch, both branches
+
+
+def test_keyword_only_calls_are_served():
+    """Some families call their attention with keywords only (ACE-Step: hidden_states=...)."""
+    seen = []
+
+    def keyword_forward(hidden_states=None, encoder_hidden_states=None, transformer_options={}):
+        seen.append(1)
+        return hidden_states * 2
+
+    forward = gated_attention(LAYER, CROSS, keyword_forward)
+    x = torch.randn(1, 4, 8)
+    cached = torch.randn(1, 4, 8)
+    assert forward(hidden_states=x, transformer_options=call_options({LAYER: cached})) is cached and not seen
+    torch.testing.assert_close(forward(hidden_states=x, transformer_options=call_options({LAYER: cached[:, :2]})), x * 2)

@@ -1,0 +1,57 @@
+"""The forward each patched attention module runs while T-GATE is on, for every kind of attention.
+
+It is installed as an object patch on the module's `forward`, chaining to whatever forward was
+there. All decisions are made outside the model (see run.py): for one model call the module finds
+in `transformer_options` a ModelCall, with a table of outputs to return instead of computing and
+the kinds whose outputs to keep. The table is a plain dict keyed by layer, and the rest plain
+constants, so a torch.compile'd model sees one fixed variant per kind of step and never reads
+per-run state such as cond uuids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from .store import ChunkPlan, reduce_chunks
+
+CALL_KEY = "tgate_call"  # transformer_options key of the current model call's ModelCall
+
+
+class ModelCall(NamedTuple):
+    reuse: dict[str, torch.Tensor]  # {layer: output to return}; layers not in it compute
+    capture_kinds: frozenset[str]  # the kinds whose outputs are kept
+    plan: ChunkPlan | None  # how a kept output is reduced; None when nothing is kept
+    captured: dict[str, torch.Tensor]  # filled during the call: {layer: reduced output}
+
+
+def gated_attention(layer: str, kind: str, forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Wrap an attention `forward(x, ..., transformer_options=...)` of `kind` for T-GATE."""
+    forward = getattr(forward, "tgate_original", forward)  # never wrap our own wrapper twice
+
+    def tgate_forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        options = kwargs.get("transformer_options")
+        call = options.get(CALL_KEY) if options else None
+        if call is None:
+            return forward(*args, **kwargs)
+        reused = call.reuse.get(layer)
+        # An attention output has its query's shape; a call of another shape (a new resolution,
+        # another chunk grouping) computes instead.
+        if reused is not None and reused.shape == _query(args, kwargs).shape:
+            return reused  # no projections, no attention
+        out = forward(*args, **kwargs)
+        if kind in call.capture_kinds:
+            # Reduced here, layer by layer, so the full batched outputs are not all kept alive.
+            call.captured[layer] = reduce_chunks(out, call.plan)
+        return out
+
+    tgate_forward.tgate_original = forward
+    tgate_forward.tgate_layer = layer
+    tgate_forward.tgate_kind = kind
+    return tgate_forward
+
+
+def _query(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))

@@ -1,0 +1,192 @@
+"""The attention outputs one run keeps, and what comes back when a later step reuses them.
+
+Entries are kept per layer and per conditioning chunk (ComfyUI identifies chunks by the uuid of
+their cond), since ComfyUI groups chunks into model calls by free memory and may group them
+differently from one step to the next. A capture keeps either each chunk's own output (self-
+attention before and after the gate) or, at the last step before the gate, for each chunk of the
+branch kept after it, the mean of that chunk and the other branch's chunks of the same shape (the
+paper's rule); a chunk with no partner (cfg 1.0) keeps its own output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+
+from .families import KINDS
+
+ChunkId = Hashable
+
+
+class ChunkPlan(NamedTuple):
+    """Which chunks of one batched model call a capture keeps, and which are averaged into them.
+    Plain ints and bools, so a compiled model sees it as a constant."""
+
+    n_chunks: int
+    kept: tuple[int, ...]
+    others: tuple[int, ...]  # empty unless the capture keeps the mean of the branches
+    mean_of_branches: bool
+
+
+def reduce_chunks(output: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
+    """What a capture keeps of one layer's batched output, as one tensor; runs inside the model.
+
+    The kept chunks in call order, each averaged with the mean of the other chunks when there are
+    any (in float32, since fp16 sums of large activations overflow; stored in the output dtype). A
+    call with no kept chunk gives the float32 sum of its chunks, to pair with kept chunks from other
+    calls.
+    """
+    if not plan.others:
+        if len(plan.kept) == plan.n_chunks:
+            return output
+        chunks = output.chunk(plan.n_chunks)
+        return torch.cat([chunks[i] for i in plan.kept])
+    chunks = output.chunk(plan.n_chunks)
+    other_sum = chunks[plan.others[0]].float()
+    for i in plan.others[1:]:
+        other_sum = other_sum + chunks[i].float()
+    if not plan.kept:
+        return other_sum
+    other_mean = other_sum / len(plan.others)
+    means = [((chunks[i].float() + other_mean) * 0.5).to(output.dtype) for i in plan.kept]
+    return means[0] if len(means) == 1 else torch.cat(means)
+
+
+class Slot(NamedTuple):
+    """Where one chunk's output is kept: chunk `index` of `count` equal chunks of `block`."""
+
+    block: torch.Tensor
+    index: int
+    count: int
+
+    def view(self) -> torch.Tensor:
+        return self.block if self.count == 1 else self.block.chunk(self.count)[self.index]
+
+
+class AttentionStore:
+    """The outputs one run keeps, per layer and chunk, for the attention layers it was given."""
+
+    def __init__(self, layer_kinds: Mapping[str, str], storage_device: torch.device | str | None = None):
+        self.layer_kinds = dict(layer_kinds)  # {layer: kind}
+        # None keeps entries where they were computed (the model's device).
+        self.storage_device = torch.device(storage_device) if storage_device is not None else None
+        self.kept_branch = 0  # the branch (0 cond, 1 uncond) whose chunks a mean capture keeps
+        self._slots: dict[str, dict[ChunkId, Slot]] = {}
+        # Only used when ComfyUI runs the two branches in separate model calls (low memory): the
+        # other branch's outputs are summed per layer and shape and mixed in when the capture ends.
+        self._unpaired: dict[tuple[str, torch.Size], list[ChunkId]] = {}
+        self._other_sums: dict[tuple[str, torch.Size], tuple[torch.Tensor, int]] = {}
+        self._tables: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def chunk_plan(self, branches: Sequence[int], mean_of_branches: bool) -> ChunkPlan:
+        """How a capture reduces a call whose chunks belong to `branches` (ComfyUI's cond_or_uncond)."""
+        if not mean_of_branches:
+            return ChunkPlan(len(branches), tuple(range(len(branches))), (), False)
+        kept = tuple(i for i, b in enumerate(branches) if b == self.kept_branch)
+        others = tuple(i for i, b in enumerate(branches) if b != self.kept_branch)
+        return ChunkPlan(len(branches), kept, others, True)
+
+    def store(self, layer: str, reduced: torch.Tensor, plan: ChunkPlan, chunk_ids: Sequence[ChunkId]) -> None:
+        """Keep what `reduce_chunks` gave for one layer of one model call.
+
+        It is copied: what comes out of a compiled model may live in a CUDA graph's memory pool,
+        which the next replay overwrites, and a view would keep a whole batch alive.
+        """
+        if not plan.kept:
+            key = (layer, reduced.shape)
+            total, count = self._other_sums.get(key, (None, 0))
+            self._other_sums[key] = (reduced.clone() if total is None else total + reduced, count + len(plan.others))
+            return
+        block = reduced.clone()
+        slots = self._slots.setdefault(layer, {})
+        for index, position in enumerate(plan.kept):
+            slot = Slot(block, index, len(plan.kept))
+            slots[chunk_ids[position]] = slot
+            if plan.mean_of_branches and not plan.others:
+                self._unpaired.setdefault((layer, slot.view().shape), []).append(chunk_ids[position])
+
+    def finish_capture(self) -> None:
+        """Mix in partners seen in other model calls, then move entries to the storage device."""
+        for (layer, shape), chunk_ids in self._unpaired.items():
+            partner = self._other_sums.get((layer, shape))
+            if partner is None:
+                continue
+            total, count = partner
+            for chunk_id in chunk_ids:
+                own = self._slots[layer][chunk_id].view()
+                self._slots[layer][chunk_id] = Slot(((own.float() + total / count) * 0.5).to(own.dtype), 0, 1)
+        self._unpaired.clear()
+        self._other_sums.clear()
+        self._tables.clear()
+        if self.storage_device is not None:
+            moved: dict[int, torch.Tensor] = {}
+            for slots in self._slots.values():
+                for chunk_id, slot in slots.items():
+                    block = moved.setdefault(id(slot.block), _move(slot.block, self.storage_device))
+                    slots[chunk_id] = slot._replace(block=block)
+
+    def reuse_table(self, kinds: Collection[str], chunk_ids: Sequence[ChunkId], device: torch.device) -> dict[str, torch.Tensor]:
+        """{layer: kept output} of the layers of `kinds`, for a model call made of `chunk_ids`, on `device`.
+
+        Layers missing an entry for any of the chunks are left out (they compute normally). A call
+        made of the chunks of one capture, in its order, gets the kept tensor itself; tables are
+        built once per combination until the next capture, so reusing allocates nothing, except
+        with CPU storage, where each call gets its own copies.
+        """
+        key = (tuple(sorted(kinds)), tuple(chunk_ids), device)
+        table = self._tables.get(key)
+        if table is not None:
+            return table
+        table = {}
+        for layer, slots in self._slots.items():
+            if self.layer_kinds[layer] not in kinds:
+                continue
+            parts = [slots.get(chunk_id) for chunk_id in chunk_ids]
+            if not parts or any(p is None for p in parts):
+                continue
+            table[layer] = _join(parts).to(device, non_blocking=True)
+        if self.storage_device is None:
+            self._tables[key] = table
+        return table
+
+    def holds(self, kind: str) -> bool:
+        return self.layers(kind) > 0
+
+    def layers(self, kind: str) -> int:
+        return sum(1 for layer, slots in self._slots.items() if slots and self.layer_kinds[layer] == kind)
+
+    @property
+    def nbytes(self) -> int:
+        blocks = {id(s.block): s.block for slots in self._slots.values() for s in slots.values()}
+        return sum(b.numel() * b.element_size() for b in blocks.values())
+
+    def __len__(self) -> int:
+        return sum(len(slots) for slots in self._slots.values())
+
+    def clear(self, kinds: Collection[str] = KINDS) -> None:
+        for layer in [layer for layer in self._slots if self.layer_kinds[layer] in kinds]:
+            del self._slots[layer]
+        self._tables.clear()
+        self._unpaired.clear()
+        self._other_sums.clear()
+
+
+def _join(parts: Sequence[Slot]) -> torch.Tensor:
+    first = parts[0]
+    whole = len(parts) == first.count and all(p.block is first.block and p.index == i for i, p in enumerate(parts))
+    if whole:
+        return first.block
+    views = [p.view() for p in parts]
+    return views[0] if len(views) == 1 else torch.cat(views)
+
+
+def _move(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if tensor.device == device:
+        return tensor
+    if device.type == "cpu" and tensor.is_cuda:
+        # Pinned memory lets the copy run without the host waiting for the device.
+        pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return pinned.copy_(tensor, non_blocking=True)
+    return tensor.to(device, non_blocking=True)
