@@ -1,19 +1,19 @@
 """Which CFG branch runs after the gate."""
 
-from tgate import COND, UNCOND, FidelityBranch, kept_branch, only_branch
+from tgate import COND, UNCOND, FidelityBranch, fidelity_index, only_branch
 
 POSITIVE, NEGATIVE = ["p"], ["n"]
 
 
 def test_uncond_is_kept_when_it_exists():
-    assert kept_branch([POSITIVE, NEGATIVE], FidelityBranch.UNCOND) == UNCOND
-    assert kept_branch([POSITIVE, NEGATIVE], FidelityBranch.COND) == COND
+    assert fidelity_index([POSITIVE, NEGATIVE], FidelityBranch.UNCOND) == UNCOND
+    assert fidelity_index([POSITIVE, NEGATIVE], FidelityBranch.COND) == COND
 
 
 def test_cond_is_kept_when_there_is_no_uncond():
     # cfg 1.0: ComfyUI passes None; an empty negative list runs nothing either.
-    assert kept_branch([POSITIVE, None], FidelityBranch.UNCOND) == COND
-    assert kept_branch([POSITIVE, []], FidelityBranch.UNCOND) == COND
+    assert fidelity_index([POSITIVE, None], FidelityBranch.UNCOND) == COND
+    assert fidelity_index([POSITIVE, []], FidelityBranch.UNCOND) == COND
 
 
 def test_only_branch_blanks_the_other():

@@ -32,7 +32,7 @@ def test_capture_leaves_the_output_unchanged_and_puts_its_reduction_in_the_table
     module, forward, _ = setup()
     x, ctx = torch.randn(2, 4, 8), torch.randn(2, 3, 6)
     captured = {}
-    plan = ChunkPlan(n_chunks=2, kept=(0,), others=(1,), mean_of_branches=True)
+    plan = ChunkPlan(n_chunks=2, stored=(0,), mixed_in=(1,), mean_of_branches=True)
     out = forward(x, context=ctx, transformer_options=call_options(capture_kinds={CROSS}, plan=plan, captured=captured))
     assert torch.equal(out, module(x, context=ctx))
     torch.testing.assert_close(captured[LAYER], (out[:1] + out[1:]) / 2)
@@ -78,7 +78,7 @@ def test_another_packs_forward_patch_is_chained():
 def test_a_module_captures_only_when_its_kind_is_captured():
     module, forward, _ = setup()
     x, ctx = torch.randn(2, 4, 8), torch.randn(2, 3, 6)
-    plan = ChunkPlan(n_chunks=2, kept=(0, 1), others=(), mean_of_branches=False)
+    plan = ChunkPlan(n_chunks=2, stored=(0, 1), mixed_in=(), mean_of_branches=False)
     captured = {}
     forward(x, context=ctx, transformer_options=call_options(capture_kinds={SELF}, plan=plan, captured=captured))
     assert captured == {}  # a self-attention capture step leaves cross-attention alone

@@ -129,7 +129,7 @@ def test_cond_branch_and_cfg1_keep_the_positive():
             return calc_cond_batch(*args, seen=seen)
 
         outs = [calc_cond_batch_with_gate(executor, model, conds, x, torch.tensor([s]), options) for s in SIGMAS[:-1]]
-        assert seen[-1] == 1 and run.store.kept_branch == 0
+        assert seen[-1] == 1 and run.store.fidelity_index == 0
         assert outs[-1][0] is outs[-1][1]
 
 

@@ -18,7 +18,7 @@ def capture(cache, layer, output, branches, chunk_ids, mean=True):
 
 def begin_capture(cache, keep):
     cache.clear()
-    cache.kept_branch = keep
+    cache.fidelity_index = keep
 
 
 def captured(keep, *calls, storage=None, mean=True):
@@ -132,7 +132,7 @@ def test_the_plan_places_each_branch():
 def test_a_new_capture_starts_empty():
     cache = captured(COND, ("l0", torch.randn(1, 3, 4), [COND], [P]))
     begin_capture(cache, UNCOND)
-    assert len(cache) == 0 and cache.kept_branch == UNCOND
+    assert len(cache) == 0 and cache.fidelity_index == UNCOND
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -4,7 +4,7 @@ wrapper functions that carry the plan out.
 Nothing here imports ComfyUI; `nodes.py` connects it to a ComfyUI MODEL.
 """
 
-from .branch import COND, UNCOND, FidelityBranch, kept_branch, only_branch
+from .branch import COND, UNCOND, FidelityBranch, fidelity_index, only_branch
 from .config import CACHE_DEVICES, SelfAttentionReuse, TGateConfig
 from .families import (
     CROSS,
@@ -62,7 +62,7 @@ __all__ = [
     "calc_cond_batch_with_gate",
     "family_of",
     "gated_attention",
-    "kept_branch",
+    "fidelity_index",
     "only_branch",
     "plan_steps",
     "reduce_chunks",

@@ -22,13 +22,14 @@ class FidelityBranch(str, enum.Enum):
     COND = "cond"  # the positive branch, for workflows whose positive carries ControlNet or areas
 
 
-def kept_branch(conds: Sequence[Any], fidelity_branch: FidelityBranch) -> int:
-    """The index of the branch to keep: `fidelity_branch` (uncond or cond), or the only one that exists."""
+def fidelity_index(conds: Sequence[Any], fidelity_branch: FidelityBranch) -> int:
+    """The index in `conds` of the branch run after the gate: `fidelity_branch` (uncond or cond), or
+    the only one that exists."""
     if fidelity_branch is FidelityBranch.UNCOND and conds[UNCOND]:
         return UNCOND
     return COND
 
 
-def only_branch(conds: Sequence[Any], kept: int) -> list[Any]:
-    """`conds` with every list but `kept` replaced by None, which ComfyUI skips."""
-    return [c if i == kept else None for i, c in enumerate(conds)]
+def only_branch(conds: Sequence[Any], index: int) -> list[Any]:
+    """`conds` with every list but `conds[index]` replaced by None, which ComfyUI skips."""
+    return [c if i == index else None for i, c in enumerate(conds)]

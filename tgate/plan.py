@@ -24,7 +24,7 @@ class StepPlan:
     # One field per attention kind, named as the kinds in families.py.
     cross_attention: Action
     self_attention: Action
-    both_branches: bool  # False: classifier-free guidance runs the kept branch alone
+    both_branches: bool  # False: classifier-free guidance runs the fidelity branch alone
     mean_of_branches: bool = False  # captures keep the mean of the two branches (the last step before the gate)
 
     def action(self, kind: str) -> Action:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .branch import BRANCH_NAMES, FidelityBranch, kept_branch, only_branch
+from .branch import BRANCH_NAMES, FidelityBranch, fidelity_index, only_branch
 from .config import TGateConfig
 from .families import CROSS, SELF
 from .forward import CALL_KEY, ModelCall
@@ -79,13 +79,13 @@ class GateRun:
             plan = replace(plan, self_attention=Action.CAPTURE)  # its capture step was skipped too
         if plan.is_plain:
             return executor(model, conds, x_in, timestep, model_options)
-        kept = kept_branch(conds, self.patch.fidelity_branch)
+        fidelity = fidelity_index(conds, self.patch.fidelity_branch)
         if not plan.both_branches and not self.store.holds(CROSS):
             # No layer could be cached (all of them replaced by other packs' attn2 patches): one
             # branch would lose the prompt altogether, so guidance stays whole.
             self.uncached_evaluations += 1
             return executor(model, conds, x_in, timestep, model_options)
-        self.store.kept_branch = kept
+        self.store.fidelity_index = fidelity
         for kind in plan.kinds(Action.CAPTURE):
             if self._capture_sigmas.get(kind) != sigma:
                 # A new capture; context windows call again at the same sigma and add to it.
@@ -93,7 +93,7 @@ class GateRun:
                 self._capture_sigmas[kind] = sigma
         self.current = plan
         try:
-            out = executor(model, conds if plan.both_branches else only_branch(conds, kept), x_in, timestep, model_options)
+            out = executor(model, conds if plan.both_branches else only_branch(conds, fidelity), x_in, timestep, model_options)
         finally:
             self.current = None
             self.store.finish_capture()
@@ -103,8 +103,8 @@ class GateRun:
         if plan.both_branches:
             return out
         self.single_branch_evaluations += 1
-        # Both CFG inputs get the kept branch: cfg(u, u) == u whatever the scale.
-        return [out[kept]] * len(conds)
+        # Both CFG inputs get the fidelity branch: cfg(u, u) == u whatever the scale.
+        return [out[fidelity]] * len(conds)
 
     def model_call(self, plan: StepPlan, chunk_ids: list, branches: list[int], device: torch.device) -> ModelCall:
         """The tables one batched model call of an evaluation planned by `plan` hands its modules."""
@@ -143,7 +143,7 @@ class GateRun:
                 f"the gate being after step {s.gate_step}; until then "
             )
         text += (
-            f"{self.single_branch_evaluations} evaluations ran the {BRANCH_NAMES[self.store.kept_branch]} branch "
+            f"{self.single_branch_evaluations} evaluations ran the {BRANCH_NAMES[self.store.fidelity_index]} branch "
             f"alone on {self.store.layers(CROSS)} cached cross-attention layers ({self.store.nbytes / 2**20:.1f} MiB)"
         )
         if self.patch.config.self_attention is not None:

@@ -4,7 +4,7 @@ Entries are kept per layer and per conditioning chunk (ComfyUI identifies chunks
 their cond), since ComfyUI groups chunks into model calls by free memory and may group them
 differently from one step to the next. A capture keeps either each chunk's own output (self-
 attention before and after the gate) or, at the last step before the gate, for each chunk of the
-branch kept after it, the mean of that chunk and the other branch's chunks of the same shape (the
+branch run after it (the fidelity branch), the mean of that chunk and the other branch's chunks of the same shape (the
 paper's rule); a chunk with no partner (cfg 1.0) keeps its own output.
 """
 
@@ -25,32 +25,32 @@ class ChunkPlan(NamedTuple):
     Plain ints and bools, so a compiled model sees it as a constant."""
 
     n_chunks: int
-    kept: tuple[int, ...]
-    others: tuple[int, ...]  # empty unless the capture keeps the mean of the branches
+    stored: tuple[int, ...]  # the chunks whose outputs are stored
+    mixed_in: tuple[int, ...]  # the other branch's chunks, averaged into each stored chunk (the gate's rule)
     mean_of_branches: bool
 
 
 def reduce_chunks(output: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
     """What a capture keeps of one layer's batched output, as one tensor; runs inside the model.
 
-    The kept chunks in call order, each averaged with the mean of the other chunks when there are
-    any (in float32, since fp16 sums of large activations overflow; stored in the output dtype). A
-    call with no kept chunk gives the float32 sum of its chunks, to pair with kept chunks from other
-    calls.
+    The stored chunks in call order, each averaged with the mean of the mixed-in chunks when there
+    are any (in float32, since fp16 sums of large activations overflow; stored in the output dtype).
+    A call with no chunk to store gives the float32 sum of its chunks, to pair with stored chunks
+    from other calls.
     """
-    if not plan.others:
-        if len(plan.kept) == plan.n_chunks:
+    if not plan.mixed_in:
+        if len(plan.stored) == plan.n_chunks:
             return output
         chunks = output.chunk(plan.n_chunks)
-        return torch.cat([chunks[i] for i in plan.kept])
+        return torch.cat([chunks[i] for i in plan.stored])
     chunks = output.chunk(plan.n_chunks)
-    other_sum = chunks[plan.others[0]].float()
-    for i in plan.others[1:]:
-        other_sum = other_sum + chunks[i].float()
-    if not plan.kept:
-        return other_sum
-    other_mean = other_sum / len(plan.others)
-    means = [((chunks[i].float() + other_mean) * 0.5).to(output.dtype) for i in plan.kept]
+    mixed_sum = chunks[plan.mixed_in[0]].float()
+    for i in plan.mixed_in[1:]:
+        mixed_sum = mixed_sum + chunks[i].float()
+    if not plan.stored:
+        return mixed_sum
+    mixed_mean = mixed_sum / len(plan.mixed_in)
+    means = [((chunks[i].float() + mixed_mean) * 0.5).to(output.dtype) for i in plan.stored]
     return means[0] if len(means) == 1 else torch.cat(means)
 
 
@@ -72,7 +72,7 @@ class AttentionStore:
         self.layer_kinds = dict(layer_kinds)  # {layer: kind}
         # None keeps entries where they were computed (the model's device).
         self.storage_device = torch.device(storage_device) if storage_device is not None else None
-        self.kept_branch = 0  # the branch (0 cond, 1 uncond) whose chunks a mean capture keeps
+        self.fidelity_index = 0  # the branch (0 cond, 1 uncond) run after the gate: a mean capture stores its chunks
         self._slots: dict[str, dict[ChunkId, Slot]] = {}
         # Only used when ComfyUI runs the two branches in separate model calls (low memory): the
         # other branch's outputs are summed per layer and shape and mixed in when the capture ends.
@@ -84,9 +84,9 @@ class AttentionStore:
         """How a capture reduces a call whose chunks belong to `branches` (ComfyUI's cond_or_uncond)."""
         if not mean_of_branches:
             return ChunkPlan(len(branches), tuple(range(len(branches))), (), False)
-        kept = tuple(i for i, b in enumerate(branches) if b == self.kept_branch)
-        others = tuple(i for i, b in enumerate(branches) if b != self.kept_branch)
-        return ChunkPlan(len(branches), kept, others, True)
+        stored = tuple(i for i, b in enumerate(branches) if b == self.fidelity_index)
+        mixed_in = tuple(i for i, b in enumerate(branches) if b != self.fidelity_index)
+        return ChunkPlan(len(branches), stored, mixed_in, True)
 
     def store(self, layer: str, reduced: torch.Tensor, plan: ChunkPlan, chunk_ids: Sequence[ChunkId]) -> None:
         """Keep what `reduce_chunks` gave for one layer of one model call.
@@ -94,17 +94,17 @@ class AttentionStore:
         It is copied: what comes out of a compiled model may live in a CUDA graph's memory pool,
         which the next replay overwrites, and a view would keep a whole batch alive.
         """
-        if not plan.kept:
+        if not plan.stored:
             key = (layer, reduced.shape)
             total, count = self._other_sums.get(key, (None, 0))
-            self._other_sums[key] = (reduced.clone() if total is None else total + reduced, count + len(plan.others))
+            self._other_sums[key] = (reduced.clone() if total is None else total + reduced, count + len(plan.mixed_in))
             return
         block = reduced.clone()
         slots = self._slots.setdefault(layer, {})
-        for index, position in enumerate(plan.kept):
-            slot = Slot(block, index, len(plan.kept))
+        for index, position in enumerate(plan.stored):
+            slot = Slot(block, index, len(plan.stored))
             slots[chunk_ids[position]] = slot
-            if plan.mean_of_branches and not plan.others:
+            if plan.mean_of_branches and not plan.mixed_in:
                 self._unpaired.setdefault((layer, slot.view().shape), []).append(chunk_ids[position])
 
     def finish_capture(self) -> None:
