@@ -6,6 +6,7 @@ Numbered after the behaviour points of issue 2.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import weakref
@@ -442,13 +443,62 @@ def test_5_composes_with_easycache(comfy, sd15):
     from comfy_extras.nodes_easycache import EasyCacheNode
 
     pos, neg = conds(comfy, "sd15")
+    layers = len(attn2_modules(sd15))
     for order in ("easycache_first", "tgate_first"):
         if order == "easycache_first":
             model = comfy.tgate(EasyCacheNode.execute(sd15, 0.2, 0.15, 0.95, False).result[0])
         else:
             model = EasyCacheNode.execute(comfy.tgate(sd15), 0.2, 0.15, 0.95, False).result[0]
-        out = comfy.sample(model, pos, neg, steps=STEPS)
+        probe, q_before_call = ModelProbe(), []
+        handle = sd15.model.diffusion_model.register_forward_pre_hook(lambda m, a: q_before_call.append(probe.to_q_calls))
+        try:
+            with probe.watch(sd15):
+                out = comfy.sample(model, pos, neg, steps=STEPS)
+        finally:
+            handle.remove()
         assert torch.isfinite(out).all(), order
+        # T-GATE acted: two branches until the gate, then one; and no cross-attention projection
+        # after the gate (EasyCache may skip the computation of any call, but not add one).
+        two, one = probe.batch_sizes.count(2), probe.batch_sizes.count(1)
+        assert one > 0 and probe.batch_sizes == [2] * two + [1] * one, (order, probe.batch_sizes)
+        assert 0 < probe.to_q_calls == q_before_call[two] and probe.to_q_calls % layers == 0, order
+
+
+class LogRecords(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    @contextlib.contextmanager
+    def on(self, name="tgate"):
+        logger = logging.getLogger(name)
+        level = logger.level
+        logger.addHandler(self)
+        logger.setLevel(logging.INFO)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+
+
+def test_5_applying_tgate_twice_warns_with_both_settings(comfy, sd15):
+    with LogRecords().on() as log:
+        once = comfy.tgate(sd15, gate_at=0.4)
+        comfy.tgate(sd15, gate_at=0.5)  # another chain from the same model: no warning
+        assert not [r for r in log.records if r.levelno >= logging.WARNING]
+        twice = comfy.tgate_advanced(once, gate_at=0.6, sp_interval=3)
+    warnings = [r.getMessage() for r in log.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "twice" in warnings[0]
+    assert "gate_at 0.4" in warnings[0] and "gate_at 0.6" in warnings[0] and "sp_interval 3" in warnings[0]
+    # The later node wins, and the earlier one's patches are not stacked under it.
+    assert not any(hasattr(getattr(f, "tgate_original", None), "tgate_original") for f in twice.object_patches.values())
+    back = comfy.tgate(twice, gate_at=0.6)  # advanced, then simple: self-attention back to normal
+    pos, neg = conds(comfy, "sd15")
+    assert torch.equal(comfy.sample(back, pos, neg), comfy.sample(comfy.tgate(sd15, gate_at=0.6), pos, neg))
 
 
 # -- 6. no side effects: unpatched model, repeatability, cancel, memory ---------------------------------
@@ -481,6 +531,29 @@ def test_6_a_cancelled_run_leaves_nothing_behind(comfy, sd15):
     with pytest.raises(mm.InterruptProcessingException):
         comfy.sample(model, pos, neg, steps=STEPS, callback=cancel)
     assert torch.equal(comfy.sample(model, pos, neg, steps=STEPS), fresh)
+
+
+def test_6_the_summary_of_a_cancelled_run_says_where_it_stopped(comfy, sd15):
+    import comfy.model_management as mm
+
+    pos, neg = conds(comfy, "sd15")
+
+    def cancel(step, x0, x, total):
+        if step == GATE_STEP + 2:
+            raise mm.InterruptProcessingException()
+
+    with LogRecords().on() as log, pytest.raises(mm.InterruptProcessingException):
+        comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS, callback=cancel)
+    (summary,) = [r for r in log.records if hasattr(r, "tgate_run")]
+    assert summary.levelno == logging.WARNING
+    assert f"stopped (cancelled or failed) at step {GATE_STEP + 3} of {STEPS}" in summary.getMessage()
+    assert "planned with text, then" not in summary.getMessage()  # not the words of a finished run
+    assert summary.tgate_run["stopped_at_step"] == GATE_STEP + 2
+    with LogRecords().on() as log:
+        comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS)
+    (summary,) = [r for r in log.records if hasattr(r, "tgate_run")]
+    assert summary.levelno == logging.INFO and summary.tgate_run["stopped_at_step"] is None
+    assert f"{GATE_STEP} of {STEPS} steps planned with text, then" in summary.getMessage()
 
 
 def test_6_cache_memory_is_freed_at_the_end_of_every_run(comfy, sd15):

@@ -252,3 +252,22 @@ def test_a_model_call_without_its_chunk_layout_runs_unchanged():
     options = {RUN_KEY: run}  # no "uuids": a ComfyUI that changed
     apply_model_with_gate(apply_model, torch.zeros(1), None, None, None, None, options)
     assert seen == [options]
+
+
+def test_a_capture_the_model_skipped_is_taken_again_at_the_next_evaluation():
+    """EasyCache may skip the model call of the capture step: nothing reaches the attention
+    modules, so the gate is not yet captured and the next evaluation captures instead."""
+    model, x = patched_denoiser(), torch.randn(1, 4, 8)
+    run, options = run_options()  # step 1 captures
+    seen = []
+
+    def skipping_executor(model, conds, x_in, timestep, model_options):
+        if float(timestep) == 4.0:  # the capture step: a cached result, no model call
+            seen.append("skipped")
+            return [torch.zeros_like(x_in) for _ in conds]
+        return calc_cond_batch(model, conds, x_in, timestep, model_options, seen=seen)
+
+    for sigma in SIGMAS[:-1]:
+        calc_cond_batch_with_gate(skipping_executor, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
+    assert seen == [2, "skipped", 2, 1, 1]
+    assert run.late_capture and run.store.layers(CROSS) == 2 and run.uncached_evaluations == 0

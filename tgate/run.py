@@ -80,11 +80,6 @@ class GateRun:
         if plan.is_plain:
             return executor(model, conds, x_in, timestep, model_options)
         fidelity = fidelity_index(conds, self.patch.fidelity_branch)
-        if not plan.both_branches and not self.store.holds(CROSS):
-            # No layer could be cached (all of them replaced by other packs' attn2 patches): one
-            # branch would lose the prompt altogether, so guidance stays whole.
-            self.uncached_evaluations += 1
-            return executor(model, conds, x_in, timestep, model_options)
         self.store.fidelity_index = fidelity
         for kind in plan.kinds(Action.CAPTURE):
             if self._capture_sigmas.get(kind) != sigma:
@@ -97,7 +92,12 @@ class GateRun:
         finally:
             self.current = None
             self.store.finish_capture()
-        self.gate_captured |= plan.cross_attention is Action.CAPTURE
+        if plan.cross_attention is Action.CAPTURE:
+            # A capture can store nothing: EasyCache may skip the model call, or other packs'
+            # attn2 patches replace every layer. Then the next evaluation captures again, and
+            # until one stores something, evaluations past the gate keep both branches.
+            self.gate_captured = self.store.holds(CROSS)
+            self.uncached_evaluations += not self.gate_captured and step >= self.schedule.gate_step
         self.self_attention_reuses += plan.self_attention is Action.REUSE
         self.peak_bytes = max(self.peak_bytes, self.store.nbytes)
         if plan.both_branches:
