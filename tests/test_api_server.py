@@ -140,8 +140,44 @@ def test_the_server_refuses_out_of_range_settings_with_the_input_named(server):
     assert status == 400
     errors = json.dumps(answer["node_errors"]["2"])
     assert "gate_at" in errors and "1.5" in errors
-    for name, value in (("fidelity_branch", "both"), ("cache_device", "disk")):
+    combos = {"fidelity_branch": "both", "cache_device": "disk"}
+    for name, value in combos.items():
         status, answer = request(f"{url}/prompt", {"prompt": api_workflow(**{name: value})})
         assert status == 400, answer
-        errors = json.dumps(answer["node_errors"]["2"])
-        assert name in errors and value in errors and "must be one of" in errors
+        errors = answer["node_errors"]["2"]["errors"]
+        # Each error is reported against the wrong input only, names it, the value and the choices.
+        assert [e["extra_info"]["input_name"] for e in errors] == [name], errors
+        (other,) = set(combos) - {name}
+        assert name in errors[0]["details"] and value in errors[0]["details"] and other not in errors[0]["details"]
+        choices = {"fidelity_branch": "'auto', 'uncond', 'cond'", "cache_device": "'model_device', 'cpu'"}[name]
+        assert f"not in [{choices}]" in errors[0]["details"]
+
+
+def advanced(workflow: dict, **reuse) -> dict:
+    """The workflow with its T-GATE node swapped for T-GATE (advanced)."""
+    workflow["2"]["class_type"] = "TGateAdvanced"
+    workflow["2"]["inputs"].update({"warm_up": 2, "sp_interval": 5, "fi_interval": 1, **reuse})
+    return workflow
+
+
+def test_the_advanced_node_runs_from_the_api_and_its_intervals_are_checked(server):
+    url, _, log_path = server
+    status, info = request(f"{url}/object_info/TGateAdvanced")
+    assert status == 200 and info["TGateAdvanced"]["display_name"] == "T-GATE (advanced)"
+    status, queued = request(f"{url}/prompt", {"prompt": advanced(api_workflow()), "client_id": "tgate-test"})
+    assert status == 200, queued
+    deadline = time.monotonic() + 300
+    while True:
+        status, history = request(f"{url}/history/{queued['prompt_id']}")
+        entry = history.get(queued["prompt_id"]) if status == 200 and history else None
+        if entry and entry.get("status", {}).get("completed"):
+            break
+        if entry and entry.get("status", {}).get("status_str") == "error" or time.monotonic() > deadline:
+            pytest.fail(f"the prompt failed or timed out: {entry}\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.5)
+    assert "self-attention was reused in 5 evaluations" in log_path.read_text()  # steps 3, 4, 6, 7 and 8 of 25
+    for name, value in (("sp_interval", 0), ("fi_interval", 0), ("warm_up", -1)):
+        status, answer = request(f"{url}/prompt", {"prompt": advanced(api_workflow(), **{name: value})})
+        assert status == 400, answer
+        errors = answer["node_errors"]["2"]["errors"]
+        assert [e["extra_info"]["input_name"] for e in errors] == [name], errors
