@@ -39,6 +39,9 @@ def compiled_against_eager(backend, layers, **settings):
     torch._dynamo.reset()
     counters.clear()
     eager_model = patched_denoiser(layers)
+    self_q = []  # self-attention q projections of the eager run
+    for block in eager_model.blocks:
+        block.attn1.to_q.register_forward_pre_hook(lambda m, a: self_q.append(1))
     compiled = torch.compile(patched_denoiser(layers), backend=backend, fullgraph=True)  # fullgraph: no graph break allowed
     x = torch.randn(1, 4, 8)
     with torch.no_grad():
@@ -50,12 +53,12 @@ def compiled_against_eager(backend, layers, **settings):
     assert rel < 1e-5, rel
     assert torch.equal(got, again)
     assert counters["stats"]["unique_graphs"] == graphs_first_run, "the second run recompiled"
-    return run, graphs_first_run
+    return run, graphs_first_run, len(self_q) // len(eager_model.blocks)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_equals_eager_with_one_graph_per_stage_and_no_recompile(backend):
-    run, graphs = compiled_against_eager(backend, LAYERS)
+    run, graphs, _ = compiled_against_eager(backend, LAYERS)
     assert run.single_branch_evaluations == 3  # the compiled run did gate
     assert graphs <= 3, f"{graphs} graphs for plan, capture and replay"
 
@@ -64,9 +67,10 @@ def test_compiled_equals_eager_with_one_graph_per_stage_and_no_recompile(backend
 @pytest.mark.parametrize("setting", sorted(V2_SETTINGS))
 def test_v2_compiles_at_most_one_graph_per_distinct_step_plan(backend, setting):
     config = TGateConfig(gate_at=0.5, self_attention=V2_SETTINGS[setting])
-    run, graphs = compiled_against_eager(backend, V2_LAYERS, config=config, sigmas=LONG_SIGMAS, gate_sigma=6.5)
+    run, graphs, self_computed = compiled_against_eager(backend, V2_LAYERS, config=config, sigmas=LONG_SIGMAS, gate_sigma=6.5)
     assert run.schedule.gate_step == 6 and run.single_branch_evaluations == 6
-    assert run.self_attention_reuses > 0  # the compiled run did reuse self-attention
+    reused_steps = sum(p.self_attention.value == "reuse" for p in run.plans)
+    assert reused_steps > 0 and self_computed == len(run.plans) - reused_steps  # the eager run reused
     distinct = len(set(run.plans))
     assert graphs <= distinct, f"{graphs} graphs for {distinct} distinct step plans"
     if setting == "official":

@@ -450,7 +450,9 @@ def test_5_composes_with_easycache(comfy, sd15):
         else:
             model = EasyCacheNode.execute(comfy.tgate(sd15), 0.2, 0.15, 0.95, False).result[0]
         probe, q_before_call = ModelProbe(), []
-        handle = sd15.model.diffusion_model.register_forward_pre_hook(lambda m, a: q_before_call.append(probe.to_q_calls))
+        handle = sd15.model.diffusion_model.register_forward_pre_hook(
+            lambda m, a, probe=probe, q_before_call=q_before_call: q_before_call.append(probe.to_q_calls)
+        )
         try:
             with probe.watch(sd15):
                 out = comfy.sample(model, pos, neg, steps=STEPS)

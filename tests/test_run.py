@@ -15,6 +15,7 @@ from tgate import (
     GatePatch,
     GateRun,
     GateSchedule,
+    SelfAttentionReuse,
     TGateConfig,
     apply_model_with_gate,
     calc_cond_batch_with_gate,
@@ -271,3 +272,21 @@ def test_a_capture_the_model_skipped_is_taken_again_at_the_next_evaluation():
         calc_cond_batch_with_gate(skipping_executor, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
     assert seen == [2, "skipped", 2, 1, 1]
     assert run.late_capture and run.store.layers(CROSS) == 2 and run.uncached_evaluations == 0
+
+
+def test_v2_reuses_self_attention_and_frees_it_once_no_later_step_reads_it():
+    sigmas = [12.0 - i for i in range(12)] + [0.0]
+    config = TGateConfig(gate_at=0.5, self_attention=SelfAttentionReuse(warm_up=2, sp_interval=5, fi_interval=1))
+    run, options = run_options(config, gate_sigma=6.5, sigmas=sigmas)  # gate after step 6: 5 is the gate's capture
+    model, x = patched_denoiser(V2_LAYERS), torch.randn(1, 4, 8)
+    self_q = []
+    for block in model.blocks:
+        block.attn1.to_q.register_forward_pre_hook(lambda m, a: self_q.append(a[0].shape[0]))
+    held, conds = [], [make_cond(1), make_cond(2)]  # the same conds (uuids) all run long, as in ComfyUI
+    for sigma in sigmas[:-1]:
+        calc_cond_batch_with_gate(calc_cond_batch, model, conds, x, torch.tensor([sigma]), options)
+        held.append(run.store.holds(SELF))
+    # Steps 0, 1 compute, 2 keeps, 3 and 4 reuse, 5 (the gate's capture) and after compute.
+    assert self_q == [2, 2] * 4 + [1, 1] * 6  # two layers; two branches until the gate
+    assert held == [False, False, True, True, False] + [False] * 7
+    assert run.self_attention_reuses == 2 and run.peak_bytes > run.store.nbytes > 0

@@ -52,6 +52,8 @@ class GateRun:
         self.patch = patch
         self.schedule = schedule
         self.plans = plan_steps(schedule.num_steps, schedule.gate_step, patch.config.self_attention)
+        # Self-attention outputs are freed once no later step reuses them (official SDXL: at the gate).
+        self._last_self_reuse = max((i for i, p in enumerate(self.plans) if p.self_attention is Action.REUSE), default=-1)
         self.store = AttentionStore(patch.layer_kinds, "cpu" if patch.config.cache_device == "cpu" else None)
         self.current: StepPlan | None = None  # the plan of the main CFG evaluation in progress
         self._capture_sigmas: dict[str, float] = {}  # per kind, the sigma of its last capture
@@ -100,6 +102,8 @@ class GateRun:
             self.uncached_evaluations += not self.gate_captured and step >= self.schedule.gate_step
         self.self_attention_reuses += plan.self_attention is Action.REUSE
         self.peak_bytes = max(self.peak_bytes, self.store.nbytes)
+        if step >= self._last_self_reuse and self.store.holds(SELF):
+            self.store.clear((SELF,))
         if plan.both_branches:
             return out
         self.single_branch_evaluations += 1
