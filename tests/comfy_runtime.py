@@ -163,10 +163,10 @@ class SyncCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
     @contextlib.contextmanager
-    def around_attention(self, patcher):
+    def around_attention(self, patcher, suffixes=("attn2",)):
         handles = []
         for name, module in patcher.model.diffusion_model.named_modules():
-            if name.endswith("attn2"):
+            if name.endswith(suffixes):
                 handles.append(module.register_forward_pre_hook(lambda m, a: self._enter()))
                 handles.append(module.register_forward_hook(lambda m, a, o: self._leave()))
         try:

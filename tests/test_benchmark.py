@@ -35,3 +35,39 @@ def test_benchmark_runs_the_tiny_model_and_writes_json(comfy, tmp_path):
     assert report.returncode == 0, report.stderr
     table_row = next(line for line in report.stdout.splitlines() if line.startswith("| bench |"))
     assert f"{tgate['speedup']:.3f}x" in table_row and "python -m tgate_bench" in report.stdout
+
+
+def test_benchmark_tgate_v2_reuses_self_attention_in_the_profiled_step(comfy, tmp_path):
+    out = tmp_path / "bench_v2.json"
+    env = dict(os.environ, COMFYUI_PATH=str(COMFYUI_PATH))
+    # gate_at 0.75 gates after step 6 of 8, so the official schedule (warm_up 2, sp_interval 5) keeps
+    # self-attention at step 2 and reuses it at steps 3 and 4; at 0.4 the gate (after step 3) comes first.
+    settings = "--arch tiny-sd15 --size 64 --steps 8 --runs 1 --gate-at 0.75 --variants baseline,tgate,tgate_v2 --profile"
+    command = [sys.executable, "-m", "tgate_bench", *settings.split(), "--json", str(out)]
+    done = subprocess.run(command, cwd=PACK_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"baseline", "tgate", "tgate_v2"}
+    v2 = result["variants"]["tgate_v2"]
+    run = v2["tgate_run"]
+    assert run["gate_step"] == 6 and run["num_steps"] == 8 and run["self_attention_reuses"] == 2
+    assert v2["cache_bytes"] == run["peak_cache_bytes"] > 0 and v2["speedup"] > 0
+    assert result["variants"]["tgate"]["tgate_run"]["self_attention_reuses"] == 0
+
+    profile = result["profile"]
+    kept, reused = profile["v2 sa kept"], profile["v2 sa reused"]
+    assert (kept["step"], reused["step"]) == (2, 3)
+    # Self-attention computed on the kept step; on the reuse step it is a table lookup: no op at all
+    # (no to_q/to_k/to_v projection, no attention), while cross-attention still computes before the gate.
+    assert kept["aten_ops_by_module"]["CrossAttention.attn1"] > 0
+    assert reused["aten_ops_by_module"]["CrossAttention.attn1"] == 0
+    assert reused["kernels_by_module"]["CrossAttention.attn1"] == 0
+    assert reused["aten_ops_by_module"]["CrossAttention.attn2"] == kept["aten_ops_by_module"]["CrossAttention.attn2"] > 0
+    assert reused["aten_ops"] < kept["aten_ops"]
+    assert profile["after gate"]["aten_ops_by_module"]["CrossAttention.attn2"] == 0  # V1's cross-attention reuse
+    assert "aten ops in CrossAttention.attn1" in done.stdout
+
+    report = subprocess.run([sys.executable, "-m", "tgate_bench.report", str(out)], cwd=PACK_ROOT, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    v2_row = next(line for line in report.stdout.splitlines() if line.startswith("| bench_v2 |") and "in 8 steps" in line)
+    assert f"{v2['speedup']:.3f}x" in v2_row

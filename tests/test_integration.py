@@ -601,6 +601,21 @@ def test_7_no_sync_inside_attention_and_at_most_one_per_evaluation(comfy, sd15):
     assert tgate_total - plain_total <= evaluations + 2
 
 
+def test_7_the_advanced_node_syncs_no_more_and_never_inside_attention(comfy, sd15):
+    pos, neg = conds(comfy, "sd15")
+    counts = {}
+    for label, model in (("plain", sd15), ("v2", comfy.tgate_advanced(sd15, warm_up=1, sp_interval=2, fi_interval=2))):
+        counter = SyncCounter()
+        probe = ModelProbe()
+        with probe.watch(sd15), counter.around_attention(sd15, suffixes=("attn1", "attn2")):
+            comfy.sample(model, pos, neg, steps=STEPS)
+        counts[label] = (counter.total, counter.in_attention, len(probe.batch_sizes))
+    plain_total, _, evaluations = counts["plain"]
+    v2_total, v2_in_attention, _ = counts["v2"]
+    assert v2_in_attention == 0
+    assert v2_total - plain_total <= evaluations + 2
+
+
 # -- 8. bad input ---------------------------------------------------------------------------------
 def tiny_flux():
     import comfy.supported_models as supported_models

@@ -4,7 +4,9 @@ report times, speedups, peak memory and the T-GATE cache size.
     python -m tgate_bench --arch sd15 --size 512 --batch 8 --runs 7 --json results.json
 
 Variants: baseline (CFG at --cfg), cfg1 (CFG 1.0: the cost of one branch), tgate (the node's
-defaults), tgate_off (gate_at 1.0: the pack's overhead), peer=PATH (another T-GATE node pack,
+defaults), tgate_off (gate_at 1.0: the pack's overhead), tgate_v2 (the advanced node, TGATE-V2, at
+the official SD/SDXL settings: warm_up 2, sp_interval 5, fi_interval 1, fidelity_branch auto; not in
+the default list), peer=PATH (another T-GATE node pack,
 loaded by ComfyUI's loader, applied with its defaults and --peer-input overrides to a second copy of
 the model with the same weights, since some ports patch module instances for good). Runs are interleaved (A B C A B C)
 after one warm-up each, with device synchronisation around every run.
@@ -26,6 +28,8 @@ from .comfy_env import MISSING, PACK_ROOT, find_comfyui, import_comfyui, load_pa
 from .models import ARCHITECTURES
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+V2_SCHEDULE = {"warm_up": 2, "sp_interval": 5, "fi_interval": 1}  # the official SD/SDXL TGATE-V2 settings
+OWN_VARIANTS = ("baseline", "cfg1", "tgate", "tgate_v2")  # a failure here stops the benchmark
 
 
 def parse_args(argv=None):
@@ -43,6 +47,12 @@ def parse_args(argv=None):
     p.add_argument("--gate-at", type=float, default=0.4)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on the CPU")
     p.add_argument("--runs", type=int, default=7, help="timed runs per variant, after one warm-up")
+    p.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="time the first round too (for long CPU runs, where one untimed round costs as much as a timed one); "
+        "not with --compile",
+    )
     p.add_argument("--variants", default="baseline,cfg1,tgate,tgate_off", help="comma-separated; peer=PATH adds another pack")
     p.add_argument("--peer-node", help="node id to use from the peer pack (default: its first MODEL -> MODEL node)")
     p.add_argument(
@@ -58,7 +68,12 @@ def parse_args(argv=None):
         help="compile the diffusion model the way "
         "ComfyUI's TorchCompileModel node does (applied after T-GATE); compile time is reported apart",
     )
-    p.add_argument("--profile", action="store_true", help="also profile one step before and one after the gate of a tgate run")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one step before and one after the gate of a tgate run, and, with tgate_v2, one "
+        "step where it keeps self-attention and one where it reuses it",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     return p.parse_args(argv)
 
@@ -113,6 +128,7 @@ def main(argv=None) -> int:
     if "TGate" not in nodes.NODE_CLASS_MAPPINGS:
         load_pack(nodes, PACK_ROOT)
     tgate_node = nodes.NODE_CLASS_MAPPINGS["TGate"]
+    advanced_node = nodes.NODE_CLASS_MAPPINGS["TGateAdvanced"]
     stats = RunStats()
     logging.getLogger("tgate").addHandler(stats)
     logging.getLogger("tgate").setLevel(logging.INFO)
@@ -129,6 +145,11 @@ def main(argv=None) -> int:
 
     def tgate(gate_at):
         return tgate_node.execute(model, gate_at=gate_at, fidelity_branch="uncond", cache_device="model_device").result[0]
+
+    def tgate_v2(gate_at):
+        return advanced_node.execute(
+            model, gate_at=gate_at, fidelity_branch="auto", cache_device="model_device", **V2_SCHEDULE
+        ).result[0]
 
     compiled = {}
 
@@ -154,6 +175,8 @@ def main(argv=None) -> int:
             variants[name] = (compile_(tgate(args.gate_at)), args.cfg)
         elif name == "tgate_off":
             variants[name] = (compile_(tgate(1.0)), args.cfg)
+        elif name == "tgate_v2":
+            variants[name] = (compile_(tgate_v2(args.gate_at)), args.cfg)
         elif name.startswith("peer="):
             node_id, kwargs, apply = peer_patch(nodes, Path(name[5:]).resolve(), args.peer_node, args.peer_input)
             print(f"peer {node_id} with {kwargs}", flush=True)
@@ -208,13 +231,15 @@ def main(argv=None) -> int:
 
     times = {name: [] for name in variants}
     extra = {name: {"graphs_compiled": 0} for name in variants}
-    for round_ in range(args.runs + 1):  # round 0 warms up (and compiles) every variant
+    if args.no_warmup and args.compile:
+        raise SystemExit("--no-warmup would time compilation: leave it out with --compile")
+    for round_ in range(args.runs + (0 if args.no_warmup else 1)):  # round 0 warms up (and compiles) every variant
         for name, (patched, cfg) in list(variants.items()):
             before = graphs()
             try:
                 elapsed, peak, run = sample(patched, cfg)
             except Exception as e:  # a peer pack that breaks must not cost the other rows' figures
-                if name in ("baseline", "cfg1", "tgate"):
+                if name in OWN_VARIANTS:
                     raise
                 print(f"variant {name} failed and is dropped: {type(e).__name__}: {e}", flush=True)
                 failed[name] = f"{type(e).__name__}: {e}"
@@ -223,11 +248,11 @@ def main(argv=None) -> int:
             extra[name]["graphs_compiled" if round_ == 0 else "graphs_recompiled"] = (
                 extra[name].get("graphs_recompiled", 0) + graphs() - before if round_ else graphs() - before
             )
-            if round_:
+            if round_ == 0:
+                extra[name]["first_run_s"] = elapsed
+            if round_ or args.no_warmup:
                 times[name].append(elapsed)
                 extra[name].update(peak_bytes=peak, tgate=run)
-            else:
-                extra[name]["first_run_s"] = elapsed
         print(f"round {round_}/{args.runs} done", flush=True)
 
     base = statistics.median(times["baseline"]) if "baseline" in times else None
@@ -242,7 +267,7 @@ def main(argv=None) -> int:
             "spread_pct": 100 * (max(ts) - min(ts)) / median,
             "speedup": base / median if base else None,
             "peak_bytes": extra[name]["peak_bytes"],
-            "cache_bytes": (extra[name]["tgate"] or {}).get("cache_bytes"),
+            "cache_bytes": _cache_bytes(extra[name]["tgate"]),
             "tgate_run": extra[name]["tgate"],
             "first_run_s": extra[name]["first_run_s"],
             "compile_s": extra[name]["first_run_s"] - median if args.compile else None,
@@ -284,19 +309,38 @@ def main(argv=None) -> int:
             f"batch-halving bound {bound['bound_s']:.3f} s ({bound['bound_speedup']:.3f}x); "
             f"tgate reaches {bound['tgate_over_bound']:.3f}x the bound"
         )
+    v2_run = results["tgate_v2"]["tgate_run"] if "tgate_v2" in results else None
+    if v2_run:
+        print(
+            f"tgate_v2: gate after step {v2_run['gate_step']} of {v2_run['num_steps']}, self-attention reused in "
+            f"{v2_run['self_attention_reuses']} evaluations, peak cache {v2_run['peak_cache_bytes'] / 2**20:.1f} MiB"
+        )
 
-    profile_result = None
-    if args.profile and "tgate" in variants and results["tgate"]["tgate_run"]:
+    profile_result = {}
+    if args.profile:
         from .profile import format_profile, profile_steps
 
-        gate = results["tgate"]["tgate_run"]["gate_step"]
-        patched, cfg = variants["tgate"]
+        def profile_variant(name, steps):
+            patched, cfg = variants[name]
+            return profile_steps(lambda m, cb: sample(m, cfg, cb), patched, model.model.diffusion_model, steps, cuda)
 
-        steps = {"before gate": max(0, gate - 2), "capture": gate - 1, "after gate": min(args.steps - 1, gate + 1)}
-        profile_result = profile_steps(lambda m, cb: sample(m, cfg, cb), patched, model.model.diffusion_model, steps, cuda)
-        print()
-        print("one step of the tgate run, profiled:")
-        print(format_profile(profile_result))
+        if "tgate" in variants and results["tgate"]["tgate_run"]:
+            gate = results["tgate"]["tgate_run"]["gate_step"]
+            steps = {"before gate": max(0, gate - 2), "capture": gate - 1, "after gate": min(args.steps - 1, gate + 1)}
+            profile_result.update(profile_variant("tgate", steps))
+        if v2_run:
+            steps = _self_attention_steps(advanced_node, v2_run)
+            if steps:
+                profile_result.update(profile_variant("tgate_v2", steps))
+            else:
+                print(
+                    f"tgate_v2 reuses self-attention at no step of {v2_run['num_steps']} at gate_at {args.gate_at}: not profiled"
+                )
+        if profile_result:
+            print()
+            print("one step of each T-GATE run, profiled (v2 sa: the tgate_v2 run where it keeps / reuses self-attention):")
+            print(format_profile(profile_result))
+    profile_result = profile_result or None
 
     if args.json:
         payload = {
@@ -315,6 +359,28 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _cache_bytes(run: dict | None) -> int | None:
+    """The most a run kept at once: its peak where the engine reports one (self-attention comes and goes)."""
+    if not run:
+        return None
+    return run.get("peak_cache_bytes", run.get("cache_bytes"))
+
+
+def _self_attention_steps(advanced_node, run: dict) -> dict[str, int]:
+    """The first step of a tgate_v2 run that reuses self-attention (before the gate where there is
+    one) and the step that kept what it reuses, from the engine's own plan; {} when none reuses."""
+    import importlib
+
+    engine = importlib.import_module(advanced_node.__module__.rpartition(".")[0] + ".tgate")
+    plans = engine.plan_steps(run["num_steps"], run["gate_step"], engine.SelfAttentionReuse(**V2_SCHEDULE))
+    reusing = [step for step, plan in enumerate(plans) if plan.self_attention is engine.Action.REUSE]
+    if not reusing:
+        return {}
+    reused = next((step for step in reusing if step < run["gate_step"]), reusing[0])
+    kept = max(step for step in range(reused) if plans[step].self_attention is engine.Action.CAPTURE)
+    return {"v2 sa kept": kept, "v2 sa reused": reused}
 
 
 def _graph_counter():

@@ -19,6 +19,7 @@ rows() {
 sd15-512-b8      --arch sd15 --size 512 --batch 8
 sd15-1024-b2     --arch sd15 --size 1024 --batch 2
 sdxl-1024-b4     --arch sdxl --size 1024 --batch 4
+sdxl-1024-b4-v2  --arch sdxl --size 1024 --batch 4 --variants baseline,cfg1,tgate,tgate_v2
 sd15-512-b1      --arch sd15 --size 512 --batch 1 --runs 9
 sdxl-1024-b1     --arch sdxl --size 1024 --batch 1 --runs 9
 sd15-512-b1-cg   --arch sd15 --size 512 --batch 1 --runs 9 --compile cudagraphs
@@ -61,8 +62,10 @@ case "${1:-}" in
     for row in "$@"; do
       args=$(rows | awk -v r="$row" '$1 == r { $1 = ""; print }')
       [ -n "$args" ] || { echo "unknown row $row; rows: $(rows | awk '{print $1}' | tr '\n' ' ')"; exit 2; }
+      row_peer=("${peer[@]}")
+      case " $args " in *" --variants "*) row_peer=() ;; esac  # a row naming its own variants runs those alone
       # shellcheck disable=SC2086
-      python3 -m tgate_bench $args "${peer[@]}" ${BENCH_ARGS:-} --json "$out/$row.json" 2>&1 | grep -v "^W[0-9]" | tee "$out/$row.txt"
+      python3 -m tgate_bench $args "${row_peer[@]}" ${BENCH_ARGS:-} --json "$out/$row.json" 2>&1 | grep -v "^W[0-9]" | tee "$out/$row.txt"
     done
     ;;
   *)

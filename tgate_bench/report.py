@@ -1,6 +1,9 @@
 """Turn benchmark JSON files into the markdown rows of docs/benchmarks.md.
 
 python -m tgate_bench.report benchmark-results/*.json
+
+Files with a tgate_v2 variant (the advanced node, TGATE-V2) also get a row in a second table,
+tgate and tgate_v2 side by side.
 """
 
 from __future__ import annotations
@@ -13,6 +16,13 @@ HEADER = (
     "| row | device | baseline s (spread) | cfg1 | bound | tgate | tgate / bound | peer | tgate_off "
     "| peak over baseline | cache | compile s (graphs, recompiled) |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+V2_HEADER = (
+    "| row | device | baseline s | tgate | tgate_v2 | tgate_v2 / tgate | self-attention reuses (evaluations) "
+    "| v2 peak over baseline | tgate cache | tgate_v2 peak cache |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -50,18 +60,53 @@ def row(name: str, result: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _mib(n: int | None, signed: bool = False) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**20:+.0f} MiB" if signed else f"{n / 2**20:.2f} MiB"
+
+
+def v2_row(name: str, result: dict) -> str:
+    variants = result["variants"]
+    base, tgate, v2 = variants["baseline"], variants.get("tgate", {}), variants["tgate_v2"]
+    run = v2.get("tgate_run") or {}
+    peak = None
+    if v2.get("peak_bytes") and base.get("peak_bytes"):
+        peak = v2["peak_bytes"] - base["peak_bytes"]
+    ratio = f"{tgate['median_s'] / v2['median_s']:.3f}x" if tgate.get("median_s") else "-"
+    reuses = f"{run['self_attention_reuses']} in {run['num_steps']} steps" if "self_attention_reuses" in run else "-"
+    cells = [
+        name,
+        result.get("device", "?"),
+        f"{base['median_s']:.3f} ({base['spread_pct']:.1f} %)",
+        _speedup(result, "tgate"),
+        _speedup(result, "tgate_v2"),
+        ratio,
+        reuses,
+        _mib(peak, signed=True),
+        _mib(tgate.get("cache_bytes")) if tgate.get("cache_bytes") else "-",
+        _mib(v2.get("cache_bytes")) if v2.get("cache_bytes") else "-",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
     if not paths:
         print(__doc__.strip())
         return 2
+    results = {path: json.loads(path.read_text()) for path in paths}
     print(HEADER)
-    for path in paths:
-        result = json.loads(path.read_text())
+    for path, result in results.items():
         print(row(path.stem, result))
+    with_v2 = {path: result for path, result in results.items() if "tgate_v2" in result["variants"]}
+    if with_v2:
+        print()
+        print(V2_HEADER)
+        for path, result in with_v2.items():
+            print(v2_row(path.stem, result))
     print()
-    for path in paths:
-        result = json.loads(path.read_text())
+    for path, result in results.items():
         where = f"{result['device']}, ComfyUI {result['comfyui']}, torch {result['torch']}, {result['date']}"
         print(f"- {path.stem}: `{result['command']}` ({where})")
     return 0
