@@ -18,7 +18,7 @@ from .families import (
     family_of,
     supported_families,
 )
-from .forward import CALL_KEY, ModelCall, gated_attention
+from .forward import CALL_KEY, CallSlot, ModelCall, gated_attention
 from .plan import Action, StepPlan, plan_steps
 from .run import (
     CONFIG_KEY,
@@ -46,6 +46,7 @@ __all__ = [
     "UNCOND",
     "Action",
     "AttentionStore",
+    "CallSlot",
     "ChunkPlan",
     "Family",
     "FidelityBranch",

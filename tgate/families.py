@@ -41,8 +41,9 @@ class Family:
     model_configs: tuple[str, ...]  # ComfyUI `model_config` class names
     cross_attention: AttentionSite
     self_attention: AttentionSite
-    # How the per-call table reaches the attention forward: "transformer_options" means the module
-    # is called with ComfyUI's `transformer_options` keyword, which the table travels in.
+    # How the per-call table reaches the attention forward: "transformer_options" where the module
+    # is called with ComfyUI's `transformer_options` keyword, which the table travels in; "slot"
+    # where it is not, and the table waits in a CallSlot (forward.py) the patched forwards hold.
     call_table: str
     auto_branch: FidelityBranch  # what `fidelity_branch = auto` keeps after the gate
     auto_reason: str  # why, from what the family's conditioning nodes put in the negative

@@ -27,13 +27,41 @@ class ModelCall(NamedTuple):
     captured: dict[str, torch.Tensor]  # filled during the call: {layer: reduced output}
 
 
-def gated_attention(layer: str, kind: str, forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Wrap an attention `forward(x, ..., transformer_options=...)` of `kind` for T-GATE."""
+class CallSlot:
+    """Where a model call's ModelCall waits for attention modules that ComfyUI calls without
+    `transformer_options` (PixArt: `PixArtMS.forward` drops it, and its blocks call
+    `cross_attn(x, y, mask)`). Passing the table through the model would mean copying ComfyUI's
+    forward code; instead APPLY_MODEL puts it here for the duration of the call, and the patched
+    forwards, which hold this slot, read it. Under torch.compile the slot is an object the compiled
+    function closes over: dynamo reads `call` through it, guards on its layout and takes its
+    tensors as graph inputs, as it does for a `transformer_options` dict.
+
+    One slot per node application, shared by the clones of the patched model (whose options ComfyUI
+    deep-copies): copying it would cut the link with the forwards, so a copy is the slot itself."""
+
+    def __init__(self) -> None:
+        self.call: ModelCall | None = None
+
+    def __deepcopy__(self, memo: dict) -> CallSlot:
+        return self
+
+    def __copy__(self) -> CallSlot:
+        return self
+
+
+def gated_attention(
+    layer: str, kind: str, forward: Callable[..., torch.Tensor], slot: CallSlot | None = None
+) -> Callable[..., torch.Tensor]:
+    """Wrap an attention `forward` of `kind` for T-GATE. Its ModelCall comes in the call's
+    `transformer_options` keyword, or, for modules called without it, from `slot`."""
     forward = getattr(forward, "tgate_original", forward)  # never wrap our own wrapper twice
 
     def tgate_forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        options = kwargs.get("transformer_options")
-        call = options.get(CALL_KEY) if options else None
+        if slot is None:
+            options = kwargs.get("transformer_options")
+            call = options.get(CALL_KEY) if options else None
+        else:
+            call = slot.call
         if call is None:
             return forward(*args, **kwargs)
         reused = call.reuse.get(layer)

@@ -24,7 +24,7 @@ import torch
 from .branch import BRANCH_NAMES, FidelityBranch, fidelity_index, only_branch
 from .config import TGateConfig
 from .families import CROSS, SELF
-from .forward import CALL_KEY, ModelCall
+from .forward import CALL_KEY, CallSlot, ModelCall
 from .plan import Action, StepPlan, plan_steps
 from .schedule import GateSchedule
 from .store import AttentionStore
@@ -43,6 +43,7 @@ class GatePatch:
     family: str
     fidelity_branch: FidelityBranch  # uncond or cond: `auto` resolved for the family
     layer_kinds: Mapping[str, str]  # {patched attention module path: kind}
+    slot: CallSlot | None = None  # for families whose attention gets no transformer_options
 
 
 class GateRun:
@@ -229,10 +230,17 @@ def apply_model_with_gate(executor, *args, **kwargs):
     chunk_ids = _chunk_ids(options)
     call = run.model_call(plan, chunk_ids, options["cond_or_uncond"], args[0].device)
     options = {**options, CALL_KEY: call}
-    if position is None:
-        out = executor(*args, **{**kwargs, "transformer_options": options})
-    else:
-        out = executor(*args[:position], options, *args[position + 1 :], **kwargs)
+    slot = run.patch.slot
+    if slot is not None:
+        slot.call = call
+    try:
+        if position is None:
+            out = executor(*args, **{**kwargs, "transformer_options": options})
+        else:
+            out = executor(*args[:position], options, *args[position + 1 :], **kwargs)
+    finally:
+        if slot is not None:
+            slot.call = None
     for layer in list(call.captured):
         run.store.store(layer, call.captured.pop(layer), call.plan, chunk_ids)  # one layer's copy at a time
     return out
