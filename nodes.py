@@ -63,7 +63,8 @@ def apply_tgate(model, config: TGateConfig):
     slot = CallSlot() if family.call_table == "slot" else None
     for layer, kind in layers.items():
         key = f"diffusion_model.{layer}.forward"
-        patched.add_object_patch(key, gated_attention(layer, kind, patched.get_model_object(key), slot))
+        forward = gated_attention(layer, kind, patched.get_model_object(key), slot, family.site(kind).tuple_output)
+        patched.add_object_patch(key, forward)
     for wrapper_type, wrapper in WRAPPERS.items():
         patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
         patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)

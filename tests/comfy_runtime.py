@@ -19,6 +19,14 @@ from tgate_bench.models import ARCHITECTURES, build_model, random_cond, randomiz
 
 SD15_UNET = ARCHITECTURES["tiny-sd15"].unet
 CONTEXT_TOKENS = ARCHITECTURES["tiny-sd15"].context_tokens
+# What the tiny ACE-Step text encoder's tokenizer is trained on, and the lyrics the tests sing.
+TINY_ACE_TAGS = (
+    "upbeat electronic pop, female vocals, synth bass, 120 bpm",
+    "calm acoustic guitar ballad, piano, soft drums",
+    "rock anthem with distorted guitars and male vocals",
+    "lofi hip hop beats, jazzy chords, vinyl crackle",
+)
+TINY_ACE_LYRICS = "[verse]\nla la la\nhello"
 
 
 @dataclass
@@ -84,6 +92,32 @@ class ComfyRuntime:
             tiny_clip_vision(seed), image, tiny_vae(seed), size * 8, size * 8, frames, **s
         )
         return positive, negative, latent["samples"]
+
+    @staticmethod
+    def ace_step(seed: int = 0):
+        return build_model("tiny-ace-step", seed=seed)
+
+    def ace_conditioning(
+        self,
+        seed: int = 0,
+        tags: str = TINY_ACE_TAGS[0],
+        lyrics: str = TINY_ACE_LYRICS,
+        lyrics_strength: float = 1.0,
+        negative=None,
+    ):
+        """(positive, negative) as an ACE-Step workflow makes them: TextEncodeAceStepAudio, run for real
+        with a tiny random-weight UMT5 and the real lyrics tokenizer, for the positive; the negative is
+        ConditioningZeroOut of it (ComfyUI's ACE-Step template), or, given `negative` tags, a second
+        TextEncodeAceStepAudio with those tags and no lyrics."""
+        from comfy_extras.nodes_ace import TextEncodeAceStepAudio
+
+        clip = tiny_ace_text_encoder(seed)
+        positive = TextEncodeAceStepAudio.execute(clip, tags, lyrics, lyrics_strength).result[0]
+        if negative is None:
+            negative = self.nodes.ConditioningZeroOut().zero_out(positive)[0]
+        else:
+            negative = TextEncodeAceStepAudio.execute(clip, negative, "", lyrics_strength).result[0]
+        return positive, negative
 
     # -- sampling -----------------------------------------------------------------------------
     def sample(self, model, positive, negative, *, size=16, batch=1, seed=0, latent=None, **settings):
@@ -277,3 +311,38 @@ def tiny_vae(seed: int = 0):
     module = autoencoder.AutoencoderKL(**params)
     randomize(module, seed)
     return comfy.sd.VAE(sd=module.state_dict(), config={"params": params})
+
+
+# ACE-Step's text encoder is ComfyUI's AceT5Model: a UMT5-base (its configuration is fixed in a json
+# file, 768 wide, a 256k vocabulary) for the tags and the lyrics tokenizer (a vocabulary file in
+# ComfyUI) for the lyrics. The UMT5 is shrunk through the configuration override SDClipModel reads
+# from model_options ("<model_name>_model_config"; UMT5BaseModel sets no model name) to the width of
+# tiny-ace-step's context, and its sentencepiece tokenizer is trained here on TINY_ACE_TAGS.
+TINY_UMT5 = {"d_model": ARCHITECTURES["tiny-ace-step"].context_dim, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
+
+
+def tiny_ace_text_encoder(seed: int = 0):
+    import io
+
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.ace as ace
+    import sentencepiece
+
+    spiece = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TINY_ACE_TAGS * 20),
+        model_writer=spiece,
+        vocab_size=64,
+        hard_vocab_limit=False,
+        pad_id=0,  # UMT5's special tokens: pad 0, end 1
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    target = comfy.supported_models_base.ClipTarget(ace.AceT5Tokenizer, ace.AceT5Model)
+    config = dict(TINY_UMT5, vocab_size=64)
+    clip = comfy.sd.CLIP(target, tokenizer_data={"spiece_model": spiece.getvalue()}, model_options={"_model_config": config})
+    randomize(clip.cond_stage_model, seed)
+    return clip

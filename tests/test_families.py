@@ -46,3 +46,10 @@ def test_no_cross_attention_where_the_family_keeps_it_is_refused():
     family = FAMILIES[0]
     with pytest.raises(UnsupportedModelError, match="found no cross-attention layers"):
         attention_layers(family, torch.nn.Sequential(torch.nn.Linear(2, 2)), (CROSS, SELF))
+
+
+def test_ace_step_keeps_the_negative_and_finds_its_attention_by_name():
+    ace = family_of(config_of("ACEStep"))
+    assert ace.name == "ACE-Step" and ace.auto_branch is FidelityBranch.UNCOND
+    assert ace.self_attention.tuple_output == 2 and ace.cross_attention.tuple_output == 0
+    assert ace.cross_attention.path != ace.self_attention.path

@@ -99,3 +99,31 @@ def test_keyword_only_calls_are_served():
     cached = torch.randn(1, 4, 8)
     assert forward(hidden_states=x, transformer_options=call_options({LAYER: cached})) is cached and not seen
     torch.testing.assert_close(forward(hidden_states=x, transformer_options=call_options({LAYER: cached[:, :2]})), x * 2)
+
+
+def test_a_tuple_output_is_captured_by_its_first_item_and_replayed_in_the_same_form():
+    """ACE-Step's self-attention returns (output, None): the block unpacks two values."""
+    seen = []
+
+    def tuple_forward(hidden_states=None, encoder_hidden_states=None, transformer_options={}):
+        seen.append(1)
+        return hidden_states * 2, encoder_hidden_states
+
+    forward = gated_attention("blocks.0.attn", SELF, tuple_forward, tuple_output=2)
+    x = torch.randn(2, 4, 8)
+    plan = ChunkPlan(n_chunks=2, stored=(0, 1), mixed_in=(), mean_of_branches=False)
+    captured = {}
+    out = forward(hidden_states=x, transformer_options=call_options(capture_kinds={SELF}, plan=plan, captured=captured))
+    assert isinstance(out, tuple) and out[1] is None and torch.equal(captured["blocks.0.attn"], x * 2)
+    seen.clear()
+    cached = torch.randn(2, 4, 8)
+    got = forward(hidden_states=x, transformer_options=call_options({"blocks.0.attn": cached}))
+    assert got[0] is cached and got[1] is None and len(got) == 2 and not seen
+    # A call that returns more than its output (joint use) is never kept.
+    captured.clear()
+    forward(
+        hidden_states=x,
+        encoder_hidden_states=x,
+        transformer_options=call_options(capture_kinds={SELF}, plan=plan, captured=captured),
+    )
+    assert captured == {}

@@ -28,6 +28,9 @@ class AttentionSite:
 
     path: str  # regular expression the module's path under `diffusion_model` must match in full
     classes: tuple[str, ...]  # "module.QualName" of the classes the module may be (or derive from)
+    # 0 where the module returns its output tensor; n where it returns an n-tuple, the output first
+    # and None after it (ACE-Step's self-attention returns (output, None)).
+    tuple_output: int = 0
 
     def matches(self, name: str, module: torch.nn.Module) -> bool:
         if not re.fullmatch(self.path, name):
@@ -109,6 +112,23 @@ FAMILIES = (
             "concat_latent_image: only the positive carries the input image (the official SVD code keeps it too)"
         ),
         official=_SD_OFFICIAL,
+    ),
+    Family(
+        name="ACE-Step",
+        model_configs=("ACEStep",),
+        # Both are ace.Attention, called with keywords only (hidden_states=..., transformer_options=...).
+        cross_attention=AttentionSite(r"transformer_blocks\.\d+\.cross_attn", ("comfy.ldm.ace.attention.Attention",)),
+        # Linear self-attention; returns (output, None), since the block passes no encoder states to it.
+        self_attention=AttentionSite(r"transformer_blocks\.\d+\.attn", ("comfy.ldm.ace.attention.Attention",), tuple_output=2),
+        call_table="transformer_options",
+        auto_branch=FidelityBranch.UNCOND,
+        auto_reason=(
+            "all of its conditioning enters through cross-attention: the model joins the speaker embedding "
+            "(zeros in both branches, set by ComfyUI), the tags' text embedding and the encoded lyrics "
+            "(TextEncodeAceStepAudio's conditioning_lyrics, scaled by lyrics_strength) into one cross-attention "
+            "context, so once it is cached the negative branch lacks nothing the positive has"
+        ),
+        official=(0.4, SelfAttentionReuse(warm_up=2, sp_interval=5, fi_interval=1)),  # no official audio setting: SD's
     ),
 )
 

@@ -50,10 +50,11 @@ class CallSlot:
 
 
 def gated_attention(
-    layer: str, kind: str, forward: Callable[..., torch.Tensor], slot: CallSlot | None = None
+    layer: str, kind: str, forward: Callable[..., torch.Tensor], slot: CallSlot | None = None, tuple_output: int = 0
 ) -> Callable[..., torch.Tensor]:
     """Wrap an attention `forward` of `kind` for T-GATE. Its ModelCall comes in the call's
-    `transformer_options` keyword, or, for modules called without it, from `slot`."""
+    `transformer_options` keyword, or, for modules called without it, from `slot`. `tuple_output`:
+    0 where `forward` returns its output, n where it returns an n-tuple (output, None, ...)."""
     forward = getattr(forward, "tgate_original", forward)  # never wrap our own wrapper twice
 
     def tgate_forward(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -68,11 +69,17 @@ def gated_attention(
         # An attention output has its query's shape; a call of another shape (a new resolution,
         # another chunk grouping) computes instead.
         if reused is not None and reused.shape == _query(args, kwargs).shape:
-            return reused  # no projections, no attention
+            # No projections, no attention.
+            return (reused,) + (None,) * (tuple_output - 1) if tuple_output else reused
         out = forward(*args, **kwargs)
         if kind in call.capture_kinds:
+            kept = out
+            if tuple_output:
+                if any(o is not None for o in out[1:]):
+                    return out  # it returned more than its output: never replaced, so nothing kept
+                kept = out[0]
             # Reduced here, layer by layer, so the full batched outputs are not all kept alive.
-            call.captured[layer] = reduce_chunks(out, call.plan)
+            call.captured[layer] = reduce_chunks(kept, call.plan)
         return out
 
     tgate_forward.tgate_original = forward

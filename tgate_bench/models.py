@@ -15,13 +15,19 @@ import torch
 @dataclass(frozen=True)
 class Architecture:
     model_config: str  # class name in comfy.supported_models
-    unet: dict
+    unet: dict  # the diffusion model's configuration, as model detection gives it (a UNet's or a transformer's)
     context_tokens: int
     pooled: int = 0  # width of SDXL's pooled text vector; 0 for none
+    context_width: int = 0  # width of the text context; 0: the configuration's `context_dim` (UNets)
+    latent_shape: tuple[int, ...] = ()  # one latent's shape; (): an SD image latent, (4, size, size)
+    lyrics_tokens: int = 0  # ACE-Step: how many lyrics token ids the conditioning carries; 0 for none
 
     @property
     def context_dim(self) -> int:
-        return self.unet["context_dim"]
+        return self.context_width or self.unet["context_dim"]
+
+    def empty_latent(self, batch: int = 1, size: int = 16) -> torch.Tensor:
+        return torch.zeros(batch, *(self.latent_shape or (4, size, size)))
 
 
 _SD15 = dict(
@@ -107,6 +113,36 @@ _TINY_SVD = dict(
     disable_temporal_crossattention=False,
 )
 
+# ACE-Step (audio): the configuration model detection gives the 3.5B checkpoint, shrunk to two blocks
+# of two 16-wide heads. The latent is (8, 16, length): 8 channels of 16 frequency rows, patched
+# 16x1, so each latent column is one token (32 here). The context is the tags' UMT5 embedding
+# (text_embedding_dim wide); the lyrics arrive as token ids of the lyrics tokenizer's vocabulary
+# (lyric_encoder_vocab_size), and the lyric encoder, a 1024-wide conformer ComfyUI builds with fixed
+# sizes, is most of the tiny model's 90M weights. speaker_embedding_dim stays 512: ComfyUI
+# feeds a zero speaker embedding of that width.
+_TINY_ACE_STEP = dict(
+    audio_model="ace",
+    attention_head_dim=16,
+    in_channels=8,
+    inner_dim=32,
+    max_height=16,
+    max_position=32768,
+    max_width=32768,
+    mlp_ratio=2.5,
+    num_attention_heads=2,
+    num_layers=2,
+    out_channels=8,
+    patch_size=[16, 1],
+    rope_theta=1000000.0,
+    speaker_embedding_dim=512,
+    text_embedding_dim=32,
+    ssl_encoder_depths=[8, 8],
+    ssl_latent_dims=[1024, 768],
+    ssl_names=["mert", "m-hubert"],
+    lyric_encoder_vocab_size=6693,
+    lyric_hidden_size=1024,  # the conformer's fixed output width, which lyric_proj takes: not shrinkable
+)
+
 ARCHITECTURES = {
     "sd15": Architecture("SD15", _SD15, context_tokens=77),
     "sdxl": Architecture("SDXL", _SDXL, context_tokens=77, pooled=1280),
@@ -115,6 +151,9 @@ ARCHITECTURES = {
     "tiny-sd2": Architecture("SD20", _TINY_SD2, context_tokens=7),
     "tiny-sdxl-refiner": Architecture("SDXLRefiner", _TINY_SDXL_REFINER, context_tokens=7, pooled=_TINY_POOLED),
     "tiny-svd": Architecture("SVD_img2vid", _TINY_SVD, context_tokens=1),
+    "tiny-ace-step": Architecture(
+        "ACEStep", _TINY_ACE_STEP, context_tokens=8, context_width=32, latent_shape=(8, 16, 32), lyrics_tokens=12
+    ),
 }
 
 
@@ -156,4 +195,9 @@ def random_cond(arch: str | Architecture, seed: int, batch: int = 1, size: int =
     if arch.pooled:
         pooled = torch.randn(batch, arch.pooled, generator=torch.Generator().manual_seed(seed + 1000))
         options = dict(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0, target_width=size, target_height=size)
+    if arch.lyrics_tokens:
+        # As TextEncodeAceStepAudio gives them: int64 token ids, and the strength they are scaled by.
+        vocab = arch.unet["lyric_encoder_vocab_size"]
+        lyrics = torch.randint(0, vocab, (batch, arch.lyrics_tokens), generator=torch.Generator().manual_seed(seed + 2000))
+        options = dict(pooled_output=None, conditioning_lyrics=lyrics, lyrics_strength=1.0)
     return [[context, options]]
