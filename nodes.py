@@ -155,6 +155,29 @@ class TGate(io.ComfyNode):
         return io.NodeOutput(apply_tgate(model, config))
 
 
+# TGATE-V2's schedule inputs: name (as in the paper and the official code), minimum, tooltip.
+SCHEDULE_INPUTS = (
+    (
+        "warm_up",
+        0,
+        "Steps at the start computed in full before self-attention is first cached (at step warm_up). "
+        "Official: 2 for SD, SDXL and PixArt; 0 for LCM.",
+    ),
+    (
+        "sp_interval",
+        1,
+        "Semantics-planning interval: before the gate, self-attention is recomputed (and cached) at steps divisible "
+        "by it and reused in between. Official: 5 for SD/SDXL, 3 for PixArt. 1 never reuses.",
+    ),
+    (
+        "fi_interval",
+        1,
+        "Fidelity-improving interval: after the gate, self-attention is recomputed at steps divisible by it and "
+        "reused in between. Official: 1 (recompute every step). Higher is faster but blurs fine detail.",
+    ),
+)
+
+
 class TGateAdvanced(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -169,37 +192,9 @@ class TGateAdvanced(io.ComfyNode):
             "sp_interval 1 and fi_interval 1 give the simple node's result.",
             inputs=[
                 *common_inputs(),
-                io.Int.Input(
-                    "warm_up",
-                    default=official.warm_up,
-                    min=0,
-                    max=1000,
-                    tooltip=(
-                        "Steps at the start computed in full before self-attention is first cached (at step warm_up). "
-                        "Official: 2 for SD, SDXL and PixArt; 0 for LCM."
-                    ),
-                ),
-                io.Int.Input(
-                    "sp_interval",
-                    default=official.sp_interval,
-                    min=1,
-                    max=1000,
-                    tooltip=(
-                        "Semantics-planning interval: before the gate, self-attention is recomputed (and cached) at "
-                        "steps divisible by it and reused in between. Official: 5 for SD/SDXL, 3 for PixArt. "
-                        "1 never reuses."
-                    ),
-                ),
-                io.Int.Input(
-                    "fi_interval",
-                    default=official.fi_interval,
-                    min=1,
-                    max=1000,
-                    tooltip=(
-                        "Fidelity-improving interval: after the gate, self-attention is recomputed at steps divisible "
-                        "by it and reused in between. Official: 1 (recompute every step). Higher is faster but "
-                        "blurs fine detail."
-                    ),
+                *(
+                    io.Int.Input(name, default=getattr(official, name), min=low, max=1000, tooltip=tooltip)
+                    for name, low, tooltip in SCHEDULE_INPUTS
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The model with TGATE-V2; sample it with any sampler.")],

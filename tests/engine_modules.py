@@ -48,3 +48,18 @@ class TinyDenoiser(torch.nn.Module):
         for block in self.blocks:
             x = block(x, context, transformer_options)
         return x
+
+
+class OptionlessBlock(Block):
+    """A block that calls its attention without transformer_options, as PixArt's blocks do."""
+
+    def forward(self, x, context, transformer_options):
+        x = x + self.attn1(x, context=x)
+        return x + self.attn2(x, context=context)
+
+
+class OptionlessDenoiser(TinyDenoiser):
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        torch.manual_seed(seed)
+        self.blocks = torch.nn.ModuleList([OptionlessBlock(), OptionlessBlock()])

@@ -13,7 +13,7 @@ from test_run import LAYERS, SIGMAS, V2_LAYERS, calc_cond_batch, make_cond, patc
 torch._dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.utils import counters  # noqa: E402
 
-from tgate import SelfAttentionReuse, TGateConfig, calc_cond_batch_with_gate  # noqa: E402
+from tgate import CallSlot, SelfAttentionReuse, TGateConfig, calc_cond_batch_with_gate  # noqa: E402
 
 BACKENDS = ["aot_eager", "inductor"]
 LONG_SIGMAS = [12.0 - i for i in range(12)] + [0.0]  # 12 steps
@@ -23,9 +23,9 @@ V2_SETTINGS = {
 }
 
 
-def sample(model, x, conds, config=None, sigmas=SIGMAS, gate_sigma=3.5):
+def sample(model, x, conds, config=None, sigmas=SIGMAS, gate_sigma=3.5, slot=None):
     """One T-GATE run (a fresh GateRun, as OUTER_SAMPLE builds) of euler steps over `sigmas`."""
-    run, options = run_options(config, gate_sigma=gate_sigma, sigmas=sigmas)
+    run, options = run_options(config, gate_sigma=gate_sigma, sigmas=sigmas, slot=slot)
     outputs = []
     for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:], strict=True):
         out = calc_cond_batch_with_gate(calc_cond_batch, model, conds, x, torch.tensor([sigma]), options)
@@ -35,17 +35,20 @@ def sample(model, x, conds, config=None, sigmas=SIGMAS, gate_sigma=3.5):
     return torch.stack(outputs), run
 
 
-def compiled_against_eager(backend, layers, **settings):
+def compiled_against_eager(backend, layers, slot=None, **settings):
     torch._dynamo.reset()
     counters.clear()
-    eager_model = patched_denoiser(layers)
+    eager_slot = None if slot is None else CallSlot()
+    settings_eager = {**settings, "slot": eager_slot}
+    settings = {**settings, "slot": slot}
+    eager_model = patched_denoiser(layers, eager_slot)
     self_q = []  # self-attention q projections of the eager run
     for block in eager_model.blocks:
         block.attn1.to_q.register_forward_pre_hook(lambda m, a: self_q.append(1))
-    compiled = torch.compile(patched_denoiser(layers), backend=backend, fullgraph=True)  # fullgraph: no graph break allowed
+    compiled = torch.compile(patched_denoiser(layers, slot), backend=backend, fullgraph=True)  # fullgraph: no graph break allowed
     x = torch.randn(1, 4, 8)
     with torch.no_grad():
-        expected, _ = sample(eager_model, x, [make_cond(1), make_cond(2)], **settings)
+        expected, _ = sample(eager_model, x, [make_cond(1), make_cond(2)], **settings_eager)
         got, run = sample(compiled, x, [make_cond(1), make_cond(2)], **settings)
         graphs_first_run = counters["stats"]["unique_graphs"]
         again, _ = sample(compiled, x, [make_cond(1), make_cond(2)], **settings)  # new run, new cond objects
@@ -65,9 +68,13 @@ def test_compiled_equals_eager_with_one_graph_per_stage_and_no_recompile(backend
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("setting", sorted(V2_SETTINGS))
-def test_v2_compiles_at_most_one_graph_per_distinct_step_plan(backend, setting):
+@pytest.mark.parametrize("route", ["transformer_options", "slot"])
+def test_v2_compiles_at_most_one_graph_per_distinct_step_plan(backend, setting, route):
     config = TGateConfig(gate_at=0.5, self_attention=V2_SETTINGS[setting])
-    run, graphs, self_computed = compiled_against_eager(backend, V2_LAYERS, config=config, sigmas=LONG_SIGMAS, gate_sigma=6.5)
+    slot = CallSlot() if route == "slot" else None
+    run, graphs, self_computed = compiled_against_eager(
+        backend, V2_LAYERS, slot, config=config, sigmas=LONG_SIGMAS, gate_sigma=6.5
+    )
     assert run.schedule.gate_step == 6 and run.single_branch_evaluations == 6
     reused_steps = sum(p.self_attention.value == "reuse" for p in run.plans)
     assert reused_steps > 0 and self_computed == len(run.plans) - reused_steps  # the eager run reused

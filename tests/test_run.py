@@ -5,12 +5,13 @@ import uuid
 import pytest
 import torch
 
-from engine_modules import TinyDenoiser
+from engine_modules import OptionlessDenoiser, TinyDenoiser
 from tgate import (
     CONFIG_KEY,
     CROSS,
     RUN_KEY,
     SELF,
+    CallSlot,
     FidelityBranch,
     GatePatch,
     GateRun,
@@ -37,20 +38,21 @@ LAYERS = {"blocks.0.attn2": CROSS, "blocks.1.attn2": CROSS}
 V2_LAYERS = {**LAYERS, "blocks.0.attn1": SELF, "blocks.1.attn1": SELF}
 
 
-def patched_denoiser(layers=LAYERS):
-    """TinyDenoiser with the T-GATE forward on `layers` (cross-attention only, as the simple node does)."""
-    model = TinyDenoiser()
+def patched_denoiser(layers=LAYERS, slot=None):
+    """TinyDenoiser with the T-GATE forward on `layers` (cross-attention only, as the simple node does);
+    with a CallSlot, OptionlessDenoiser, whose attention gets no transformer_options."""
+    model = TinyDenoiser() if slot is None else OptionlessDenoiser()
     for name, module in model.named_modules():
         if name in layers:
-            module.forward = gated_attention(name, layers[name], module.forward)
+            module.forward = gated_attention(name, layers[name], module.forward, slot)
     return model
 
 
-def gate_patch(config=None):
+def gate_patch(config=None, slot=None):
     """What the node puts on a model; TinyDenoiser is text-to-image, so `auto` keeps uncond."""
     config = config or TGateConfig(gate_at=0.5)
     branch = FidelityBranch.UNCOND if config.fidelity_branch is FidelityBranch.AUTO else config.fidelity_branch
-    return GatePatch(config, "tiny", branch, V2_LAYERS if config.self_attention else LAYERS)
+    return GatePatch(config, "tiny", branch, V2_LAYERS if config.self_attention else LAYERS, slot)
 
 
 def calc_cond_batch(model, conds, x_in, timestep, model_options, seen=None):
@@ -74,8 +76,8 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options, seen=None):
     return results
 
 
-def run_options(config=None, gate_sigma=3.5, sigmas=SIGMAS):
-    run = GateRun(gate_patch(config), GateSchedule.from_sigmas(sigmas, gate_sigma))
+def run_options(config=None, gate_sigma=3.5, sigmas=SIGMAS, slot=None):
+    run = GateRun(gate_patch(config, slot), GateSchedule.from_sigmas(sigmas, gate_sigma))
     return run, {"transformer_options": {RUN_KEY: run}}
 
 
@@ -290,3 +292,24 @@ def test_v2_reuses_self_attention_and_frees_it_once_no_later_step_reads_it():
     assert self_q == [2, 2] * 4 + [1, 1] * 6  # two layers; two branches until the gate
     assert held == [False, False, True, True, False] + [False] * 7
     assert run.self_attention_reuses == 2 and run.peak_bytes > run.store.nbytes > 0
+
+
+def test_modules_called_without_transformer_options_get_their_table_through_the_slot():
+    sigmas = [12.0 - i for i in range(12)] + [0.0]
+    config = TGateConfig(gate_at=0.5, self_attention=SelfAttentionReuse(warm_up=1, sp_interval=2, fi_interval=2))
+    x, outputs = torch.randn(1, 4, 8), {}
+    for route, slot in (("options", None), ("slot", CallSlot())):
+        run, options = run_options(config, gate_sigma=6.5, sigmas=sigmas, slot=slot)
+        model = patched_denoiser(V2_LAYERS, slot)
+        q = []
+        for block in model.blocks:
+            block.attn1.to_q.register_forward_pre_hook(lambda m, a, q=q: q.append("self"))
+            block.attn2.to_q.register_forward_pre_hook(lambda m, a, q=q: q.append("cross"))
+        conds = [make_cond(1), make_cond(2)]
+        outputs[route] = [
+            calc_cond_batch_with_gate(calc_cond_batch, model, conds, x, torch.tensor([s]), options)[1] for s in sigmas[:-1]
+        ]
+        assert q.count("cross") == 6 * 2 and q.count("self") < 12 * 2, route  # T-GATE acted on both kinds
+        assert slot is None or slot.call is None  # the slot is emptied after every call
+    for a, b in zip(outputs["options"], outputs["slot"], strict=True):
+        assert torch.equal(a, b)
