@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ class ComfyRuntime:
     TGate: type
     TGateAdvanced: type
     nodes: object
+    models: dict = field(default_factory=dict)  # tiny models built once per session, by builder name
 
     @classmethod
     def load(cls, comfy_path: Path, pack_root: Path) -> ComfyRuntime:
@@ -63,6 +64,12 @@ class ComfyRuntime:
         return self.TGateAdvanced.execute(model, **settings, **reuse).result[0]
 
     # -- models and conditioning ------------------------------------------------------------
+    def family_model(self, builder: str):
+        """The tiny model `builder` (a method name: "ltxv", "ace_step"...), built once per session."""
+        if builder not in self.models:
+            self.models[builder] = getattr(self, builder)()
+        return self.models[builder]
+
     @staticmethod
     def sd15(seed: int = 0):
         return build_model("tiny-sd15", seed=seed)
@@ -118,6 +125,77 @@ class ComfyRuntime:
         else:
             negative = TextEncodeAceStepAudio.execute(clip, negative, "", lyrics_strength).result[0]
         return positive, negative
+
+    # -- LTXV and Cosmos Predict2 ---------------------------------------------------------------
+    @staticmethod
+    def ltxv(seed: int = 0):
+        return build_model("tiny-ltxv", seed=seed)
+
+    @staticmethod
+    def cosmos_predict2(seed: int = 0, i2v: bool = False):
+        return build_model("tiny-cosmos-predict2-i2v" if i2v else "tiny-cosmos-predict2", seed=seed)
+
+    @staticmethod
+    def t5_text(arch: str, seed: int, batch: int = 1):
+        """What CLIPTextEncode gives with the family's T5-XXL encoder, values random: the padded tokens
+        and the attention mask, without what conditioning nodes add later (LTXV's frame_rate)."""
+        return random_cond(replace(ARCHITECTURES[arch], cond_values=()), seed, batch)
+
+    @staticmethod
+    def ltxv_conditioning(
+        seed: int = 0,
+        *,
+        image: bool = False,
+        guide: bool = False,
+        frame_rate: float = 25.0,
+        size: int = 128,
+        length: int = 17,
+        batch: int = 1,
+    ):
+        """(positive, negative, latent dict) from ComfyUI's own LTXV nodes: T5 text through
+        LTXVConditioning, then EmptyLTXVLatentVideo, or LTXVImgToVideo on a seeded image with a tiny
+        random-weight LTXV VAE (`image`), and LTXVAddGuide with a second image as the last frame's
+        keyframe (`guide`). `size` pixels square, `length` frames."""
+        from comfy_extras.nodes_lt import EmptyLTXVLatentVideo, LTXVAddGuide, LTXVConditioning, LTXVImgToVideo
+
+        text = ComfyRuntime.t5_text("tiny-ltxv", seed + 1), ComfyRuntime.t5_text("tiny-ltxv", seed + 2)
+        positive, negative = LTXVConditioning.execute(*text, frame_rate=frame_rate).result
+        if image or guide:
+            vae = tiny_ltxv_vae(seed)
+        if image:
+            picture = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(seed))
+            positive, negative, latent = LTXVImgToVideo.execute(
+                positive, negative, picture, vae, size, size, length, batch, strength=1.0
+            ).result
+        else:
+            latent = EmptyLTXVLatentVideo.execute(size, size, length, batch).result[0]
+        if guide:
+            picture = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(seed + 100))
+            positive, negative, latent = LTXVAddGuide.execute(
+                positive, negative, vae, latent, picture, frame_idx=-1, strength=1.0
+            ).result
+        return positive, negative, latent
+
+    @staticmethod
+    def cosmos_predict2_conditioning(seed: int = 0, *, image: bool = False, size: int = 128, length: int = 9, batch: int = 1):
+        """(positive, negative, latent dict) as ComfyUI makes them for Cosmos Predict2: T5 text (the
+        conds carry nothing else), then EmptySD3LatentImage (text-to-image; KSampler adds the frame
+        axis, see comfy.sample.fix_empty_latent_channels), or CosmosPredict2ImageToVideoLatent on a
+        seeded start image with a random-weight Wan 2.1 VAE (`image`; ComfyUI builds that VAE at full
+        size only, so keep `size` small)."""
+        from comfy_extras.nodes_cosmos import CosmosPredict2ImageToVideoLatent
+        from comfy_extras.nodes_sd3 import EmptySD3LatentImage
+
+        positive = ComfyRuntime.t5_text("tiny-cosmos-predict2", seed + 1)
+        negative = ComfyRuntime.t5_text("tiny-cosmos-predict2", seed + 2)
+        if image:
+            picture = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(seed))
+            latent = CosmosPredict2ImageToVideoLatent.execute(
+                wan21_vae(seed), size, size, length, batch, start_image=picture
+            ).result[0]
+        else:
+            latent = EmptySD3LatentImage.execute(size, size, batch).result[0]
+        return positive, negative, latent
 
     # -- sampling -----------------------------------------------------------------------------
     def sample(self, model, positive, negative, *, size=16, batch=1, seed=0, latent=None, **settings):
@@ -346,3 +424,54 @@ def tiny_ace_text_encoder(seed: int = 0):
     clip = comfy.sd.CLIP(target, tokenizer_data={"spiece_model": spiece.getvalue()}, model_options={"_model_config": config})
     randomize(clip.cond_stage_model, seed)
     return clip
+
+
+# LTXV's VAE (comfy/ldm/lightricks/vae), shrunk through the configuration ComfyUI reads from a
+# checkpoint's metadata: the real 128 latent channels, 8x time and 32x space downscale (patch 4 and
+# three compress_all stages), one residual block at each end.
+TINY_LTXV_VAE = {
+    "dims": 3,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 128,
+    "blocks": [["res_x", 1], ["compress_all", 1], ["compress_all", 1], ["compress_all", 1], ["res_x", 1]],
+    "scaling_factor": 1.0,
+    "norm_layer": "pixel_norm",
+    "patch_size": 4,
+    "latent_log_var": "uniform",
+    "use_quant_conv": False,
+    "causal_decoder": False,
+}
+
+
+def tiny_ltxv_vae(seed: int = 0):
+    import json
+
+    import comfy.ldm.lightricks.vae.causal_video_autoencoder as ltxv_vae
+    import comfy.sd
+
+    module = ltxv_vae.VideoVAE(config=TINY_LTXV_VAE)
+    randomize(module, seed)
+    stats = module.per_channel_statistics  # buffers, left uninitialized by the constructor
+    stats.get_buffer("mean-of-means").zero_()
+    stats.get_buffer("std-of-means").fill_(1.0)
+    return comfy.sd.VAE(sd=module.state_dict(), metadata={"config": json.dumps({"vae": TINY_LTXV_VAE})})
+
+
+def wan21_vae(seed: int = 0):
+    """Cosmos Predict2's VAE (Wan 2.1's) with random weights. ComfyUI detects it from the state dict
+    and always builds it at full width (dim 96), so it is not tiny: about 127M parameters."""
+    import comfy.ldm.wan.vae as wan_vae
+    import comfy.sd
+
+    module = wan_vae.WanVAE(
+        dim=96,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        dropout=0.0,
+    )
+    randomize(module, seed)
+    return comfy.sd.VAE(sd=module.state_dict())

@@ -62,6 +62,9 @@ _UNET_ATTENTION = ("comfy.ldm.modules.attention.CrossAttention",)
 _UNET_CROSS = AttentionSite(r".*\.transformer_blocks\.\d+\.attn2|.*\.time_stack\.\d+\.attn2", _UNET_ATTENTION)
 _UNET_SELF = AttentionSite(r".*\.transformer_blocks\.\d+\.attn1|.*\.time_stack\.\d+\.attn1", _UNET_ATTENTION)
 _SD_OFFICIAL = (0.4, SelfAttentionReuse(warm_up=2, sp_interval=5, fi_interval=1))  # SD/SDXL: gate 10 of 25
+# Families the official code has no settings for (LTXV, Cosmos, ACE-Step...): the SD/SDXL values,
+# gate 0.4 and warm_up 2, sp_interval 5, fi_interval 1, until someone measures better ones.
+_NO_OFFICIAL = _SD_OFFICIAL
 
 FAMILIES = (
     Family(
@@ -114,6 +117,40 @@ FAMILIES = (
         official=_SD_OFFICIAL,
     ),
     Family(
+        name="LTXV",
+        model_configs=("LTXV",),
+        # Lightricks' own attention class (comfy.ldm.lightricks.model.CrossAttention), called with
+        # `transformer_options`. The block adds attn2's output to its input in place
+        # (`x += self.attn2(x, ...)`): the returned tensor is only read, and what T-GATE keeps is a
+        # reduction or clone of the output, never a view of `x`.
+        cross_attention=AttentionSite(r"transformer_blocks\.\d+\.attn2", ("comfy.ldm.lightricks.model.CrossAttention",)),
+        self_attention=AttentionSite(r"transformer_blocks\.\d+\.attn1", ("comfy.ldm.lightricks.model.CrossAttention",)),
+        call_table="transformer_options",
+        auto_branch=FidelityBranch.UNCOND,
+        auto_reason=(
+            "text-to-video and image-to-video: LTXVConditioning sets the same frame_rate on both conds, "
+            "LTXVImgToVideo and LTXVAddGuide put the image in the latent and its noise mask (shared by both branches) "
+            "and the same keyframe_idxs on positive and negative, so only the text differs and it enters through "
+            "cross-attention alone"
+        ),
+        official=_NO_OFFICIAL,
+    ),
+    Family(
+        name="Cosmos Predict2",
+        model_configs=("CosmosT2IPredict2", "CosmosI2VPredict2"),
+        # Self- and cross-attention are one class (comfy.ldm.cosmos.predict2.Attention): the path tells them apart.
+        cross_attention=AttentionSite(r"blocks\.\d+\.cross_attn", ("comfy.ldm.cosmos.predict2.Attention",)),
+        self_attention=AttentionSite(r"blocks\.\d+\.self_attn", ("comfy.ldm.cosmos.predict2.Attention",)),
+        call_table="transformer_options",
+        auto_branch=FidelityBranch.UNCOND,
+        auto_reason=(
+            "text-to-image and image-to-video: CosmosPredict2ImageToVideoLatent puts the image in the latent and its "
+            "noise mask, which both branches share (the model's mask channel and per-frame timesteps come from it); "
+            "the conds carry only the text, which enters through cross-attention alone"
+        ),
+        official=_NO_OFFICIAL,
+    ),
+    Family(
         name="ACE-Step",
         model_configs=("ACEStep",),
         # Both are ace.Attention, called with keywords only (hidden_states=..., transformer_options=...).
@@ -128,24 +165,61 @@ FAMILIES = (
             "(TextEncodeAceStepAudio's conditioning_lyrics, scaled by lyrics_strength) into one cross-attention "
             "context, so once it is cached the negative branch lacks nothing the positive has"
         ),
-        official=(0.4, SelfAttentionReuse(warm_up=2, sp_interval=5, fi_interval=1)),  # no official audio setting: SD's
+        official=_NO_OFFICIAL,
     ),
 )
 
 # Families (model_config class names, base classes included) that cannot be served exactly, why,
-# and what to use instead.
+# and what to use instead. Every class in ComfyUI 0.3.64's comfy.supported_models.models is either
+# served by a family above or refused here, directly or through its base class.
 _JOINT = (
     "mixes text and image tokens in joint attention, so there is no text-only cross-attention output to cache",
-    "sample it without T-GATE (ComfyUI's EasyCache works on most of these)",
+    "sample it without T-GATE (ComfyUI's EasyCache or LazyCache node can speed it up)",
 )
 REFUSED: Mapping[str, tuple[str, str]] = {
+    # Subclasses refused through their base: FluxSchnell, FluxInpaint (Flux); ChromaRadiance (Chroma);
+    # HunyuanVideoI2V, HunyuanVideoSkyreelsI2V, HunyuanImage21, HunyuanImage21Refiner (HunyuanVideo).
     **dict.fromkeys(
         ("SD3", "Flux", "Chroma", "AuraFlow", "QwenImage", "HunyuanVideo", "GenmoMochi", "HiDream", "Lumina2", "Omnigen2"),
         _JOINT,
     ),
-    "Stable_Cascade_C": (
+    "Hunyuan3Dv2": (  # and Hunyuan3Dv2mini
+        "mixes its image-condition tokens and shape latents in joint attention (Flux-style double- and single-stream "
+        "blocks), so there is no conditioning-only cross-attention output to cache",
+        "sample it without T-GATE (ComfyUI's EasyCache or LazyCache node can speed it up)",
+    ),
+    "Hunyuan3Dv2_1": (
+        "expects both guidance branches in every model call: its forward splits the image-condition context and the "
+        "output in two halves and swaps them, so the one-branch calls after the gate would fail",
+        "sample it without T-GATE (ComfyUI's LazyCache node can speed it up)",
+    ),
+    "Stable_Cascade_C": (  # and Stable_Cascade_B: stage B uses the same AttnBlock
         "fuses self- and cross-attention keys and values, which cannot be separated",
         "sample it without T-GATE",
+    ),
+    # Cosmos 1 (comfy/ldm/cosmos/blocks.py VideoAttn): its attention runs on (frames, height, width,
+    # batch, channels) tensors. T-GATE splits a call's CFG chunks and averages the branches on dim 0,
+    # which here is frames: it would average frames, not branches.
+    **dict.fromkeys(
+        ("CosmosT2V", "CosmosI2V"),
+        (
+            "has its cross-attention in video attention laid out frames x height x width x batch x channels (batch on "
+            "dim 3), while T-GATE splits and averages the guidance branches on dim 0, so it would average frames "
+            "instead of branches",
+            "use Cosmos Predict2, which T-GATE serves, or sample it without T-GATE (EasyCache works on Cosmos 1)",
+        ),
+    ),
+    **dict.fromkeys(
+        ("HunyuanDiT", "HunyuanDiT1"),
+        (
+            "steers every block with a pooled T5 text vector added to its timestep embedding, outside "
+            "cross-attention, and its attention layers get no transformer_options; T-GATE support for it is not built",
+            "sample it without T-GATE (ComfyUI's LazyCache node can speed it up)",
+        ),
+    ),
+    "StableAudio": (
+        "has separate cross-attention, but T-GATE support for it is not built and tested yet",
+        "sample it without T-GATE (ComfyUI's LazyCache node can speed it up)",
     ),
 }
 

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     arch = ARCHITECTURES[args.arch]
     print(f"building {args.arch} with random weights ({dtype}, {device})", flush=True)
     model = build_model(arch, dtype=dtype)
-    latent = arch.empty_latent(args.batch, args.size // 8)  # an SD latent of the image size, or the arch's own
+    latent = arch.empty_latent(args.batch, args.size)  # the family's latent for images (or videos) of this size
     noise = comfy.sample.prepare_noise(latent, 0)
     positive, negative = random_cond(arch, 1, args.batch, args.size), random_cond(arch, 2, args.batch, args.size)
 

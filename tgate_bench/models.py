@@ -18,16 +18,30 @@ class Architecture:
     unet: dict  # the diffusion model's configuration, as model detection gives it (a UNet's or a transformer's)
     context_tokens: int
     pooled: int = 0  # width of SDXL's pooled text vector; 0 for none
-    context_width: int = 0  # width of the text context; 0: the configuration's `context_dim` (UNets)
-    latent_shape: tuple[int, ...] = ()  # one latent's shape; (): an SD image latent, (4, size, size)
+    # For families whose configuration has no `context_dim` or whose latents are not 4-channel images
+    # (the transformer families); the defaults are the UNets'.
+    context_width: int = 0  # width of the text tokens the model takes (T5-XXL: 4096); 0: the config's context_dim
+    prompt_tokens: int = 0  # of context_tokens, those of the prompt; the rest is the text encoder's padding,
+    # marked in an `attention_mask` as T5 encoders return it (0: no mask)
+    zero_padding: bool = False  # the text encoder zeroes its padding tokens (zero_out_masked, Cosmos's T5)
+    cond_values: tuple = ()  # (key, value) pairs the family's conditioning node sets on positive and negative alike
+    latent: tuple[int, ...] = (4,)  # a latent's shape per image before height and width: (channels,) or (channels, frames)
+    downscale: int = 8  # image pixels per latent cell, across and down
+    fixed_latent: tuple[int, ...] = ()  # a latent's whole shape where it does not follow the image size (audio)
     lyrics_tokens: int = 0  # ACE-Step: how many lyrics token ids the conditioning carries; 0 for none
 
     @property
     def context_dim(self) -> int:
         return self.context_width or self.unet["context_dim"]
 
-    def empty_latent(self, batch: int = 1, size: int = 16) -> torch.Tensor:
-        return torch.zeros(batch, *(self.latent_shape or (4, size, size)))
+    def latent_shape(self, batch: int, size: int) -> tuple[int, ...]:
+        """The empty latent's shape for `batch` square images (or videos) of `size` pixels."""
+        if self.fixed_latent:
+            return (batch, *self.fixed_latent)
+        return (batch, *self.latent, size // self.downscale, size // self.downscale)
+
+    def empty_latent(self, batch: int, size: int) -> torch.Tensor:
+        return torch.zeros(self.latent_shape(batch, size))
 
 
 _SD15 = dict(
@@ -143,6 +157,60 @@ _TINY_ACE_STEP = dict(
     lyric_hidden_size=1024,  # the conformer's fixed output width, which lyric_proj takes: not shrinkable
 )
 
+# LTXV: the keys model detection gives a 2B checkpoint (28 blocks; attention width 32 heads x 64 =
+# 2048 from attn2.to_k; cross_attention_dim 2048) with LTXVModel's defaults for the rest (128 latent
+# channels, 4096-wide T5-XXL captions projected to 2048). The VAE downscales 8x in time and 32x in
+# space: 97 frames are 13 latent frames. The text is T5-XXL padded to 128 tokens, with its attention
+# mask (comfy/text_encoders/lt.py); LTXVConditioning sets frame_rate (default 25) on both conds.
+_LTXV_2B = dict(image_model="ltxv", num_layers=28, attention_head_dim=64, cross_attention_dim=2048)
+# Tiny: 2 blocks of 4 heads x 8 = 32 wide (cross_attention_dim must equal the attention width, since
+# captions are projected to it); latent channels and caption width stay real, as ComfyUI's LTXV
+# nodes and VAE make 128-channel latents.
+_TINY_LTXV = dict(_LTXV_2B, num_layers=2, attention_head_dim=8, num_attention_heads=4, cross_attention_dim=32)
+_LTXV_TEXT = dict(context_tokens=128, context_width=4096, prompt_tokens=64, cond_values=(("frame_rate", 25.0),), downscale=32)
+
+# Cosmos Predict2: what model detection gives the 2B text-to-image checkpoint (2048 channels, 28
+# blocks of 16 heads, adaLN-LoRA 256, 1024-wide text). Its text encoder is the original T5-XXL
+# (1024 wide), padded to 512 tokens with the padding zeroed (comfy/text_encoders/cosmos.py); the
+# model ignores the mask. Latents are Wan 2.1's: 16 channels, 8x down in space, 4x in time.
+_COSMOS_PREDICT2_2B = dict(
+    image_model="cosmos_predict2",
+    max_img_h=240,
+    max_img_w=240,
+    max_frames=128,
+    in_channels=16,
+    out_channels=16,
+    patch_spatial=2,
+    patch_temporal=1,
+    model_channels=2048,
+    concat_padding_mask=True,
+    crossattn_emb_channels=1024,
+    pos_emb_cls="rope3d",
+    pos_emb_learnable=True,
+    pos_emb_interpolation="crop",
+    min_fps=1,
+    max_fps=30,
+    use_adaln_lora=True,
+    adaln_lora_dim=256,
+    num_blocks=28,
+    num_heads=16,
+    extra_per_block_abs_pos_emb=False,
+    rope_h_extrapolation_ratio=4.0,
+    rope_w_extrapolation_ratio=4.0,
+    rope_t_extrapolation_ratio=1.0,
+    extra_h_extrapolation_ratio=1.0,
+    extra_w_extrapolation_ratio=1.0,
+    extra_t_extrapolation_ratio=1.0,
+    rope_enable_fps_modulation=False,
+)
+# Tiny: 2 blocks of 2 heads x 16 (the 3D RoPE needs heads of 12 or more channels). The image-to-video
+# variant takes the mask channel (17 inputs) with the 2B video model's RoPE ratios.
+_TINY_COSMOS_PREDICT2 = dict(_COSMOS_PREDICT2_2B, model_channels=32, num_blocks=2, num_heads=2, adaln_lora_dim=8)
+_TINY_COSMOS_PREDICT2_I2V = dict(
+    _TINY_COSMOS_PREDICT2, in_channels=17, rope_h_extrapolation_ratio=3.0, rope_w_extrapolation_ratio=3.0
+)
+_COSMOS_TEXT = dict(context_tokens=512, context_width=1024, prompt_tokens=64, zero_padding=True, downscale=8)
+
 ARCHITECTURES = {
     "sd15": Architecture("SD15", _SD15, context_tokens=77),
     "sdxl": Architecture("SDXL", _SDXL, context_tokens=77, pooled=1280),
@@ -151,8 +219,13 @@ ARCHITECTURES = {
     "tiny-sd2": Architecture("SD20", _TINY_SD2, context_tokens=7),
     "tiny-sdxl-refiner": Architecture("SDXLRefiner", _TINY_SDXL_REFINER, context_tokens=7, pooled=_TINY_POOLED),
     "tiny-svd": Architecture("SVD_img2vid", _TINY_SVD, context_tokens=1),
+    "ltxv-2b": Architecture("LTXV", _LTXV_2B, latent=(128, 13), **_LTXV_TEXT),
+    "tiny-ltxv": Architecture("LTXV", _TINY_LTXV, latent=(128, 3), **_LTXV_TEXT),
+    "cosmos-predict2-2b": Architecture("CosmosT2IPredict2", _COSMOS_PREDICT2_2B, latent=(16, 1), **_COSMOS_TEXT),
+    "tiny-cosmos-predict2": Architecture("CosmosT2IPredict2", _TINY_COSMOS_PREDICT2, latent=(16, 1), **_COSMOS_TEXT),
+    "tiny-cosmos-predict2-i2v": Architecture("CosmosI2VPredict2", _TINY_COSMOS_PREDICT2_I2V, latent=(16, 3), **_COSMOS_TEXT),
     "tiny-ace-step": Architecture(
-        "ACEStep", _TINY_ACE_STEP, context_tokens=8, context_width=32, latent_shape=(8, 16, 32), lyrics_tokens=12
+        "ACEStep", _TINY_ACE_STEP, context_tokens=8, context_width=32, fixed_latent=(8, 16, 32), lyrics_tokens=12
     ),
 }
 
@@ -187,7 +260,8 @@ def build_model(arch: str | Architecture, dtype: torch.dtype = torch.float32, se
 
 
 def random_cond(arch: str | Architecture, seed: int, batch: int = 1, size: int = 64) -> list:
-    """A random conditioning; image i of a batch gets the same tensors whatever the batch size."""
+    """A random conditioning shaped as the family's text encoder and conditioning nodes make it; image
+    i of a batch gets the same tensors whatever the batch size."""
     arch = ARCHITECTURES[arch] if isinstance(arch, str) else arch
     g = torch.Generator().manual_seed(seed)
     context = torch.randn(batch, arch.context_tokens, arch.context_dim, generator=g)
@@ -195,6 +269,13 @@ def random_cond(arch: str | Architecture, seed: int, batch: int = 1, size: int =
     if arch.pooled:
         pooled = torch.randn(batch, arch.pooled, generator=torch.Generator().manual_seed(seed + 1000))
         options = dict(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0, target_width=size, target_height=size)
+    if arch.prompt_tokens:
+        mask = torch.zeros(batch, arch.context_tokens, dtype=torch.long)
+        mask[:, : arch.prompt_tokens] = 1
+        if arch.zero_padding:
+            context = context * mask.unsqueeze(-1)
+        options.update(pooled_output=None, attention_mask=mask)
+    options.update(arch.cond_values)
     if arch.lyrics_tokens:
         # As TextEncodeAceStepAudio gives them: int64 token ids, and the strength they are scaled by.
         vocab = arch.unet["lyric_encoder_vocab_size"]

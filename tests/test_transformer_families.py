@@ -1,0 +1,214 @@
+"""T-GATE on the transformer families, tested as the SD family is: tiny random-weight models built
+from ComfyUI's own model classes, conditioned by each family's own ComfyUI nodes, sampled by
+ComfyUI's samplers through both nodes.
+
+Each case is one entry of CASES; every test runs on every case:
+gate 1.0 is bit-identical to the unpatched model, no cross-attention compute and one branch after
+the gate, the cached output equals the mean of the branches at the capture step, the V2 schedule
+holds step by step in the advanced node, a batch of 2 works, and a cancelled run leaves nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from test_reference_v2 import REUSE, self_attention_plan
+
+STEPS = 12
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # the ComfyRuntime method that builds the tiny model
+    inputs: Callable  # (comfy, batch) -> (positive, negative, latent tensor), as the family's nodes make them
+    cfg: float
+    cross: str  # module path suffix of cross-attention
+    self_attention: str  # of self-attention
+    cross_q: str  # the attribute of the query projection, computed only when the module computes
+    self_q: str
+    seeded: bool = False  # the model draws random numbers while sampling (ACE-Step's lyric encoder dropout)
+
+
+def _ltxv(image):
+    def inputs(comfy, batch):
+        positive, negative, latent = comfy.ltxv_conditioning(0, image=image, size=64, length=9, batch=batch)
+        return positive, negative, latent["samples"]
+
+    return inputs
+
+
+def _cosmos(comfy, batch):
+    import comfy.sample as comfy_sample
+
+    positive, negative, latent = comfy.cosmos_predict2_conditioning(0, size=64, batch=batch)
+    # KSampler adds the frame axis the model's latent format wants to an empty image latent.
+    return positive, negative, comfy_sample.fix_empty_latent_channels(comfy.family_model("cosmos_predict2"), latent["samples"])
+
+
+def _ace(comfy, batch):
+    positive, negative = comfy.ace_conditioning(0)
+    return positive, negative, torch.zeros(batch, 8, 16, 32)
+
+
+CASES = {
+    "ltxv-t2v": Case("ltxv", _ltxv(False), 3.0, ".attn2", ".attn1", "to_q", "to_q"),
+    "ltxv-i2v": Case("ltxv", _ltxv(True), 3.0, ".attn2", ".attn1", "to_q", "to_q"),
+    "cosmos-predict2": Case("cosmos_predict2", _cosmos, 4.0, ".cross_attn", ".self_attn", "q_proj", "q_proj"),
+    "ace-step": Case("ace_step", _ace, 5.0, ".cross_attn", ".attn", "to_q", "to_q", seeded=True),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request, comfy):
+    case = CASES[request.param]
+    return case, comfy.family_model(case.model)
+
+
+_INPUTS: dict = {}
+
+
+def inputs(comfy, case: Case, batch: int):
+    """The case's conditioning and latent, made once per batch size (the family's nodes are not free)."""
+    key = (case, batch)
+    if key not in _INPUTS:
+        _INPUTS[key] = case.inputs(comfy, batch)
+    return _INPUTS[key]
+
+
+class Calls:
+    """Per diffusion-model call: the batch, the query projections of each kind, and (optionally)
+    clones of every cross-attention output, recorded with torch hooks."""
+
+    def __init__(self, patcher, case: Case, outputs: bool = False):
+        self.model = patcher.model.diffusion_model
+        self.case, self.outputs = case, outputs
+        self.calls: list[dict] = []
+
+    def __enter__(self):
+        modules = dict(self.model.named_modules())
+        self.handles = [self.model.register_forward_pre_hook(self._call)]
+        for name, module in modules.items():
+            if name.endswith(self.case.cross):
+                self.handles.append(getattr(module, self.case.cross_q).register_forward_pre_hook(self._count("cross_q")))
+                if self.outputs:
+                    self.handles.append(module.register_forward_hook(self._output(name)))
+            elif name.endswith(self.case.self_attention):
+                self.handles.append(getattr(module, self.case.self_q).register_forward_pre_hook(self._count("self_q")))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _call(self, module, args):
+        self.calls.append({"batch": args[0].shape[0], "cross_q": 0, "self_q": 0, "out": {}})
+
+    def _count(self, key):
+        def hook(module, args):
+            self.calls[-1][key] += 1
+
+        return hook
+
+    def _output(self, name):
+        def hook(module, args, output):
+            self.calls[-1]["out"][name] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+
+        return hook
+
+    def column(self, key):
+        return [c[key] for c in self.calls]
+
+
+def sample(comfy, case, patched, watched, batch=1, outputs=False, **settings):
+    positive, negative, latent = inputs(comfy, case[0], batch)
+    if case[0].seeded:
+        torch.manual_seed(0)
+    with Calls(watched, case[0], outputs) as calls:
+        out = comfy.sample(patched, positive, negative, latent=latent, steps=STEPS, cfg=case[0].cfg, **settings)
+    return out, calls
+
+
+def gate_of(calls):
+    return calls.column("batch").index(min(calls.column("batch")))
+
+
+def test_gate_one_is_bit_identical_for_both_nodes(comfy, case):
+    model = case[1]
+    base, _ = sample(comfy, case, model, model)
+    for patched in (comfy.tgate(model, gate_at=1.0), comfy.tgate_advanced(model, gate_at=1.0)):
+        out, _ = sample(comfy, case, patched, model)
+        assert torch.equal(out, base)
+
+
+def test_one_branch_and_no_cross_attention_compute_after_the_gate(comfy, case):
+    model = case[1]
+    _, calls = sample(comfy, case, comfy.tgate(model, fidelity_branch="auto"), model)
+    gate = gate_of(calls)
+    layers = calls.column("cross_q")[0]
+    assert 0 < gate < STEPS and layers > 0
+    assert calls.column("batch") == [2] * gate + [1] * (STEPS - gate)
+    assert calls.column("cross_q") == [layers] * gate + [0] * (STEPS - gate)
+
+
+def test_the_cache_is_the_mean_of_the_branches_at_the_capture_step(comfy, case):
+    model = case[1]
+    _, plain = sample(comfy, case, model, model, outputs=True)
+    _, gated = sample(comfy, case, comfy.tgate(model), model, outputs=True)
+    gate = gate_of(gated)
+    captured = plain.calls[gate - 1]["out"]  # the unpatched run computed the same step before the gate
+    assert captured and set(gated.calls[gate]["out"]) == set(captured)
+    for call in gated.calls[gate:]:
+        for name, replayed in call["out"].items():
+            uncond, cond = captured[name].chunk(2)  # ComfyUI batches uncond first
+            torch.testing.assert_close(replayed, ((uncond.float() + cond.float()) / 2).to(uncond.dtype), rtol=0, atol=0)
+
+
+def test_the_advanced_node_follows_the_v2_schedule_step_by_step(comfy, case):
+    model = case[1]
+    settings = dict(gate_at=0.75, warm_up=2, sp_interval=3, fi_interval=2)
+    out, calls = sample(comfy, case, comfy.tgate_advanced(model, **settings), model)
+    gate = gate_of(calls)
+    plan = self_attention_plan(STEPS, gate, settings["warm_up"], settings["sp_interval"], settings["fi_interval"])
+    layers = calls.column("self_q")[0]
+    assert REUSE in plan and torch.isfinite(out).all()
+    assert calls.column("self_q") == [0 if action == REUSE else layers for action in plan], plan
+    assert calls.column("cross_q") == [layers] * gate + [0] * (STEPS - gate)
+
+
+def test_a_batch_of_two(comfy, case):
+    model = case[1]
+    out, calls = sample(comfy, case, comfy.tgate(model), model, batch=2)
+    gate = gate_of(calls)
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    assert calls.column("batch") == [4] * gate + [2] * (STEPS - gate)
+
+
+def test_a_cancelled_run_leaves_nothing_behind(comfy, case):
+    import comfy.model_management as mm
+
+    model = case[1]
+    patched = comfy.tgate_advanced(model, gate_at=0.75, warm_up=1, sp_interval=2, fi_interval=2)
+    kept = []
+
+    def keep_weak(module, args, output):
+        kept.append(weakref.ref(output[0] if isinstance(output, tuple) else output))
+
+    def cancel(step, x0, x, total):
+        if step == STEPS - 2:
+            raise mm.InterruptProcessingException()
+
+    modules = [m for n, m in model.model.diffusion_model.named_modules() if n.endswith((case[0].cross, case[0].self_attention))]
+    handles = [m.register_forward_hook(keep_weak) for m in modules]
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sample(comfy, case, patched, model, callback=cancel)
+    finally:
+        for h in handles:
+            h.remove()
+    gc.collect()
+    assert kept and all(ref() is None for ref in kept), "a kept attention output outlived its cancelled run"
