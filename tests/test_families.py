@@ -53,3 +53,22 @@ def test_ace_step_keeps_the_negative_and_finds_its_attention_by_name():
     assert ace.name == "ACE-Step" and ace.auto_branch is FidelityBranch.UNCOND
     assert ace.self_attention.tuple_output == 2 and ace.cross_attention.tuple_output == 0
     assert ace.cross_attention.path != ace.self_attention.path
+
+
+def test_every_comfyui_model_family_is_served_or_refused_with_its_own_reason(comfy):
+    """Walks ComfyUI's own list of model configurations (comfy.supported_models.models)."""
+    import comfy.supported_models as supported_models
+
+    served, refused, unknown = {}, {}, []
+    for cls in supported_models.models:
+        try:
+            served[cls.__name__] = family_of(cls.__new__(cls)).name
+        except UnsupportedModelError as error:
+            if "does not know" in str(error):
+                unknown.append(cls.__name__)
+            else:
+                refused[cls.__name__] = str(error)
+    assert not unknown, f"neither served nor refused with a reason: {unknown}"
+    assert {"SD15", "SDXL", "SVD_img2vid", "LTXV", "CosmosT2IPredict2", "ACEStep"} <= set(served)
+    assert {"Flux", "SD3", "HunyuanDiT", "CosmosT2V", "Hunyuan3Dv2_1", "Stable_Cascade_C"} <= set(refused)
+    assert "frames x height x width x batch" in refused["CosmosI2V"]  # its own reason, through its base class

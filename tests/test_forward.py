@@ -18,7 +18,7 @@ def setup():
 
 def call_options(reuse=None, capture_kinds=frozenset(), plan=None, captured=None):
     """transformer_options carrying one model call's ModelCall."""
-    return {CALL_KEY: ModelCall(reuse or {}, frozenset(capture_kinds), plan, {} if captured is None else captured)}
+    return {CALL_KEY: ModelCall(reuse or {}, frozenset(capture_kinds), plan, {} if captured is None else captured, {})}
 
 
 def test_without_tables_it_is_the_original_forward():
@@ -127,3 +127,19 @@ def test_a_tuple_output_is_captured_by_its_first_item_and_replayed_in_the_same_f
         transformer_options=call_options(capture_kinds={SELF}, plan=plan, captured=captured),
     )
     assert captured == {}
+
+
+def test_a_module_run_twice_in_one_call_keeps_and_reuses_each_run_apart():
+    """VACE runs each vace block once per control in one model call."""
+    module, forward, calls = setup()
+    plan = ChunkPlan(n_chunks=1, stored=(0,), mixed_in=(), mean_of_branches=False)
+    x1, x2, ctx = torch.randn(1, 4, 8), torch.randn(1, 4, 8), torch.randn(1, 3, 6)
+    captured = {}
+    options = call_options(capture_kinds={CROSS}, plan=plan, captured=captured)
+    first, second = forward(x1, context=ctx, transformer_options=options), forward(x2, context=ctx, transformer_options=options)
+    assert set(captured) == {LAYER, LAYER + "#1"} and not torch.equal(first, second)
+    calls.clear()
+    options = call_options({LAYER: captured[LAYER], LAYER + "#1": captured[LAYER + "#1"]})
+    assert forward(x1, context=ctx, transformer_options=options) is captured[LAYER]
+    assert forward(x2, context=ctx, transformer_options=options) is captured[LAYER + "#1"]
+    assert calls == []

@@ -19,6 +19,8 @@ import pytest
 import torch
 from test_reference_v2 import REUSE, self_attention_plan
 
+from tgate_bench.models import ARCHITECTURES, random_cond
+
 STEPS = 12
 
 
@@ -55,7 +57,25 @@ def _ace(comfy, batch):
     return positive, negative, torch.zeros(batch, 8, 16, 32)
 
 
+def _wan(arch, conditioning=None):
+    def inputs(comfy, batch):
+        if conditioning == "i2v":
+            return comfy.wan_i2v_conditioning(0, batch=batch)
+        if conditioning == "vace":
+            positive, negative = comfy.wan_vace_conditioning(0)
+        else:
+            positive, negative = random_cond(arch, 1), random_cond(arch, 2)  # UMT5 text, as CLIPTextEncode gives it
+        return positive, negative, ARCHITECTURES[arch].empty_latent(batch, 64)
+
+    return inputs
+
+
 CASES = {
+    "wan21-t2v": Case("wan", _wan("tiny-wan21-t2v"), 6.0, ".cross_attn", ".self_attn", "q", "q"),
+    "wan21-i2v": Case("wan_i2v", _wan("tiny-wan21-i2v", "i2v"), 6.0, ".cross_attn", ".self_attn", "q", "q"),
+    "wan22-5b": Case("wan22_5b", _wan("tiny-wan22-5b"), 5.0, ".cross_attn", ".self_attn", "q", "q"),
+    # Two controls: each vace block runs twice per model call.
+    "wan21-vace": Case("wan_vace", _wan("tiny-wan21-vace", "vace"), 6.0, ".cross_attn", ".self_attn", "q", "q"),
     "ltxv-t2v": Case("ltxv", _ltxv(False), 3.0, ".attn2", ".attn1", "to_q", "to_q"),
     "ltxv-i2v": Case("ltxv", _ltxv(True), 3.0, ".attn2", ".attn1", "to_q", "to_q"),
     "cosmos-predict2": Case("cosmos_predict2", _cosmos, 4.0, ".cross_attn", ".self_attn", "q_proj", "q_proj"),
@@ -212,3 +232,30 @@ def test_a_cancelled_run_leaves_nothing_behind(comfy, case):
             h.remove()
     gc.collect()
     assert kept and all(ref() is None for ref in kept), "a kept attention output outlived its cancelled run"
+
+
+def test_wan22_two_experts_chained_as_comfyui_template_does(comfy):
+    """Wan 2.2 14B samples with two expert models in two runs (KSamplerAdvanced: the high-noise model
+    from step 0 with leftover noise, the low-noise model to the end). The gate falls in the first run;
+    the second starts past it, captures at its first step (both branches) and runs one branch after."""
+    high, low = comfy.wan("tiny-wan21-t2v", seed=0), comfy.wan("tiny-wan21-t2v", seed=1)
+    case = CASES["wan21-t2v"]
+    positive, negative, latent = case.inputs(comfy, 1)
+    advanced = comfy.nodes.KSamplerAdvanced()
+    split = STEPS // 2
+    with Calls(high, case) as first_calls:
+        first = advanced.sample(
+            comfy.tgate(high), "enable", 0, STEPS, case.cfg, "euler", "normal", positive, negative, {"samples": latent}, 0,
+            split, "enable",
+        )[0]  # fmt: skip
+    with Calls(low, case) as second_calls:
+        second = advanced.sample(
+            comfy.tgate(low), "disable", 0, STEPS, case.cfg, "euler", "normal", positive, negative, first, split, 10000,
+            "disable",
+        )[0]  # fmt: skip
+    gate = gate_of(first_calls)
+    layers = first_calls.column("cross_q")[0]
+    assert 0 < gate < split and first_calls.column("batch") == [2] * gate + [1] * (split - gate)
+    assert second_calls.column("batch") == [2] + [1] * (STEPS - split - 1)
+    assert second_calls.column("cross_q") == [layers] + [0] * (STEPS - split - 1)
+    assert torch.isfinite(second["samples"]).all()

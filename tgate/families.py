@@ -66,6 +66,18 @@ _SD_OFFICIAL = (0.4, SelfAttentionReuse(warm_up=2, sp_interval=5, fi_interval=1)
 # gate 0.4 and warm_up 2, sp_interval 5, fi_interval 1, until someone measures better ones.
 _NO_OFFICIAL = _SD_OFFICIAL
 
+# Wan 2.1/2.2 (comfy/ldm/wan/model.py). Cross- and self-attention modules share a base class
+# (WanT2VCrossAttention and WanI2VCrossAttention derive from WanSelfAttention), so the paths tell
+# them apart. VACE's `vace_blocks` have the same two modules, fed the same text context. Modules
+# that attend to other conditioning (S2V's `audio_injector.injector.N`, HuMo's
+# `blocks.N.audio_cross_attn_wrapper.audio_cross_attn`, Animate's `face_adapter`) match neither
+# pattern: they keep computing, on the fidelity branch's audio or face, after the gate.
+_WAN_BLOCKS = r"(?:blocks|vace_blocks)\.\d+"
+_WAN_CROSS = AttentionSite(
+    rf"{_WAN_BLOCKS}\.cross_attn",
+    ("comfy.ldm.wan.model.WanT2VCrossAttention", "comfy.ldm.wan.model.WanI2VCrossAttention"),
+)
+_WAN_SELF = AttentionSite(rf"{_WAN_BLOCKS}\.self_attn", ("comfy.ldm.wan.model.WanSelfAttention",))
 FAMILIES = (
     Family(
         name="SD1.x/SD2.x/SDXL",
@@ -115,6 +127,34 @@ FAMILIES = (
             "concat_latent_image: only the positive carries the input image (the official SVD code keeps it too)"
         ),
         official=_SD_OFFICIAL,
+    ),
+    Family(
+        name="Wan 2.1/2.2",
+        # All derive from WAN21_T2V, which also serves Wan 2.2 14B t2v and i2v (in_dim 36, no CLIP
+        # vision), Wan 2.2 Fun and Phantom checkpoints.
+        model_configs=(
+            "WAN21_T2V",
+            "WAN21_I2V",
+            "WAN22_T2V",
+            "WAN21_Vace",
+            "WAN21_FunControl2V",
+            "WAN21_Camera",
+            "WAN22_Camera",
+        ),
+        cross_attention=_WAN_CROSS,
+        self_attention=_WAN_SELF,
+        call_table="transformer_options",
+        auto_branch=FidelityBranch.COND,
+        auto_reason=(
+            "WanImageToVideo, WanFirstLastFrameToVideo, WanFunInpaintToVideo, WanFunControlToVideo, "
+            "Wan22FunControlToVideo, WanCameraImageToVideo, WanTrackToVideo and WanVaceToVideo give the negative the "
+            "positive's concat image and mask, CLIP-vision output, camera, reference latent and VACE controls, and "
+            "Wan22ImageToVideoLatent changes only the latent: text enters only through cross-attention, so after the "
+            "gate both branches compute the same output (cond and uncond agree bit for bit). The exception is "
+            "WanPhantomSubjectToVideo's negative_img_text, whose subject images (time_dim_concat, concatenated to "
+            "the latent, outside cross-attention) are zeroed: the positive branch keeps them"
+        ),
+        official=_NO_OFFICIAL,
     ),
     Family(
         name="LTXV",
@@ -215,6 +255,15 @@ REFUSED: Mapping[str, tuple[str, str]] = {
             "steers every block with a pooled T5 text vector added to its timestep embedding, outside "
             "cross-attention, and its attention layers get no transformer_options; T-GATE support for it is not built",
             "sample it without T-GATE (ComfyUI's LazyCache node can speed it up)",
+        ),
+    ),
+    **dict.fromkeys(
+        ("WAN21_HuMo", "WAN22_Animate", "WAN22_S2V"),
+        (
+            "takes driving audio (HuMo, S2V) or a face video (Animate) through its own modules, outside the text "
+            "cross-attention, with the negative's zeroed; keeping the positive branch would serve it, but that is "
+            "not built and tested yet",
+            "sample it without T-GATE (ComfyUI's EasyCache or LazyCache node can speed it up)",
         ),
     ),
     "StableAudio": (

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .store import ChunkPlan, reduce_chunks
+from .store import ChunkPlan, occurrence_key, reduce_chunks
 
 CALL_KEY = "tgate_call"  # transformer_options key of the current model call's ModelCall
 
@@ -25,6 +25,10 @@ class ModelCall(NamedTuple):
     capture_kinds: frozenset[str]  # the kinds whose outputs are kept
     plan: ChunkPlan | None  # how a kept output is reduced; None when nothing is kept
     captured: dict[str, torch.Tensor]  # filled during the call: {layer: reduced output}
+    # Filled during the call: {layer: times its module ran}. A module that runs several times in one
+    # model call (VACE runs each vace block once per control) keeps and reuses one entry per run,
+    # keyed by occurrence_key.
+    calls: dict[str, int]
 
 
 class CallSlot:
@@ -65,7 +69,10 @@ def gated_attention(
             call = slot.call
         if call is None:
             return forward(*args, **kwargs)
-        reused = call.reuse.get(layer)
+        n = call.calls.get(layer, 0)
+        call.calls[layer] = n + 1
+        key = occurrence_key(layer, n)
+        reused = call.reuse.get(key)
         # An attention output has its query's shape; a call of another shape (a new resolution,
         # another chunk grouping) computes instead.
         if reused is not None and reused.shape == _query(args, kwargs).shape:
@@ -79,7 +86,7 @@ def gated_attention(
                     return out  # it returned more than its output: never replaced, so nothing kept
                 kept = out[0]
             # Reduced here, layer by layer, so the full batched outputs are not all kept alive.
-            call.captured[layer] = reduce_chunks(kept, call.plan)
+            call.captured[key] = reduce_chunks(kept, call.plan)
         return out
 
     tgate_forward.tgate_original = forward

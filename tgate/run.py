@@ -117,7 +117,7 @@ class GateRun:
         capture_kinds = plan.kinds(Action.CAPTURE)
         reuse = self.store.reuse_table(reuse_kinds, chunk_ids, device) if reuse_kinds else {}
         chunk_plan = self.store.chunk_plan(branches, plan.mean_of_branches) if capture_kinds else None
-        return ModelCall(reuse, capture_kinds, chunk_plan, {})
+        return ModelCall(reuse, capture_kinds, chunk_plan, {}, {})
 
     def stats(self) -> dict:
         """What the run did, for logs and benchmarks."""

@@ -20,6 +20,20 @@ from .families import KINDS
 ChunkId = Hashable
 
 
+OCCURRENCE = "#"  # never in a module path
+
+
+def occurrence_key(layer: str, n: int) -> str:
+    """What the n-th run (0-based) of a layer's module within one model call is kept under: the
+    layer for the first run, `layer#n` for later ones (VACE runs each vace block once per control)."""
+    return layer if n == 0 else f"{layer}{OCCURRENCE}{n}"
+
+
+def layer_of(key: str) -> str:
+    """The layer (module path) of a key made by occurrence_key."""
+    return key.split(OCCURRENCE, 1)[0]
+
+
 class ChunkPlan(NamedTuple):
     """Which chunks of one batched model call a capture keeps, and which are averaged into them.
     Plain ints and bools, so a compiled model sees it as a constant."""
@@ -141,7 +155,7 @@ class AttentionStore:
             return table
         table = {}
         for layer, slots in self._slots.items():
-            if self.layer_kinds[layer] not in kinds:
+            if self.layer_kinds[layer_of(layer)] not in kinds:
                 continue
             parts = [slots.get(chunk_id) for chunk_id in chunk_ids]
             if not parts or any(p is None for p in parts):
@@ -155,7 +169,8 @@ class AttentionStore:
         return self.layers(kind) > 0
 
     def layers(self, kind: str) -> int:
-        return sum(1 for layer, slots in self._slots.items() if slots and self.layer_kinds[layer] == kind)
+        kept = {layer_of(key) for key, slots in self._slots.items() if slots}
+        return sum(1 for layer in kept if self.layer_kinds[layer] == kind)
 
     @property
     def nbytes(self) -> int:
@@ -166,7 +181,7 @@ class AttentionStore:
         return sum(len(slots) for slots in self._slots.values())
 
     def clear(self, kinds: Collection[str] = KINDS) -> None:
-        for layer in [layer for layer in self._slots if self.layer_kinds[layer] in kinds]:
+        for layer in [key for key in self._slots if self.layer_kinds[layer_of(key)] in kinds]:
             del self._slots[layer]
         self._tables.clear()
         self._unpaired.clear()

@@ -29,6 +29,7 @@ class Architecture:
     downscale: int = 8  # image pixels per latent cell, across and down
     fixed_latent: tuple[int, ...] = ()  # a latent's whole shape where it does not follow the image size (audio)
     lyrics_tokens: int = 0  # ACE-Step: how many lyrics token ids the conditioning carries; 0 for none
+    image_tokens: int = 0  # CLIP-vision tokens given as clip_vision_output (Wan i2v: 257 x 1280); 0 for none
 
     @property
     def context_dim(self) -> int:
@@ -211,6 +212,35 @@ _TINY_COSMOS_PREDICT2_I2V = dict(
 )
 _COSMOS_TEXT = dict(context_tokens=512, context_width=1024, prompt_tokens=64, zero_padding=True, downscale=8)
 
+# Wan 2.1/2.2 (comfy/ldm/wan/model.py): the keys comfy/model_detection.py reads from a checkpoint. The
+# text context is UMT5-XXL's, 4096 wide, padded by ComfyUI's tokenizer to at least 512 tokens
+# (min_length 512, padding zeroed); heads are 128 wide in the real models. i2v models (in_dim 36:
+# 16 noise + 4 mask + 16 image channels) put 257 CLIP-vision tokens (ViT-H penultimate states,
+# 1280 wide, through `img_emb`) in front of the text; VACE adds `vace_blocks` fed by 96 channels
+# (32 of control latents + 64 of mask); the Wan 2.2 5B works on the Wan 2.2 VAE's 48-channel latent.
+_WAN = dict(
+    image_model="wan2.1",
+    model_type="t2v",
+    patch_size=(1, 2, 2),
+    freq_dim=256,
+    window_size=(-1, -1),
+    qk_norm=True,
+    cross_attn_norm=True,
+    eps=1e-6,
+    in_dim=16,
+    out_dim=16,
+)
+_WAN21_1_3B = dict(_WAN, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
+# Tiny: two of the real 128-wide heads (model detection reads num_heads as dim // 128, so a checkpoint
+# of this shape loads as exactly this model), two blocks, the real text width.
+_TINY_WAN = dict(_WAN, dim=256, ffn_dim=512, num_heads=2, num_layers=2)
+_TINY_WAN_I2V = dict(_TINY_WAN, model_type="i2v", in_dim=36)
+_TINY_WAN22_5B = dict(_TINY_WAN, in_dim=48, out_dim=48)
+_TINY_WAN_VACE = dict(_TINY_WAN, model_type="vace", num_layers=4, vace_layers=2, vace_in_dim=96)
+# Audio- and face-driven variants: their extra modules keep the real (fixed) widths.
+_WAN_TEXT = dict(context_width=4096, latent=(16, 3))
+_TINY_WAN_TEXT = dict(_WAN_TEXT, context_tokens=24)  # ComfyUI gives 512; fewer keep the tiny models fast, same code path
+
 ARCHITECTURES = {
     "sd15": Architecture("SD15", _SD15, context_tokens=77),
     "sdxl": Architecture("SDXL", _SDXL, context_tokens=77, pooled=1280),
@@ -219,6 +249,11 @@ ARCHITECTURES = {
     "tiny-sd2": Architecture("SD20", _TINY_SD2, context_tokens=7),
     "tiny-sdxl-refiner": Architecture("SDXLRefiner", _TINY_SDXL_REFINER, context_tokens=7, pooled=_TINY_POOLED),
     "tiny-svd": Architecture("SVD_img2vid", _TINY_SVD, context_tokens=1),
+    "wan21-1.3b": Architecture("WAN21_T2V", _WAN21_1_3B, **dict(_WAN_TEXT, context_tokens=512, latent=(16, 9))),
+    "tiny-wan21-t2v": Architecture("WAN21_T2V", _TINY_WAN, **_TINY_WAN_TEXT),
+    "tiny-wan21-i2v": Architecture("WAN21_I2V", _TINY_WAN_I2V, image_tokens=257, **_TINY_WAN_TEXT),
+    "tiny-wan22-5b": Architecture("WAN22_T2V", _TINY_WAN22_5B, **dict(_TINY_WAN_TEXT, latent=(48, 3), downscale=16)),
+    "tiny-wan21-vace": Architecture("WAN21_Vace", _TINY_WAN_VACE, **_TINY_WAN_TEXT),
     "ltxv-2b": Architecture("LTXV", _LTXV_2B, latent=(128, 13), **_LTXV_TEXT),
     "tiny-ltxv": Architecture("LTXV", _TINY_LTXV, latent=(128, 3), **_LTXV_TEXT),
     "cosmos-predict2-2b": Architecture("CosmosT2IPredict2", _COSMOS_PREDICT2_2B, latent=(16, 1), **_COSMOS_TEXT),
@@ -276,6 +311,14 @@ def random_cond(arch: str | Architecture, seed: int, batch: int = 1, size: int =
             context = context * mask.unsqueeze(-1)
         options.update(pooled_output=None, attention_mask=mask)
     options.update(arch.cond_values)
+    if arch.image_tokens:
+        # What CLIPVisionEncode gives (crop none): only the penultimate hidden states reach a Wan model.
+        import comfy.clip_vision
+
+        vision = comfy.clip_vision.Output()
+        g = torch.Generator().manual_seed(seed + 2000)
+        vision.penultimate_hidden_states = torch.randn(batch, arch.image_tokens, 1280, generator=g)
+        options["clip_vision_output"] = vision
     if arch.lyrics_tokens:
         # As TextEncodeAceStepAudio gives them: int64 token ids, and the strength they are scaled by.
         vocab = arch.unet["lyric_encoder_vocab_size"]
