@@ -4,6 +4,7 @@ describes the same graph with the same values."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -11,6 +12,15 @@ from conftest import PACK_ROOT
 
 UI_WORKFLOWS = sorted((PACK_ROOT / "example_workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FILE_INPUTS = ("ckpt_name", "vae_name", "lora_name", "unet_name", "clip_name")  # the user's own model files
+
+
+@pytest.fixture(scope="module")
+def mappings(comfy):
+    """The node classes a server registers: nodes.py, the pack and ComfyUI's own comfy_extras/ nodes."""
+    if "ModelSamplingSD3" not in comfy.nodes.NODE_CLASS_MAPPINGS:
+        asyncio.run(comfy.nodes.init_builtin_extra_nodes())
+    return comfy.nodes.NODE_CLASS_MAPPINGS
 
 
 def test_there_are_example_workflows():
@@ -35,7 +45,7 @@ def widget_inputs(node_class) -> list[tuple[str, str, dict, list | None]]:
 
 def fits(kind, options, choices, value, name) -> str | None:
     if kind == "COMBO":
-        if name.endswith(("ckpt_name", "vae_name", "lora_name")):  # the user's own model files
+        if name.endswith(FILE_INPUTS):
             return None if isinstance(value, str) else "not a file name"
         return None if value in choices else f"{value!r} not in {choices}"
     if kind == "BOOLEAN":
@@ -52,9 +62,8 @@ def fits(kind, options, choices, value, name) -> str | None:
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.name)
-def test_ui_workflow_fits_the_registered_nodes(comfy, path):
+def test_ui_workflow_fits_the_registered_nodes(mappings, path):
     workflow = json.loads(path.read_text())
-    mappings = comfy.nodes.NODE_CLASS_MAPPINGS
     problems = []
     nodes = {n["id"]: n for n in workflow["nodes"]}
     for node in workflow["nodes"]:
@@ -81,10 +90,9 @@ def test_ui_workflow_fits_the_registered_nodes(comfy, path):
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.name)
-def test_api_twin_describes_the_same_graph(comfy, path):
+def test_api_twin_describes_the_same_graph(mappings, path):
     ui = json.loads(path.read_text())
     api = json.loads((path.parent / "api" / path.name).read_text())
-    mappings = comfy.nodes.NODE_CLASS_MAPPINGS
     assert sorted(n["type"] for n in ui["nodes"]) == sorted(n["class_type"] for n in api.values())
     for node in ui["nodes"]:
         twin = api[str(node["id"])]
