@@ -244,6 +244,28 @@ class ComfyRuntime:
         text = [random_cond("tiny-wan21-vace", seed + i) for i in (1, 2)]
         return tuple(node_helpers.conditioning_set_values(c, values) for c in text)
 
+    # -- PixArt -------------------------------------------------------------------------------
+    @staticmethod
+    def pixart(arch: str = "tiny-pixart-sigma", seed: int = 0):
+        return build_model(arch, seed=seed)
+
+    def pixart_alpha(self):
+        return self.pixart("tiny-pixart-alpha")
+
+    def pixart_conditioning(self, positive: str, negative: str = "", *, size: int | None = None, seed: int = 0):
+        """(positive, negative) as a PixArt workflow makes them, with ComfyUI's own text encode nodes over
+        a tiny random-weight T5: CLIPTextEncode, or with `size` (pixels), CLIPTextEncodePixArtAlpha,
+        which adds alpha's size micro-condition (width, height). ComfyUI's PixArt T5 neither pads nor
+        masks: a prompt gives as many tokens as it has, the empty prompt one, and ComfyUI runs the two
+        branches in separate model calls when their lengths cannot share one (more than 4x apart)."""
+        clip = tiny_pixart_text_encoder(seed)
+        if size is None:
+            encode = self.nodes.CLIPTextEncode().encode
+            return encode(clip, positive)[0], encode(clip, negative)[0]
+        from comfy_extras.nodes_pixart import CLIPTextEncodePixArtAlpha
+
+        return tuple(CLIPTextEncodePixArtAlpha.execute(clip, size, size, text).result[0] for text in (positive, negative))
+
     # -- sampling -----------------------------------------------------------------------------
     def sample(self, model, positive, negative, *, size=16, batch=1, seed=0, latent=None, **settings):
         """comfy.sample.sample with a seeded noise, as KSampler does. `settings`: steps, cfg, sampler,
@@ -576,3 +598,26 @@ TINY_CLIP_VISION_H = {  # ViT-H/14's token layout (224 px, 14 px patches: 257 to
 
 def tiny_clip_vision_h(seed: int = 0):
     return tiny_clip_vision(seed, TINY_CLIP_VISION_H)
+
+
+# PixArt's text encoder as CLIPLoader (type "pixart") builds it, shrunk: ComfyUI's own PixArt clip
+# target (PixArtTokenizer, with the T5 tokenizer files ComfyUI ships, and PixArtT5XXL), its T5-XXL
+# configuration overridden through the model option SDClipModel reads ("t5xxl_model_config") to the
+# tiny PixArt models' caption width.
+TINY_PIXART_T5 = {
+    "d_model": ARCHITECTURES["tiny-pixart-sigma"].context_dim,
+    "d_ff": 64,
+    "d_kv": 16,
+    "num_heads": 2,
+    "num_layers": 2,
+}
+
+
+def tiny_pixart_text_encoder(seed: int = 0):
+    import comfy.sd
+    import comfy.supported_models as supported_models
+
+    target = supported_models.PixArtSigma({}).clip_target()  # PixArtAlpha's is the same
+    clip = comfy.sd.CLIP(target, model_options={"t5xxl_model_config": TINY_PIXART_T5, "dtype": torch.float32})
+    randomize(clip.cond_stage_model, seed)
+    return clip

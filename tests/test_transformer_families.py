@@ -70,6 +70,19 @@ def _wan(arch, conditioning=None):
     return inputs
 
 
+# Two prompts of the same length (11 T5 tokens), so ComfyUI batches the branches in one model call.
+PIXART_PROMPT, PIXART_NEGATIVE = "a small house by a lake at dawn", "blurry, low quality, watermark, text"
+
+
+def _pixart(size=None):
+    def inputs(comfy, batch):
+        # size: CLIPTextEncodePixArtAlpha with alpha's size micro-condition, on both prompts
+        positive, negative = comfy.pixart_conditioning(PIXART_PROMPT, PIXART_NEGATIVE, size=size)
+        return positive, negative, torch.zeros(batch, 4, 64, 64)  # 512 px: tiny PixArt needs a latent above 32
+
+    return inputs
+
+
 CASES = {
     "wan21-t2v": Case("wan", _wan("tiny-wan21-t2v"), 6.0, ".cross_attn", ".self_attn", "q", "q"),
     "wan21-i2v": Case("wan_i2v", _wan("tiny-wan21-i2v", "i2v"), 6.0, ".cross_attn", ".self_attn", "q", "q"),
@@ -80,6 +93,8 @@ CASES = {
     "ltxv-i2v": Case("ltxv", _ltxv(True), 3.0, ".attn2", ".attn1", "to_q", "to_q"),
     "cosmos-predict2": Case("cosmos_predict2", _cosmos, 4.0, ".cross_attn", ".self_attn", "q_proj", "q_proj"),
     "ace-step": Case("ace_step", _ace, 5.0, ".cross_attn", ".attn", "to_q", "to_q", seeded=True),
+    "pixart-sigma": Case("pixart", _pixart(), 4.5, ".cross_attn", ".attn", "q_linear", "qkv"),
+    "pixart-alpha": Case("pixart_alpha", _pixart(512), 4.5, ".cross_attn", ".attn", "q_linear", "qkv"),
 }
 
 
@@ -259,3 +274,41 @@ def test_wan22_two_experts_chained_as_comfyui_template_does(comfy):
     assert second_calls.column("batch") == [2] + [1] * (STEPS - split - 1)
     assert second_calls.column("cross_q") == [layers] + [0] * (STEPS - split - 1)
     assert torch.isfinite(second["samples"]).all()
+
+
+def test_pixart_with_an_empty_negative_runs_the_branches_apart_and_still_gates(comfy):
+    """ComfyUI's PixArt T5 does not pad: the empty negative is one token against the prompt's eleven,
+    too far apart to share a model call, so each step before the gate makes two calls of one image,
+    and the capture mixes the outputs of the two calls."""
+    case = CASES["pixart-sigma"]
+    model = comfy.family_model(case.model)
+    positive, negative = comfy.pixart_conditioning(PIXART_PROMPT, "")
+    runs = {}
+    for label, patched in (("plain", model), ("tgate", comfy.tgate(model))):
+        with Calls(model, case, outputs=True) as calls:
+            comfy.sample(patched, positive, negative, latent=torch.zeros(1, 4, 64, 64), steps=STEPS, cfg=case.cfg)
+        runs[label] = calls
+    gate = 5  # gate_at 0.4 with 12 steps
+    layers = runs["plain"].column("cross_q")[0]
+    assert runs["plain"].column("batch") == [1] * 2 * STEPS
+    assert runs["tgate"].column("batch") == [1] * (2 * gate + STEPS - gate)
+    assert runs["tgate"].column("cross_q") == [layers] * 2 * gate + [0] * (STEPS - gate)
+    first, second = runs["plain"].calls[2 * gate - 2]["out"], runs["plain"].calls[2 * gate - 1]["out"]
+    for call in runs["tgate"].calls[2 * gate :]:
+        for name, replayed in call["out"].items():
+            mean = ((first[name].float() + second[name].float()) / 2).to(replayed.dtype)
+            torch.testing.assert_close(replayed, mean, rtol=0, atol=0)
+
+
+def test_pixart_official_gate_falls_after_15_of_25_steps(comfy):
+    """The official PixArt setting, gate step 15 of 25, is gate_at 0.6 with ComfyUI's normal scheduler."""
+    import comfy.samplers as samplers
+
+    from tgate import FAMILIES, GateSchedule
+
+    (pixart,) = [f for f in FAMILIES if "PixArtSigma" in f.model_configs]
+    model_sampling = comfy.family_model("pixart").get_model_object("model_sampling")
+    sigmas = samplers.calculate_sigmas(model_sampling, "normal", 25).tolist()
+    gate_at, reuse = pixart.official
+    assert GateSchedule.from_sigmas(sigmas, model_sampling.percent_to_sigma(gate_at)).gate_step == 15
+    assert (reuse.warm_up, reuse.sp_interval, reuse.fi_interval) == (2, 3, 1)

@@ -207,6 +207,24 @@ FAMILIES = (
         ),
         official=_NO_OFFICIAL,
     ),
+    Family(
+        name="PixArt-alpha/PixArt-sigma",
+        model_configs=("PixArtAlpha", "PixArtSigma"),
+        # Each block calls `self.attn(x, HW=HW)` on the image tokens, then `self.cross_attn(x, y, mask)`
+        # on the T5 tokens; the text reaches the blocks folded into one (1, B*L, C) sequence, but the
+        # cross-attention output is (B, N, C) like its query.
+        cross_attention=AttentionSite(r"blocks\.\d+\.cross_attn", ("comfy.ldm.pixart.blocks.MultiHeadCrossAttention",)),
+        self_attention=AttentionSite(r"blocks\.\d+\.attn", ("comfy.ldm.pixart.blocks.AttentionKVCompress",)),
+        call_table="slot",  # PixArtMS.forward drops transformer_options before the blocks
+        auto_branch=FidelityBranch.UNCOND,
+        auto_reason=(
+            "text-to-image: the only PixArt conditioning nodes are text encoders (CLIPTextEncode, "
+            "CLIPTextEncodePixArtAlpha), so the negative is a text prompt like the positive; alpha's size and "
+            "aspect micro-conditions enter the timestep embedding, not cross-attention, and the negative carries "
+            "its own (its node's width and height, or the latent's size). The official PixArt code keeps the negative"
+        ),
+        official=(0.6, SelfAttentionReuse(warm_up=2, sp_interval=3, fi_interval=1)),  # gate 15 of 25 (normal scheduler)
+    ),
 )
 
 # Families (model_config class names, base classes included) that cannot be served exactly, why,

@@ -5,17 +5,18 @@ report times, speedups, peak memory and the T-GATE cache size.
 
 Variants: baseline (CFG at --cfg), cfg1 (CFG 1.0: the cost of one branch), tgate (the node's
 defaults), tgate_off (gate_at 1.0: the pack's overhead), tgate_v2 (the advanced node, TGATE-V2, at
-the official SD/SDXL settings: warm_up 2, sp_interval 5, fi_interval 1, fidelity_branch auto; not in
-the default list), peer=PATH (another T-GATE node pack,
-loaded by ComfyUI's loader, applied with its defaults and --peer-input overrides to a second copy of
-the model with the same weights, since some ports patch module instances for good). Runs are interleaved (A B C A B C)
-after one warm-up each, with device synchronisation around every run.
+--gate-at with the model family's official self-attention schedule: SD/SDXL warm_up 2, sp_interval
+5, fi_interval 1; PixArt sp_interval 3; not in the default list), peer=PATH (another T-GATE node
+pack, loaded by ComfyUI's loader, applied with its defaults and --peer-input overrides to a second
+copy of the model with the same weights, since some ports patch module instances for good). Runs
+are interleaved (A B C A B C) after one warm-up each, with device synchronisation around every run.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import logging
 import platform
@@ -28,7 +29,6 @@ from .comfy_env import MISSING, PACK_ROOT, find_comfyui, import_comfyui, load_pa
 from .models import ARCHITECTURES
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-V2_SCHEDULE = {"warm_up": 2, "sp_interval": 5, "fi_interval": 1}  # the official SD/SDXL TGATE-V2 settings
 OWN_VARIANTS = ("baseline", "cfg1", "tgate", "tgate_v2")  # a failure here stops the benchmark
 
 
@@ -143,12 +143,17 @@ def main(argv=None) -> int:
     noise = comfy.sample.prepare_noise(latent, 0)
     positive, negative = random_cond(arch, 1, args.batch, args.size), random_cond(arch, 2, args.batch, args.size)
 
+    # The pack's engine as ComfyUI loaded it; tgate_v2 runs the family's official self-attention schedule.
+    engine = importlib.import_module(tgate_node.__module__.rpartition(".")[0] + ".tgate")
+    reuse = engine.family_of(model.model.model_config).official[1]
+
     def tgate(gate_at):
-        return tgate_node.execute(model, gate_at=gate_at, fidelity_branch="uncond", cache_device="model_device").result[0]
+        return tgate_node.execute(model, gate_at=gate_at, fidelity_branch="auto", cache_device="model_device").result[0]
 
     def tgate_v2(gate_at):
+        schedule = dict(warm_up=reuse.warm_up, sp_interval=reuse.sp_interval, fi_interval=reuse.fi_interval)
         return advanced_node.execute(
-            model, gate_at=gate_at, fidelity_branch="auto", cache_device="model_device", **V2_SCHEDULE
+            model, gate_at=gate_at, fidelity_branch="auto", cache_device="model_device", **schedule
         ).result[0]
 
     compiled = {}
@@ -329,7 +334,7 @@ def main(argv=None) -> int:
             steps = {"before gate": max(0, gate - 2), "capture": gate - 1, "after gate": min(args.steps - 1, gate + 1)}
             profile_result.update(profile_variant("tgate", steps))
         if v2_run:
-            steps = _self_attention_steps(advanced_node, v2_run)
+            steps = _self_attention_steps(engine, v2_run, reuse)
             if steps:
                 profile_result.update(profile_variant("tgate_v2", steps))
             else:
@@ -368,13 +373,10 @@ def _cache_bytes(run: dict | None) -> int | None:
     return run.get("peak_cache_bytes", run.get("cache_bytes"))
 
 
-def _self_attention_steps(advanced_node, run: dict) -> dict[str, int]:
+def _self_attention_steps(engine, run: dict, reuse) -> dict[str, int]:
     """The first step of a tgate_v2 run that reuses self-attention (before the gate where there is
     one) and the step that kept what it reuses, from the engine's own plan; {} when none reuses."""
-    import importlib
-
-    engine = importlib.import_module(advanced_node.__module__.rpartition(".")[0] + ".tgate")
-    plans = engine.plan_steps(run["num_steps"], run["gate_step"], engine.SelfAttentionReuse(**V2_SCHEDULE))
+    plans = engine.plan_steps(run["num_steps"], run["gate_step"], reuse)
     reusing = [step for step, plan in enumerate(plans) if plan.self_attention is engine.Action.REUSE]
     if not reusing:
         return {}

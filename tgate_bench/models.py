@@ -241,6 +241,43 @@ _TINY_WAN_VACE = dict(_TINY_WAN, model_type="vace", num_layers=4, vace_layers=2,
 _WAN_TEXT = dict(context_width=4096, latent=(16, 3))
 _TINY_WAN_TEXT = dict(_WAN_TEXT, context_tokens=24)  # ComfyUI gives 512; fewer keep the tiny models fast, same code path
 
+# PixArt: the keys model detection gives a real checkpoint (detect_unet_config, "t_block.1.weight"):
+# patch 2, 16 heads, 1152 wide, 4 latent channels, 28 blocks; caption_channels is the T5-XXL width
+# (PixArtMS's default, not detected). Sigma has no size/aspect micro-conditions and 300 caption
+# tokens; alpha has micro-conditions and 120. pe_interpolation is what detection guesses for a
+# 1024 checkpoint, and what PixArtMS computes itself at a 128x128 latent. ComfyUI's PixArt text
+# encoder neither pads nor masks (pixart_t5.py), so the context is as long as the prompt: 120 tokens
+# is a long prompt, and the cross-attention share (T-GATE's gain) grows with it.
+_PIXART_SIGMA = dict(
+    image_model="pixart_sigma",
+    num_heads=16,
+    patch_size=2,
+    hidden_size=1152,
+    in_channels=4,
+    depth=28,
+    caption_channels=4096,
+    model_max_length=300,
+    input_size=128,
+    pe_interpolation=2,
+    micro_condition=False,
+)
+_PIXART_ALPHA = dict(_PIXART_SIGMA, image_model="pixart_alpha", model_max_length=120, micro_condition=True)
+# Tiny: 48 wide (alpha's size and aspect embeddings take a third each, so a multiple of 3), two
+# 24-channel heads, three blocks, a 32-wide context (the tiny T5 of comfy_runtime.py). Sample tiny
+# PixArt at a latent side above 32 (64: 512 px): PixArtMS's position embedding divides by
+# round(side / 64), which is 0 up to 32 (Python rounds 0.5 to even): a ZeroDivisionError.
+_TINY_PIXART_SIGMA = dict(
+    _PIXART_SIGMA,
+    hidden_size=48,
+    num_heads=2,
+    depth=3,
+    caption_channels=32,
+    model_max_length=16,
+    input_size=32,
+    pe_interpolation=1,
+)
+_TINY_PIXART_ALPHA = dict(_TINY_PIXART_SIGMA, image_model="pixart_alpha", micro_condition=True)
+
 ARCHITECTURES = {
     "sd15": Architecture("SD15", _SD15, context_tokens=77),
     "sdxl": Architecture("SDXL", _SDXL, context_tokens=77, pooled=1280),
@@ -259,6 +296,10 @@ ARCHITECTURES = {
     "cosmos-predict2-2b": Architecture("CosmosT2IPredict2", _COSMOS_PREDICT2_2B, latent=(16, 1), **_COSMOS_TEXT),
     "tiny-cosmos-predict2": Architecture("CosmosT2IPredict2", _TINY_COSMOS_PREDICT2, latent=(16, 1), **_COSMOS_TEXT),
     "tiny-cosmos-predict2-i2v": Architecture("CosmosI2VPredict2", _TINY_COSMOS_PREDICT2_I2V, latent=(16, 3), **_COSMOS_TEXT),
+    "pixart-sigma": Architecture("PixArtSigma", _PIXART_SIGMA, context_tokens=120, context_width=4096),
+    "pixart-alpha": Architecture("PixArtAlpha", _PIXART_ALPHA, context_tokens=120, context_width=4096),
+    "tiny-pixart-sigma": Architecture("PixArtSigma", _TINY_PIXART_SIGMA, context_tokens=7, context_width=32),
+    "tiny-pixart-alpha": Architecture("PixArtAlpha", _TINY_PIXART_ALPHA, context_tokens=7, context_width=32),
     "tiny-ace-step": Architecture(
         "ACEStep", _TINY_ACE_STEP, context_tokens=8, context_width=32, fixed_latent=(8, 16, 32), lyrics_tokens=12
     ),
