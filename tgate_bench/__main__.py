@@ -15,6 +15,7 @@ are interleaved (A B C A B C) after one warm-up each, with device synchronisatio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib
 import json
@@ -40,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default="tiny-sd15")
     p.add_argument("--size", type=int, default=512, help="image size in pixels (latent is size/8)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--frames", type=int, help="latent frames of a video model (default: the architecture's)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--sampler", default="euler")
@@ -137,6 +139,10 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if cuda else "fp32")])
     arch = ARCHITECTURES[args.arch]
+    if args.frames:
+        if len(arch.latent) != 2:
+            raise SystemExit(f"--frames: {args.arch} is not a video model")
+        arch = dataclasses.replace(arch, latent=(arch.latent[0], args.frames))
     print(f"building {args.arch} with random weights ({dtype}, {device})", flush=True)
     model = build_model(arch, dtype=dtype)
     latent = arch.empty_latent(args.batch, args.size)  # the family's latent for images (or videos) of this size
