@@ -579,21 +579,8 @@ def tiny_wan_vae(seed: int = 0):
     return vae
 
 
-TINY_CLIP_VISION_H = {  # ViT-H/14's token layout (224 px, 14 px patches: 257 tokens) and width (1280), 2 thin layers
-    "attention_dropout": 0.0,
-    "dropout": 0.0,
-    "hidden_act": "gelu",
-    "hidden_size": 1280,
-    "image_size": 224,
-    "intermediate_size": 64,
-    "layer_norm_eps": 1e-05,
-    "model_type": "clip_vision_model",
-    "num_attention_heads": 2,
-    "num_channels": 3,
-    "num_hidden_layers": 2,
-    "patch_size": 14,
-    "projection_dim": 64,
-}
+# ViT-H/14's token layout (224 px, 14 px patches: 257 tokens) and width (1280), 2 thin layers.
+TINY_CLIP_VISION_H = dict(TINY_CLIP_VISION, hidden_size=1280, image_size=224, patch_size=14, projection_dim=64)
 
 
 def tiny_clip_vision_h(seed: int = 0):

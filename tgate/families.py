@@ -68,10 +68,10 @@ _NO_OFFICIAL = _SD_OFFICIAL
 
 # Wan 2.1/2.2 (comfy/ldm/wan/model.py). Cross- and self-attention modules share a base class
 # (WanT2VCrossAttention and WanI2VCrossAttention derive from WanSelfAttention), so the paths tell
-# them apart. VACE's `vace_blocks` have the same two modules, fed the same text context. Modules
-# that attend to other conditioning (S2V's `audio_injector.injector.N`, HuMo's
-# `blocks.N.audio_cross_attn_wrapper.audio_cross_attn`, Animate's `face_adapter`) match neither
-# pattern: they keep computing, on the fidelity branch's audio or face, after the gate.
+# them apart. VACE's `vace_blocks` have the same two modules, fed the same text context, and run
+# once per control in a model call (each run is kept apart: store.occurrence_key). Modules that
+# attend to other conditioning (S2V's audio injector, HuMo's audio cross-attention, Animate's face
+# adapter) match neither pattern; those models are refused for now (REFUSED).
 _WAN_BLOCKS = r"(?:blocks|vace_blocks)\.\d+"
 _WAN_CROSS = AttentionSite(
     rf"{_WAN_BLOCKS}\.cross_attn",
