@@ -313,3 +313,23 @@ def test_modules_called_without_transformer_options_get_their_table_through_the_
         assert slot is None or slot.call is None  # the slot is emptied after every call
     for a, b in zip(outputs["options"], outputs["slot"], strict=True):
         assert torch.equal(a, b)
+
+
+def test_steps_after_the_gate_reuse_one_table_and_build_nothing():
+    """Only a capture changes what a run keeps: each model call after the gate gets the same table."""
+    model, x = patched_denoiser(), torch.randn(1, 4, 8)
+    run, options = run_options()
+    tables = []
+    model_call = run.model_call
+
+    def recording_model_call(*args):
+        call = model_call(*args)
+        tables.append(call.reuse)
+        return call
+
+    run.model_call = recording_model_call
+    conds = [make_cond(1), make_cond(2)]
+    for sigma in SIGMAS[:-1]:
+        calc_cond_batch_with_gate(calc_cond_batch, model, conds, x, torch.tensor([sigma]), options)
+    after_gate = tables[1:]  # the capture call, then the three calls after the gate
+    assert len(after_gate) == 3 and all(t is after_gate[0] for t in after_gate) and after_gate[0]

@@ -91,7 +91,6 @@ def gated_attention(
 
     tgate_forward.tgate_original = forward
     tgate_forward.tgate_layer = layer
-    tgate_forward.tgate_kind = kind
     return tgate_forward
 
 

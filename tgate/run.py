@@ -84,7 +84,8 @@ class GateRun:
             return executor(model, conds, x_in, timestep, model_options)
         fidelity = fidelity_index(conds, self.patch.fidelity_branch)
         self.store.fidelity_index = fidelity
-        for kind in plan.kinds(Action.CAPTURE):
+        captures = plan.kinds(Action.CAPTURE)
+        for kind in captures:
             if self._capture_sigmas.get(kind) != sigma:
                 # A new capture; context windows call again at the same sigma and add to it.
                 self.store.clear((kind,))
@@ -94,7 +95,12 @@ class GateRun:
             out = executor(model, conds if plan.both_branches else only_branch(conds, fidelity), x_in, timestep, model_options)
         finally:
             self.current = None
-            self.store.finish_capture()
+            if captures:
+                # Only a capture changes what is kept: evaluations that just reuse keep the
+                # store's tables, so steps after the gate build nothing.
+                self.store.finish_capture()
+        if captures:
+            self.peak_bytes = max(self.peak_bytes, self.store.nbytes)
         if plan.cross_attention is Action.CAPTURE:
             # A capture can store nothing: EasyCache may skip the model call, or other packs'
             # attn2 patches replace every layer. Then the next evaluation captures again, and
@@ -102,8 +108,7 @@ class GateRun:
             self.gate_captured = self.store.holds(CROSS)
             self.uncached_evaluations += not self.gate_captured and step >= self.schedule.gate_step
         self.self_attention_reuses += plan.self_attention is Action.REUSE
-        self.peak_bytes = max(self.peak_bytes, self.store.nbytes)
-        if step >= self._last_self_reuse and self.store.holds(SELF):
+        if 0 <= self._last_self_reuse <= step and self.store.holds(SELF):
             self.store.clear((SELF,))
         if plan.both_branches:
             return out

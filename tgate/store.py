@@ -166,7 +166,7 @@ class AttentionStore:
         return table
 
     def holds(self, kind: str) -> bool:
-        return self.layers(kind) > 0
+        return any(slots and self.layer_kinds[layer_of(key)] == kind for key, slots in self._slots.items())
 
     def layers(self, kind: str) -> int:
         kept = {layer_of(key) for key, slots in self._slots.items() if slots}

@@ -373,10 +373,8 @@ def main(argv=None) -> int:
 
 
 def _cache_bytes(run: dict | None) -> int | None:
-    """The most a run kept at once: its peak where the engine reports one (self-attention comes and goes)."""
-    if not run:
-        return None
-    return run.get("peak_cache_bytes", run.get("cache_bytes"))
+    """The most a run kept at once (self-attention comes and goes); None for a run without T-GATE."""
+    return run["peak_cache_bytes"] if run else None
 
 
 def _self_attention_steps(engine, run: dict, reuse) -> dict[str, int]:
