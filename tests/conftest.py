@@ -18,8 +18,8 @@ if str(PACK_ROOT) not in sys.path:
     sys.path.append(str(PACK_ROOT))
 
 
-from tgate_bench.comfy_env import MISSING as COMFYUI_MISSING  # noqa: E402
-from tgate_bench.comfy_env import find_comfyui  # noqa: E402
+from tgate_testkit.comfy_env import MISSING as COMFYUI_MISSING  # noqa: E402
+from tgate_testkit.comfy_env import find_comfyui  # noqa: E402
 
 COMFYUI_PATH = find_comfyui()
 
@@ -41,6 +41,6 @@ def comfy():
     """The ComfyUI runtime with the pack loaded through ComfyUI's own custom-node loader."""
     if COMFYUI_PATH is None:
         pytest.skip(COMFYUI_MISSING)
-    from comfy_runtime import ComfyRuntime
+    from tgate_testkit.runtime import ComfyRuntime
 
     return ComfyRuntime.load(COMFYUI_PATH, PACK_ROOT)

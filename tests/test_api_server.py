@@ -43,7 +43,7 @@ def request(url: str, payload: dict | None = None):
 def server(comfy, tmp_path_factory):
     if COMFYUI_PATH is None:
         pytest.skip(COMFYUI_MISSING)
-    from comfy_runtime import write_sd15_checkpoint
+    from tgate_testkit.model_files import write_sd15_checkpoint
 
     base = tmp_path_factory.mktemp("comfy_base")
     pack_files = shutil.ignore_patterns(".*", "__pycache__", "benchmark-results")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_runtime import ModelProbe
+from tgate_testkit.recorders import ModelCalls
 
 FRAMES, STEPS, CFG = 4, 12, 2.5
 
@@ -23,30 +23,12 @@ def svd(comfy):
     return model, positive, negative, latent
 
 
-class ModelInputs:
-    """Records, for every diffusion-model call, the image latent concatenated to its input and its
-    chunk layout (x[:, 4:] is c_concat: the concat_latent_image, repeated over the frames)."""
-
-    def __init__(self, patcher):
-        self.calls: list[tuple[list[int], torch.Tensor]] = []
-        self.handle = patcher.model.diffusion_model.register_forward_pre_hook(self._record, with_kwargs=True)
-
-    def _record(self, module, args, kwargs):
-        layout = list(kwargs["transformer_options"]["cond_or_uncond"])
-        self.calls.append((layout, args[0][:, 4:].detach().clone()))
-
-    def remove(self):
-        self.handle.remove()
-
-
 def sample(comfy, model, svd, watched, **settings):
     _, positive, negative, latent = svd
-    inputs = ModelInputs(watched)
-    try:
+    # x[:, 4:] is c_concat: the concat_latent_image, repeated over the frames.
+    with ModelCalls(keep_input=lambda x: x[:, 4:]).watch(watched) as inputs:
         out = comfy.sample(model, positive, negative, latent=latent, steps=STEPS, cfg=CFG, seed=1, **settings)
-    finally:
-        inputs.remove()
-    return out, inputs.calls
+    return out, [(call["layout"], call["input"]) for call in inputs.calls]
 
 
 def gate_of(calls):
@@ -87,17 +69,9 @@ def test_temporal_attention_is_gated_and_reused_like_spatial(comfy, svd):
     assert temporal_cross and temporal_self
     patched = comfy.tgate_advanced(model, sp_interval=3, fi_interval=2, warm_up=1)
     assert {f"diffusion_model.{n}.forward" for n in temporal_cross + temporal_self} <= set(patched.object_patches)
-    probe, self_q = ModelProbe(), []
-    handles = [
-        model.model.diffusion_model.get_submodule(n).to_q.register_forward_pre_hook(lambda m, a: self_q.append(1))
-        for n in temporal_self
-    ]
-    try:
-        with probe.watch(model):
-            out, _ = sample(comfy, patched, svd, model)
-    finally:
-        for h in handles:
-            h.remove()
+    with ModelCalls(self_attention=tuple(temporal_self)).watch(model) as probe:
+        out, _ = sample(comfy, patched, svd, model)
+    self_q = sum(probe.column("self_q"))
     assert torch.isfinite(out).all()
     gate = probe.batch_sizes.index(FRAMES)
     assert probe.batch_sizes == [2 * FRAMES] * gate + [FRAMES] * (STEPS - gate)
@@ -107,4 +81,4 @@ def test_temporal_attention_is_gated_and_reused_like_spatial(comfy, svd):
     engine = comfy.engine
     plans = engine.plan_steps(STEPS, gate, engine.SelfAttentionReuse(warm_up=1, sp_interval=3, fi_interval=2))
     computed = sum(p.self_attention is not engine.Action.REUSE for p in plans)
-    assert computed < STEPS and len(self_q) == computed * len(temporal_self)
+    assert computed < STEPS and self_q == computed * len(temporal_self)

@@ -6,7 +6,6 @@ Numbered after the behaviour points of issue 2.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import weakref
@@ -14,7 +13,8 @@ import weakref
 import pytest
 import torch
 
-from comfy_runtime import ModelProbe, SyncCounter
+from tgate_testkit.logs import RunLog
+from tgate_testkit.recorders import ModelCalls, SyncCounter
 
 STEPS = 12  # gate_at 0.4 gates after 5 of 12 steps with the normal scheduler
 GATE_STEP = 5
@@ -39,27 +39,9 @@ def attn2_modules(model):
     return {name: m for name, m in model.model.diffusion_model.named_modules() if name.endswith("attn2")}
 
 
-class Attn2Recorder:
-    """Records every attn2 output (per layer, per model call) with torch forward hooks."""
-
-    def __init__(self, model):
-        self.calls: dict[str, list[torch.Tensor]] = {}
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in attn2_modules(model).items()]
-
-    def _hook(self, name):
-        def hook(module, args, output):
-            self.calls.setdefault(name, []).append(output.detach().clone())
-
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def probed(comfy, watched, model, *args, **kwargs):
-    """comfy.sample(model, ...) while a ModelProbe watches the `watched` patcher's diffusion model."""
-    probe = ModelProbe()
+    """comfy.sample(model, ...) while ModelCalls watches the `watched` patcher's diffusion model."""
+    probe = ModelCalls()
     with probe.watch(watched):
         out = comfy.sample(model, *args, **kwargs)
     return out, probe
@@ -93,7 +75,7 @@ def test_1_steps_before_the_gate_are_bit_identical(comfy, family, request):
 
 def test_1_gate_at_point_four_gates_after_ten_of_twenty_five_steps(comfy, sd15):
     pos, neg = conds(comfy, "sd15")
-    probe = ModelProbe()
+    probe = ModelCalls()
     with probe.watch(sd15):
         comfy.ksampler(comfy.tgate(sd15, gate_at=0.4), pos, neg, steps=25)
     assert probe.batch_sizes == [2] * 10 + [1] * 15
@@ -104,19 +86,19 @@ def test_1_gate_at_point_four_gates_after_ten_of_twenty_five_steps(comfy, sd15):
 def test_2_cache_holds_the_mean_of_cond_and_uncond_at_the_last_step_before_the_gate(comfy, family, request):
     model = request.getfixturevalue(family)
     pos, neg = conds(comfy, family)
-    recorder = Attn2Recorder(model)
-    try:
+    with ModelCalls(outputs=True).watch(model) as plain:
         comfy.sample(model, pos, neg, steps=STEPS)  # unpatched: one batched call per step
-        expected = {name: calls[GATE_STEP - 1] for name, calls in recorder.calls.items()}
-        recorder.calls.clear()
+    with ModelCalls(outputs=True).watch(model) as gated:
         comfy.sample(comfy.tgate(model), pos, neg, steps=STEPS)
-    finally:
-        recorder.remove()
-    for name, calls in recorder.calls.items():
-        uncond, cond = expected[name].chunk(2)  # ComfyUI batches uncond first
+    expected = plain.calls[GATE_STEP - 1]["out"]
+    assert len(expected) == len(attn2_modules(model)) and len(gated.calls) == STEPS
+    for name, captured in expected.items():
+        uncond, cond = captured.chunk(2)  # ComfyUI batches uncond first
         mean = ((uncond.float() + cond.float()) / 2).to(uncond.dtype)
-        for replayed in calls[GATE_STEP:]:
-            torch.testing.assert_close(replayed, mean, rtol=0, atol=0)
+        replayed = gated.outputs_of(name)[GATE_STEP:]
+        assert len(replayed) == STEPS - GATE_STEP, name
+        for output in replayed:
+            torch.testing.assert_close(output, mean, rtol=0, atol=0)
 
 
 def test_2_chunks_of_each_shape_are_cached_apart(comfy, sd15):
@@ -126,12 +108,9 @@ def test_2_chunks_of_each_shape_are_cached_apart(comfy, sd15):
     area = comfy.cond(3)
     area[0][1].update(area=(8, 8, 0, 0), strength=1.0)  # latent units: an 8x8 corner of 16x16
     model = comfy.tgate(sd15, fidelity_branch="cond")
-    recorder = Attn2Recorder(sd15)
-    try:
+    with ModelCalls(outputs=True).watch(sd15) as recorder:
         comfy.sample(model, pos + area, neg, steps=STEPS)
-    finally:
-        recorder.remove()
-    calls = recorder.calls["input_blocks.1.1.transformer_blocks.0.attn2"]
+    calls = recorder.outputs_of("input_blocks.1.1.transformer_blocks.0.attn2")
     before, after = calls[: 2 * GATE_STEP], calls[2 * GATE_STEP :]
     for tokens in (16 * 16, 8 * 8):
         captured = [c for c in before if c.shape[1] == tokens]
@@ -224,14 +203,14 @@ def test_4_ksampler_advanced_split_runs(comfy, sd15):
     model = comfy.tgate(sd15)
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
     advanced = comfy.nodes.KSamplerAdvanced()
-    probe = ModelProbe()
+    probe = ModelCalls()
     with probe.watch(sd15):
         first = advanced.sample(model, "enable", 0, 20, 7.0, "euler", "normal", pos, neg, latent, 0, 6, "enable")[0]
         second = advanced.sample(model, "disable", 0, 20, 7.0, "euler", "normal", pos, neg, first, 6, 20, "disable")[0]
     # The gate sits at the same point of the denoising process whether or not the run is split:
     # run one (steps 0-5) is all planning, run two plans on until step 7, captures there, then
     # keeps one branch, exactly as the unsplit run does.
-    whole_probe = ModelProbe()
+    whole_probe = ModelCalls()
     with whole_probe.watch(sd15):
         whole = comfy.ksampler(model, pos, neg, steps=20)
     assert probe.batch_sizes == whole_probe.batch_sizes == [2] * 8 + [1] * 12
@@ -248,14 +227,14 @@ def test_4_sampler_custom_with_custom_sigmas_and_denoise(comfy, sd15):
 
     sampler = samplers.sampler_object("euler")
     node = getattr(SamplerCustom, "execute", None) or SamplerCustom().sample  # V3 or classic, by version
-    probe = ModelProbe()
+    probe = ModelCalls()
     with probe.watch(sd15):
         out = node(model, True, 0, 7.0, pos, neg, sampler, sigmas, {"samples": torch.zeros(1, 4, 16, 16)})
     assert probe.batch_sizes == [2, 2, 2, 2, 1, 1, 1]
     result = out.result if hasattr(out, "result") else out
     assert torch.isfinite(result[0]["samples"]).all()
 
-    probe = ModelProbe()
+    probe = ModelCalls()
     with probe.watch(sd15):
         comfy.ksampler(model, pos, neg, steps=10, denoise=0.5, latent={"samples": torch.randn(1, 4, 16, 16)})
     assert probe.batch_sizes[0] == 2 and probe.batch_sizes[-1] == 1
@@ -266,7 +245,7 @@ def test_4_hires_fix_second_pass_at_another_resolution(comfy, sd15):
     model = comfy.tgate(sd15)
     low = comfy.ksampler(model, pos, neg, steps=8, size=16)
     upscaled = torch.nn.functional.interpolate(low, scale_factor=1.5, mode="nearest")
-    probe = ModelProbe()
+    probe = ModelCalls()
     with probe.watch(sd15):
         high = comfy.ksampler(model, pos, neg, steps=8, latent={"samples": upscaled}, denoise=0.6)
     assert high.shape[-1] == 24 and torch.isfinite(high).all()
@@ -296,7 +275,7 @@ def test_4_area_masked_and_several_positive_conds(comfy, sd15):
     masked[0][1].update(mask=mask, set_area_to_bounds=False, mask_strength=1.0)
     several = pos + comfy.cond(5) + area + masked
     # How many q projections the unchanged model makes in the steps before the gate.
-    full, per_step = ModelProbe(), []
+    full, per_step = ModelCalls(), []
     with full.watch(sd15):
         comfy.sample(sd15, several, neg, steps=STEPS, callback=lambda step, *a: per_step.append(full.to_q_calls))
     for branch in ("uncond", "cond"):
@@ -311,7 +290,9 @@ def test_4_controlnet(comfy, sd15):
     import comfy.controlnet as controlnet
     import comfy.model_management as mm
 
-    from comfy_runtime import SD15_UNET, randomize
+    from tgate_testkit.models import ARCHITECTURES, randomize
+
+    SD15_UNET = ARCHITECTURES["tiny-sd15"].unet
 
     dropped = ("out_channels", "transformer_depth_output", "use_temporal_resblock", "use_temporal_attention")
     unet = {k: v for k, v in SD15_UNET.items() if k not in dropped}
@@ -322,7 +303,7 @@ def test_4_controlnet(comfy, sd15):
     image = torch.rand(1, 128, 128, 3)
     pos_c, neg_c = comfy.nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, image, 1.0, 0.0, 1.0)
     base = comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS)
-    probe, control_batches = ModelProbe(), []
+    probe, control_batches = ModelCalls(), []
     handle = control_model.register_forward_pre_hook(
         lambda m, a, k: control_batches.append((a[0] if a else k["x"]).shape[0]), with_kwargs=True
     )
@@ -362,14 +343,11 @@ def test_4_extra_model_calls_do_not_corrupt_the_cache(comfy, sd15):
     ):
         for order in ("tgate_first", "tgate_last"):
             model = extra(comfy.tgate(sd15)) if order == "tgate_first" else comfy.tgate(extra(sd15))
-            recorder = Attn2Recorder(sd15)
-            try:
+            with ModelCalls(outputs=True).watch(sd15) as recorder:
                 out = comfy.sample(model, pos, neg, steps=STEPS)
-            finally:
-                recorder.remove()
             assert torch.isfinite(out).all(), (label, order)
             # Each step is the main CFG call, then the guidance's own extra call.
-            calls = recorder.calls[layer]
+            calls = recorder.outputs_of(layer)
             assert len(calls) == 2 * STEPS, (label, order)
             uncond, cond = calls[2 * (GATE_STEP - 1)].chunk(2)  # the main call at the capture step
             mean = ((uncond.float() + cond.float()) / 2).to(uncond.dtype)
@@ -449,7 +427,7 @@ def test_5_composes_with_easycache(comfy, sd15):
             model = comfy.tgate(EasyCacheNode.execute(sd15, 0.2, 0.15, 0.95, False).result[0])
         else:
             model = EasyCacheNode.execute(comfy.tgate(sd15), 0.2, 0.15, 0.95, False).result[0]
-        probe, q_before_call = ModelProbe(), []
+        probe, q_before_call = ModelCalls(), []
         handle = sd15.model.diffusion_model.register_forward_pre_hook(
             lambda m, a, probe=probe, q_before_call=q_before_call: q_before_call.append(probe.to_q_calls)
         )
@@ -466,29 +444,8 @@ def test_5_composes_with_easycache(comfy, sd15):
         assert 0 < probe.to_q_calls == q_before_call[two] and probe.to_q_calls % layers == 0, order
 
 
-class LogRecords(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    @contextlib.contextmanager
-    def on(self, name="tgate"):
-        logger = logging.getLogger(name)
-        level = logger.level
-        logger.addHandler(self)
-        logger.setLevel(logging.INFO)
-        try:
-            yield self
-        finally:
-            logger.removeHandler(self)
-            logger.setLevel(level)
-
-
 def test_5_applying_tgate_twice_warns_with_both_settings(comfy, sd15):
-    with LogRecords().on() as log:
+    with RunLog().on() as log:
         once = comfy.tgate(sd15, gate_at=0.4)
         comfy.tgate(sd15, gate_at=0.5)  # another chain from the same model: no warning
         assert not [r for r in log.records if r.levelno >= logging.WARNING]
@@ -544,14 +501,14 @@ def test_6_the_summary_of_a_cancelled_run_says_where_it_stopped(comfy, sd15):
         if step == GATE_STEP + 2:
             raise mm.InterruptProcessingException()
 
-    with LogRecords().on() as log, pytest.raises(mm.InterruptProcessingException):
+    with RunLog().on() as log, pytest.raises(mm.InterruptProcessingException):
         comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS, callback=cancel)
     (summary,) = [r for r in log.records if hasattr(r, "tgate_run")]
     assert summary.levelno == logging.WARNING
     assert f"stopped (cancelled or failed) at step {GATE_STEP + 3} of {STEPS}" in summary.getMessage()
     assert "planned with text, then" not in summary.getMessage()  # not the words of a finished run
     assert summary.tgate_run["stopped_at_step"] == GATE_STEP + 2
-    with LogRecords().on() as log:
+    with RunLog().on() as log:
         comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS)
     (summary,) = [r for r in log.records if hasattr(r, "tgate_run")]
     assert summary.levelno == logging.INFO and summary.tgate_run["stopped_at_step"] is None
@@ -591,7 +548,7 @@ def extra_syncs(comfy, sd15, patched, suffixes):
     counts = {}
     for label, model in (("plain", sd15), ("patched", patched)):
         counter = SyncCounter()
-        probe = ModelProbe()
+        probe = ModelCalls()
         with probe.watch(sd15), counter.around_attention(sd15, suffixes):
             comfy.sample(model, pos, neg, steps=STEPS)
         counts[label] = (counter.total, counter.in_attention, len(probe.batch_sizes))
@@ -674,16 +631,6 @@ def test_cache_device_cpu_gives_the_same_result(comfy, sd15):
 
 
 # -- torch.compile (issue 4): ComfyUI's own compile wrapper, in either order ------------------------
-class RunLog(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.runs = []
-
-    def emit(self, record):
-        if hasattr(record, "tgate_run"):
-            self.runs.append(record.tgate_run)
-
-
 @pytest.mark.parametrize("order", ["tgate_then_compile", "compile_then_tgate"])
 def test_compiled_model_gives_the_eager_result_and_compiles_nothing_on_the_next_run(comfy, sd15, order):
     import torch._dynamo
@@ -703,15 +650,10 @@ def test_compiled_model_gives_the_eager_result_and_compiles_nothing_on_the_next_
         model = sd15.clone()
         set_torch_compile_wrapper(model, backend="aot_eager")
         model = comfy.tgate(model)
-    log = RunLog()
-    logging.getLogger("tgate").addHandler(log)
-    logging.getLogger("tgate").setLevel(logging.INFO)
-    try:
+    with RunLog().on() as log:
         first = comfy.sample(model, pos, neg, steps=STEPS)
         graphs = counters["stats"]["unique_graphs"]
         second = comfy.sample(model, pos, neg, steps=STEPS)
-    finally:
-        logging.getLogger("tgate").removeHandler(log)
     assert [r["single_branch_evaluations"] for r in log.runs] == [STEPS - GATE_STEP] * 2
     rel = ((first - eager).norm() / eager.norm()).item()
     assert rel < 1e-3, rel
@@ -725,13 +667,10 @@ def test_4_context_windows_cache_each_window_apart(comfy, sd15):
     pos, neg = conds(comfy, "sd15")
     # Windows of 8 latent rows over the height (dim 2) of a 16x16 latent: two windows per step.
     windowed = ContextWindowsManual.execute(sd15, 8, 0, "standard_static", 1, False, "flat", 2).result[0]
-    recorder = Attn2Recorder(sd15)
-    try:
+    with ModelCalls(outputs=True).watch(sd15) as recorder:
         out = comfy.sample(comfy.tgate(windowed), pos, neg, steps=STEPS)
-    finally:
-        recorder.remove()
     assert torch.isfinite(out).all()
-    calls = recorder.calls["input_blocks.1.1.transformer_blocks.0.attn2"]
+    calls = recorder.outputs_of("input_blocks.1.1.transformer_blocks.0.attn2")
     windows = 2
     assert len(calls) == STEPS * windows
     capture = calls[windows * (GATE_STEP - 1) : windows * GATE_STEP]
@@ -745,7 +684,7 @@ def test_4_context_windows_cache_each_window_apart(comfy, sd15):
 
 @pytest.mark.parametrize("arch", ["tiny-sd2", "tiny-sdxl-refiner"])
 def test_sd2_and_the_sdxl_refiner_are_supported(comfy, arch):
-    from tgate_bench.models import build_model, random_cond
+    from tgate_testkit.models import build_model, random_cond
 
     model = build_model(arch)
     pos, neg = random_cond(arch, 1), random_cond(arch, 2)

@@ -9,7 +9,7 @@ after it, the hooks return that average and only the uncond branch is evaluated.
 import pytest
 import torch
 
-from comfy_runtime import CONTEXT_TOKENS
+from tgate_testkit.runtime import CONTEXT_TOKENS
 
 
 def reference_tgate(comfy, patcher, positive, negative, steps, cfg, gate_at, seed, pooled):

@@ -32,6 +32,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tgate_testkit.recorders import ModelCalls
+
 COMPUTE, CACHE, MEAN, REUSE = "c", "s", "m", "r"  # compute; compute and store; store the mean; reuse
 
 # Settings that exercise every branch of the rule. "official" is the paper's SDXL setting (gate 10
@@ -242,32 +244,12 @@ def test_self_attention_is_computed_only_on_the_steps_the_rule_says(comfy, famil
     model = comfy.tgate_advanced(patcher, gate_at=s["gate_at"], **rule)
     self_layers, cross_layers = attention_modules(patcher, "attn1"), attention_modules(patcher, "attn2")
 
-    current = {"self": 0, "cross": 0, "batch": []}
-    per_step = []
-
-    def count(key):
-        def pre_hook(module, args):
-            current[key] += 1
-
-        return pre_hook
-
-    def end_of_step(step, denoised, x, total_steps):  # the sampler calls it after step's model call
-        per_step.append(dict(current))
-        current.update(self=0, cross=0, batch=[])
-
-    diffusion_model = patcher.model.diffusion_model
-    handles = [diffusion_model.register_forward_pre_hook(lambda m, args: current["batch"].append(args[0].shape[0]))]
-    handles += [m.to_q.register_forward_pre_hook(count("self")) for m in self_layers.values()]
-    handles += [m.to_q.register_forward_pre_hook(count("cross")) for m in cross_layers.values()]
-    try:
-        comfy.sample(model, positive, negative, steps=s["steps"], cfg=CFG, seed=5, callback=end_of_step)
-    finally:
-        for h in handles:
-            h.remove()
+    with ModelCalls().watch(patcher) as calls:  # euler: one model call per step
+        comfy.sample(model, positive, negative, steps=s["steps"], cfg=CFG, seed=5)
 
     gate_step = EXPECTED_GATE_STEP[name]
     plan = self_attention_plan(s["steps"], gate_step, **rule)
-    assert len(per_step) == s["steps"]
-    assert [p["self"] for p in per_step] == [0 if a == REUSE else len(self_layers) for a in plan]
-    assert [p["cross"] for p in per_step] == [len(cross_layers) if i < gate_step else 0 for i in range(s["steps"])]
-    assert [p["batch"] for p in per_step] == [[2] if i < gate_step else [1] for i in range(s["steps"])]
+    steps = range(s["steps"])
+    assert calls.column("batch") == [2 if i < gate_step else 1 for i in steps]
+    assert calls.column("self_q") == [0 if a == REUSE else len(self_layers) for a in plan]
+    assert calls.column("cross_q") == [len(cross_layers) if i < gate_step else 0 for i in steps]

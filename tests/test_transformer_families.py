@@ -19,7 +19,8 @@ import pytest
 import torch
 from test_reference_v2 import REUSE, self_attention_plan
 
-from tgate_bench.models import ARCHITECTURES, random_cond
+from tgate_testkit.models import ARCHITECTURES, random_cond
+from tgate_testkit.recorders import ModelCalls
 
 STEPS = 12
 
@@ -115,55 +116,16 @@ def inputs(comfy, case: Case, batch: int):
     return _INPUTS[key]
 
 
-class Calls:
-    """Per diffusion-model call: the batch, the query projections of each kind, and (optionally)
-    clones of every cross-attention output, recorded with torch hooks."""
-
-    def __init__(self, patcher, case: Case, outputs: bool = False):
-        self.model = patcher.model.diffusion_model
-        self.case, self.outputs = case, outputs
-        self.calls: list[dict] = []
-
-    def __enter__(self):
-        modules = dict(self.model.named_modules())
-        self.handles = [self.model.register_forward_pre_hook(self._call)]
-        for name, module in modules.items():
-            if name.endswith(self.case.cross):
-                self.handles.append(getattr(module, self.case.cross_q).register_forward_pre_hook(self._count("cross_q")))
-                if self.outputs:
-                    self.handles.append(module.register_forward_hook(self._output(name)))
-            elif name.endswith(self.case.self_attention):
-                self.handles.append(getattr(module, self.case.self_q).register_forward_pre_hook(self._count("self_q")))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-    def _call(self, module, args):
-        self.calls.append({"batch": args[0].shape[0], "cross_q": 0, "self_q": 0, "out": {}})
-
-    def _count(self, key):
-        def hook(module, args):
-            self.calls[-1][key] += 1
-
-        return hook
-
-    def _output(self, name):
-        def hook(module, args, output):
-            self.calls[-1]["out"][name] = (output[0] if isinstance(output, tuple) else output).detach().clone()
-
-        return hook
-
-    def column(self, key):
-        return [c[key] for c in self.calls]
+def calls_of(case: Case, outputs: bool = False) -> ModelCalls:
+    """A recorder of the case's model calls, its attention modules and their query projections."""
+    return ModelCalls(case.cross, case.self_attention, case.cross_q, case.self_q, outputs=outputs)
 
 
 def sample(comfy, case, patched, watched, batch=1, outputs=False, **settings):
     positive, negative, latent = inputs(comfy, case[0], batch)
     if case[0].seeded:
         torch.manual_seed(0)
-    with Calls(watched, case[0], outputs) as calls:
+    with calls_of(case[0], outputs).watch(watched) as calls:
         out = comfy.sample(patched, positive, negative, latent=latent, steps=STEPS, cfg=case[0].cfg, **settings)
     return out, calls
 
@@ -258,12 +220,12 @@ def test_wan22_two_experts_chained_as_comfyui_template_does(comfy):
     positive, negative, latent = case.inputs(comfy, 1)
     advanced = comfy.nodes.KSamplerAdvanced()
     split = STEPS // 2
-    with Calls(high, case) as first_calls:
+    with calls_of(case).watch(high) as first_calls:
         first = advanced.sample(
             comfy.tgate(high), "enable", 0, STEPS, case.cfg, "euler", "normal", positive, negative, {"samples": latent}, 0,
             split, "enable",
         )[0]  # fmt: skip
-    with Calls(low, case) as second_calls:
+    with calls_of(case).watch(low) as second_calls:
         second = advanced.sample(
             comfy.tgate(low), "disable", 0, STEPS, case.cfg, "euler", "normal", positive, negative, first, split, 10000,
             "disable",
@@ -285,7 +247,7 @@ def test_pixart_with_an_empty_negative_runs_the_branches_apart_and_still_gates(c
     positive, negative = comfy.pixart_conditioning(PIXART_PROMPT, "")
     runs = {}
     for label, patched in (("plain", model), ("tgate", comfy.tgate(model))):
-        with Calls(model, case, outputs=True) as calls:
+        with calls_of(case, outputs=True).watch(model) as calls:
             comfy.sample(patched, positive, negative, latent=torch.zeros(1, 4, 64, 64), steps=STEPS, cfg=case.cfg)
         runs[label] = calls
     gate = 5  # gate_at 0.4 with 12 steps

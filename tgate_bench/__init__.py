@@ -1,4 +1,3 @@
-"""Benchmark and test support: real ComfyUI, random-weight models from ComfyUI's own classes.
-
-Unlike the engine in `tgate/`, this package imports ComfyUI (after `comfy_env.import_comfyui`).
+"""The benchmark: T-GATE against plain sampling on random-weight models of every family, side by
+side in one process. Its models and ComfyUI loader come from `tgate_testkit`, which the tests share.
 """

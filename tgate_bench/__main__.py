@@ -26,8 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from .comfy_env import MISSING, PACK_ROOT, find_comfyui, import_comfyui, load_pack
-from .models import ARCHITECTURES
+from tgate_testkit.comfy_env import MISSING, PACK_ROOT, find_comfyui, import_comfyui, load_pack
+from tgate_testkit.logs import RunLog
+from tgate_testkit.models import ARCHITECTURES
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 OWN_VARIANTS = ("baseline", "cfg1", "tgate", "tgate_v2")  # a failure here stops the benchmark
@@ -80,18 +81,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class RunStats(logging.Handler):
-    """Keeps the statistics the T-GATE engine logs at the end of each sampling run."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.last = None
-
-    def emit(self, record):
-        if hasattr(record, "tgate_run"):
-            self.last = record.tgate_run
-
-
 def peer_patch(nodes, path: Path, node_id: str | None, overrides: list[str]):
     """Load another pack; return a function applying its MODEL -> MODEL node with its defaults."""
     ids = load_pack(nodes, path)
@@ -125,13 +114,13 @@ def main(argv=None) -> int:
     import comfy.sample
     import torch
 
-    from .models import build_model, random_cond
+    from tgate_testkit.models import build_model, random_cond
 
     if "TGate" not in nodes.NODE_CLASS_MAPPINGS:
         load_pack(nodes, PACK_ROOT)
     tgate_node = nodes.NODE_CLASS_MAPPINGS["TGate"]
     advanced_node = nodes.NODE_CLASS_MAPPINGS["TGateAdvanced"]
-    stats = RunStats()
+    stats = RunLog()
     logging.getLogger("tgate").addHandler(stats)
     logging.getLogger("tgate").setLevel(logging.INFO)
 
@@ -230,7 +219,7 @@ def main(argv=None) -> int:
     variants = {name: (with_clock(patched), cfg) for name, (patched, cfg) in variants.items()}
 
     def sample(patched, cfg, callback=None):
-        stats.last = None
+        stats.runs.clear()
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -238,7 +227,7 @@ def main(argv=None) -> int:
             patched, noise, args.steps, cfg, args.sampler, args.scheduler, positive, negative, latent, seed=0,
             disable_pbar=True, callback=callback,
         )  # fmt: skip
-        return clock["end"] - clock["start"], (torch.cuda.max_memory_allocated() if cuda else None), stats.last
+        return clock["end"] - clock["start"], (torch.cuda.max_memory_allocated() if cuda else None), stats.last_run
 
     times = {name: [] for name in variants}
     extra = {name: {"graphs_compiled": 0} for name in variants}

@@ -1,32 +1,34 @@
-"""Real ComfyUI for the integration tests: tiny random-weight models from ComfyUI's own model
-classes, the pack loaded by ComfyUI's custom-node loader, and small probes built on torch hooks.
+"""Real ComfyUI for the tests and the examples: the pack loaded by ComfyUI's custom-node loader,
+tiny random-weight models of every served family, each family's own conditioning nodes run for
+real, and sampling as KSampler does it.
 
-Imported only once ComfyUI is on sys.path (see conftest.py).
+Imported only once ComfyUI is on sys.path (see comfy_env.import_comfyui).
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from tgate_bench.comfy_env import import_comfyui, load_pack
-from tgate_bench.models import ARCHITECTURES, build_model, random_cond, randomize
-
-SD15_UNET = ARCHITECTURES["tiny-sd15"].unet
-CONTEXT_TOKENS = ARCHITECTURES["tiny-sd15"].context_tokens
-# What the tiny ACE-Step text encoder's tokenizer is trained on, and the lyrics the tests sing.
-TINY_ACE_TAGS = (
-    "upbeat electronic pop, female vocals, synth bass, 120 bpm",
-    "calm acoustic guitar ballad, piano, soft drums",
-    "rock anthem with distorted guitars and male vocals",
-    "lofi hip hop beats, jazzy chords, vinyl crackle",
+from .comfy_env import import_comfyui, load_pack
+from .encoders import (
+    TINY_ACE_LYRICS,
+    TINY_ACE_TAGS,
+    tiny_ace_text_encoder,
+    tiny_clip_vision,
+    tiny_clip_vision_h,
+    tiny_ltxv_vae,
+    tiny_pixart_text_encoder,
+    tiny_vae,
+    tiny_wan_vae,
+    wan21_vae,
 )
-TINY_ACE_LYRICS = "[verse]\nla la la\nhello"
+from .models import ARCHITECTURES, build_model, random_cond
+
+CONTEXT_TOKENS = ARCHITECTURES["tiny-sd15"].context_tokens
 
 
 @dataclass
@@ -292,319 +294,3 @@ class ComfyRuntime:
 
 
 SAMPLING_DEFAULTS = {"steps": 12, "cfg": 7.0, "sampler": "euler", "scheduler": "normal", "denoise": 1.0}
-
-
-@dataclass
-class ModelProbe:
-    """Counts, with torch hooks, what the diffusion model and its cross-attention really compute."""
-
-    batch_sizes: list[int] = field(default_factory=list)
-    to_q_calls: int = 0
-    attn2_calls: int = 0
-
-    @contextlib.contextmanager
-    def watch(self, patcher):
-        diffusion_model = patcher.model.diffusion_model
-        handles = [diffusion_model.register_forward_pre_hook(lambda m, args: self.batch_sizes.append(args[0].shape[0]))]
-        for name, module in diffusion_model.named_modules():
-            if name.endswith("attn2"):
-                handles.append(module.register_forward_pre_hook(self._count_attn2))
-                handles.append(module.to_q.register_forward_pre_hook(self._count_to_q))
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _count_attn2(self, module, args):
-        self.attn2_calls += 1
-
-    def _count_to_q(self, module, args):
-        self.to_q_calls += 1
-
-
-SYNCING_OPS = {"item", "tolist", "__bool__", "__float__", "__int__", "nonzero", "cpu", "numpy"}
-
-
-class SyncCounter(TorchFunctionMode):
-    """Counts tensor operations that make the host wait for the device, and where they happen."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-        self.in_attention = 0
-        self._depth = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in SYNCING_OPS:
-            self.total += 1
-            if self._depth:
-                self.in_attention += 1
-        return func(*args, **(kwargs or {}))
-
-    @contextlib.contextmanager
-    def around_attention(self, patcher, suffixes=("attn2",)):
-        handles = []
-        for name, module in patcher.model.diffusion_model.named_modules():
-            if name.endswith(suffixes):
-                handles.append(module.register_forward_pre_hook(lambda m, a: self._enter()))
-                handles.append(module.register_forward_hook(lambda m, a, o: self._leave()))
-        try:
-            with self:
-                yield self
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _enter(self):
-        self._depth += 1
-
-    def _leave(self):
-        self._depth -= 1
-
-
-# A checkpoint ComfyUI's CheckpointLoaderSimple detects as SD1.5: the UNet has SD1.5's widths
-# (320 channels, 768-wide text context) but a single level, and the text encoder and VAE are the
-# real SD1.5 architectures, all with random weights stored in fp16.
-CHECKPOINT_UNET = dict(
-    SD15_UNET,
-    model_channels=320,
-    context_dim=768,
-    num_res_blocks=[1],
-    channel_mult=[1],
-    transformer_depth=[1],
-    transformer_depth_output=[1, 1],
-    transformer_depth_middle=1,
-    num_heads=8,
-)
-SD_VAE = {
-    "double_z": True,
-    "z_channels": 4,
-    "resolution": 256,
-    "in_channels": 3,
-    "out_ch": 3,
-    "ch": 128,
-    "ch_mult": [1, 2, 4, 4],
-    "num_res_blocks": 2,
-    "attn_resolutions": [],
-    "dropout": 0.0,
-}
-
-
-def write_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
-    import comfy.ldm.models.autoencoder as autoencoder
-    import comfy.sd1_clip as sd1_clip
-    import comfy.supported_models as supported_models
-    from safetensors.torch import save_file
-
-    state = {}
-    unet = supported_models.SD15(CHECKPOINT_UNET).get_model({})
-    parts = {
-        "model.diffusion_model.": unet.diffusion_model,
-        "cond_stage_model.": sd1_clip.SDClipModel(device="cpu", dtype=torch.float32),
-        "first_stage_model.": autoencoder.AutoencoderKL(ddconfig=SD_VAE, embed_dim=4),
-    }
-    for i, (prefix, module) in enumerate(parts.items()):
-        randomize(module, seed + i)
-        for key, value in module.state_dict().items():
-            state[prefix + key] = value.to(torch.float16).contiguous() if value.is_floating_point() else value.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path))
-    return path
-
-
-# SVD's conditioning node needs a CLIP-vision model and a VAE. These are their real ComfyUI classes,
-# shrunk: the CLIP-vision projection is as wide as tiny-svd's context, and the VAE keeps SD's 8x
-# downscale (four levels) and 4 latent channels.
-TINY_CLIP_VISION = {
-    "attention_dropout": 0.0,
-    "dropout": 0.0,
-    "hidden_act": "gelu",
-    "hidden_size": 32,
-    "image_size": 32,
-    "intermediate_size": 64,
-    "layer_norm_eps": 1e-05,
-    "model_type": "clip_vision_model",
-    "num_attention_heads": 2,
-    "num_channels": 3,
-    "num_hidden_layers": 2,
-    "patch_size": 8,
-    "projection_dim": ARCHITECTURES["tiny-svd"].context_dim,
-}
-TINY_VAE = dict(SD_VAE, ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1)
-
-
-def tiny_clip_vision(seed: int = 0, settings: dict | None = None):
-    import json
-    import tempfile
-
-    import comfy.clip_vision
-
-    # ClipVisionModel reads its configuration from a json file only.
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "clip_vision.json"
-        config.write_text(json.dumps(settings or TINY_CLIP_VISION))
-        clip_vision = comfy.clip_vision.ClipVisionModel(str(config))
-    randomize(clip_vision.model, seed)
-    return clip_vision
-
-
-def tiny_vae(seed: int = 0):
-    import comfy.ldm.models.autoencoder as autoencoder
-    import comfy.sd
-
-    params = {"ddconfig": TINY_VAE, "embed_dim": 4}
-    module = autoencoder.AutoencoderKL(**params)
-    randomize(module, seed)
-    return comfy.sd.VAE(sd=module.state_dict(), config={"params": params})
-
-
-# ACE-Step's text encoder is ComfyUI's AceT5Model: a UMT5-base (its configuration is fixed in a json
-# file, 768 wide, a 256k vocabulary) for the tags and the lyrics tokenizer (a vocabulary file in
-# ComfyUI) for the lyrics. The UMT5 is shrunk through the configuration override SDClipModel reads
-# from model_options ("<model_name>_model_config"; UMT5BaseModel sets no model name) to the width of
-# tiny-ace-step's context, and its sentencepiece tokenizer is trained here on TINY_ACE_TAGS.
-TINY_UMT5 = {"d_model": ARCHITECTURES["tiny-ace-step"].context_dim, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
-
-
-def tiny_ace_text_encoder(seed: int = 0):
-    import io
-
-    import comfy.sd
-    import comfy.supported_models_base
-    import comfy.text_encoders.ace as ace
-    import sentencepiece
-
-    spiece = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(TINY_ACE_TAGS * 20),
-        model_writer=spiece,
-        vocab_size=64,
-        hard_vocab_limit=False,
-        pad_id=0,  # UMT5's special tokens: pad 0, end 1
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
-    )
-    target = comfy.supported_models_base.ClipTarget(ace.AceT5Tokenizer, ace.AceT5Model)
-    config = dict(TINY_UMT5, vocab_size=64)
-    clip = comfy.sd.CLIP(target, tokenizer_data={"spiece_model": spiece.getvalue()}, model_options={"_model_config": config})
-    randomize(clip.cond_stage_model, seed)
-    return clip
-
-
-# LTXV's VAE (comfy/ldm/lightricks/vae), shrunk through the configuration ComfyUI reads from a
-# checkpoint's metadata: the real 128 latent channels, 8x time and 32x space downscale (patch 4 and
-# three compress_all stages), one residual block at each end.
-TINY_LTXV_VAE = {
-    "dims": 3,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 128,
-    "blocks": [["res_x", 1], ["compress_all", 1], ["compress_all", 1], ["compress_all", 1], ["res_x", 1]],
-    "scaling_factor": 1.0,
-    "norm_layer": "pixel_norm",
-    "patch_size": 4,
-    "latent_log_var": "uniform",
-    "use_quant_conv": False,
-    "causal_decoder": False,
-}
-
-
-def tiny_ltxv_vae(seed: int = 0):
-    import json
-
-    import comfy.ldm.lightricks.vae.causal_video_autoencoder as ltxv_vae
-    import comfy.sd
-
-    module = ltxv_vae.VideoVAE(config=TINY_LTXV_VAE)
-    randomize(module, seed)
-    stats = module.per_channel_statistics  # buffers, left uninitialized by the constructor
-    stats.get_buffer("mean-of-means").zero_()
-    stats.get_buffer("std-of-means").fill_(1.0)
-    return comfy.sd.VAE(sd=module.state_dict(), metadata={"config": json.dumps({"vae": TINY_LTXV_VAE})})
-
-
-def wan21_vae(seed: int = 0):
-    """Cosmos Predict2's VAE (Wan 2.1's) with random weights. ComfyUI detects it from the state dict
-    and always builds it at full width (dim 96), so it is not tiny: about 127M parameters."""
-    import comfy.ldm.wan.vae as wan_vae
-    import comfy.sd
-
-    module = wan_vae.WanVAE(
-        dim=96,
-        z_dim=16,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=2,
-        attn_scales=[],
-        temperal_downsample=[False, True, True],
-        dropout=0.0,
-    )
-    randomize(module, seed)
-    return comfy.sd.VAE(sd=module.state_dict())
-
-
-# Wan 2.1's VAE and a ViT-H-shaped CLIP vision model, tiny, for the real WanImageToVideo node.
-TINY_WAN_VAE_DIM = 8  # the real Wan 2.1 VAE is 96 wide; everything else (8x spatial, 4x temporal, 16 channels) is real
-
-
-def tiny_wan_vae(seed: int = 0):
-    """comfy.sd.VAE built as for a real Wan 2.1 VAE checkpoint, 8 wide instead of 96.
-
-    comfy.sd.VAE detects the Wan 2.1 VAE from its state dict and builds comfy.ldm.wan.vae.WanVAE with a
-    fixed config (dim 96); for the time of the call that class is swapped for one forcing dim 8, and
-    the state dict comes from that same tiny class, so all of ComfyUI's Wan VAE handling (scale factors,
-    latent format, causal 4x time compression) is the real one."""
-    import comfy.ldm.wan.vae as wan_vae
-    import comfy.sd
-
-    real = wan_vae.WanVAE
-
-    class TinyWanVAE(real):
-        def __init__(self, **kwargs):
-            super().__init__(**{**kwargs, "dim": TINY_WAN_VAE_DIM})
-
-    module = TinyWanVAE(
-        z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0
-    )
-    randomize(module, seed)
-    sd = {k: v.contiguous() for k, v in module.state_dict().items()}
-    wan_vae.WanVAE = TinyWanVAE
-    try:
-        vae = comfy.sd.VAE(sd=sd)
-    finally:
-        wan_vae.WanVAE = real
-    return vae
-
-
-# ViT-H/14's token layout (224 px, 14 px patches: 257 tokens) and width (1280), 2 thin layers.
-TINY_CLIP_VISION_H = dict(TINY_CLIP_VISION, hidden_size=1280, image_size=224, patch_size=14, projection_dim=64)
-
-
-def tiny_clip_vision_h(seed: int = 0):
-    return tiny_clip_vision(seed, TINY_CLIP_VISION_H)
-
-
-# PixArt's text encoder as CLIPLoader (type "pixart") builds it, shrunk: ComfyUI's own PixArt clip
-# target (PixArtTokenizer, with the T5 tokenizer files ComfyUI ships, and PixArtT5XXL), its T5-XXL
-# configuration overridden through the model option SDClipModel reads ("t5xxl_model_config") to the
-# tiny PixArt models' caption width.
-TINY_PIXART_T5 = {
-    "d_model": ARCHITECTURES["tiny-pixart-sigma"].context_dim,
-    "d_ff": 64,
-    "d_kv": 16,
-    "num_heads": 2,
-    "num_layers": 2,
-}
-
-
-def tiny_pixart_text_encoder(seed: int = 0):
-    import comfy.sd
-    import comfy.supported_models as supported_models
-
-    target = supported_models.PixArtSigma({}).clip_target()  # PixArtAlpha's is the same
-    clip = comfy.sd.CLIP(target, model_options={"t5xxl_model_config": TINY_PIXART_T5, "dtype": torch.float32})
-    randomize(clip.cond_stage_model, seed)
-    return clip
