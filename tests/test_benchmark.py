@@ -3,6 +3,7 @@ assertions; speed is judged from the printed ratios, never by tests)."""
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -71,3 +72,42 @@ def test_benchmark_tgate_v2_reuses_self_attention_in_the_profiled_step(comfy, tm
     assert report.returncode == 0, report.stderr
     v2_row = next(line for line in report.stdout.splitlines() if line.startswith("| bench_v2 |") and "in 8 steps" in line)
     assert f"{v2['speedup']:.3f}x" in v2_row
+
+
+def _timed(*runs_s):
+    """A variant's results as the benchmark computes them from its timed runs (no timing here)."""
+    return {"runs_s": list(runs_s), "spread_pct": 100 * (max(runs_s) - min(runs_s)) / statistics.median(runs_s)}
+
+
+def test_the_benchmark_warns_when_the_spread_says_the_machine_is_too_busy():
+    from tgate_bench.__main__ import MAX_SPREAD_PCT, spread_warning
+
+    quiet = {"baseline": _timed(10.0, 10.2, 10.1), "tgate": _timed(7.0, 7.1, 7.05)}
+    assert spread_warning(quiet) is None
+    busy = {"baseline": _timed(10.0, 10.2, 10.1), "tgate": _timed(6.0, 9.0, 7.0)}  # 43 % spread
+    warning = spread_warning(busy)
+    assert warning.startswith("WARNING:") and "too busy" in warning and "tgate" in warning and "baseline" not in warning
+    assert "42.9 %" in warning and f"{MAX_SPREAD_PCT:g} %" in warning
+    assert spread_warning(busy, max_spread_pct=50.0) is None  # --max-spread raises the limit
+    assert "unknown" in spread_warning({"baseline": _timed(10.0), "tgate": _timed(7.0)})  # one run: noise not measured
+
+
+def test_the_report_carries_the_spread_warning_with_the_command(tmp_path, capsys):
+    from tgate_bench import report
+
+    result = {
+        "command": "python -m tgate_bench --arch tiny-sd15",
+        "date": "2026-01-01T00:00:00+00:00",
+        "comfyui": "0.3.64",
+        "torch": "2.9.0",
+        "device": "cpu",
+        "variants": {"baseline": {"median_s": 1.0, "speedup": 1.0, **_timed(0.8, 1.0, 1.2)}},
+        "bound": None,
+        "spread_warning": "WARNING: too busy",
+    }
+    path = tmp_path / "row.json"
+    path.write_text(json.dumps(result))
+    assert report.main([str(path)]) == 0
+    (footnote,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("- row:")]
+    assert "`python -m tgate_bench --arch tiny-sd15` (cpu, ComfyUI 0.3.64, torch 2.9.0, 2026-01-01" in footnote
+    assert footnote.endswith("WARNING: too busy")

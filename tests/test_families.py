@@ -72,3 +72,8 @@ def test_every_comfyui_model_family_is_served_or_refused_with_its_own_reason(com
     assert {"SD15", "SDXL", "SVD_img2vid", "LTXV", "CosmosT2IPredict2", "ACEStep", "PixArtAlpha", "PixArtSigma"} <= set(served)
     assert {"Flux", "SD3", "HunyuanDiT", "CosmosT2V", "Hunyuan3Dv2_1", "Stable_Cascade_C"} <= set(refused)
     assert "frames x height x width x batch" in refused["CosmosI2V"]  # its own reason, through its base class
+
+
+def test_the_error_type_reads_as_the_packs_own_name_wherever_it_is_installed():
+    # ComfyUI loads the pack by its folder path and reports `type.__module__ + "." + __qualname__`.
+    assert f"{UnsupportedModelError.__module__}.{UnsupportedModelError.__qualname__}" == "comfyui_tgate.UnsupportedModelError"

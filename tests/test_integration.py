@@ -505,7 +505,8 @@ def test_6_the_summary_of_a_cancelled_run_says_where_it_stopped(comfy, sd15):
         comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS, callback=cancel)
     (summary,) = [r for r in log.records if hasattr(r, "tgate_run")]
     assert summary.levelno == logging.WARNING
-    assert f"stopped (cancelled or failed) at step {GATE_STEP + 3} of {STEPS}" in summary.getMessage()
+    assert f"the run was cancelled at step {GATE_STEP + 3} of {STEPS}" in summary.getMessage()
+    assert summary.tgate_run["stop"] == "cancelled"
     assert "planned with text, then" not in summary.getMessage()  # not the words of a finished run
     assert summary.tgate_run["stopped_at_step"] == GATE_STEP + 2
     with RunLog().on() as log:
@@ -513,6 +514,24 @@ def test_6_the_summary_of_a_cancelled_run_says_where_it_stopped(comfy, sd15):
     (summary,) = [r for r in log.records if hasattr(r, "tgate_run")]
     assert summary.levelno == logging.INFO and summary.tgate_run["stopped_at_step"] is None
     assert f"{GATE_STEP} of {STEPS} steps planned with text, then" in summary.getMessage()
+    saved = STEPS - GATE_STEP
+    assert f"; {saved} of {2 * STEPS} CFG branch evaluations saved; " in summary.getMessage()
+    assert "s per step before the gate and " in summary.getMessage() and "s per step after the gate" in summary.getMessage()
+    assert summary.tgate_run["seconds_per_step_before_gate"] > 0 and summary.tgate_run["seconds_per_step_after_gate"] > 0
+
+
+def test_6_the_summary_of_a_failed_run_names_the_error_type(comfy, sd15):
+    pos, neg = conds(comfy, "sd15")
+
+    def fail(step, x0, x, total):
+        if step == GATE_STEP + 2:
+            raise RuntimeError("a node broke")
+
+    with LogRecords().on() as log, pytest.raises(RuntimeError):
+        comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS, callback=fail)
+    (summary,) = [r for r in log.records if hasattr(r, "tgate_run")]
+    assert summary.levelno == logging.WARNING and summary.tgate_run["stop"] == "failed (RuntimeError)"
+    assert f"the run failed (RuntimeError) at step {GATE_STEP + 3} of {STEPS}" in summary.getMessage()
 
 
 def test_6_cache_memory_is_freed_at_the_end_of_every_run(comfy, sd15):
@@ -610,6 +629,11 @@ def test_8_a_model_without_cross_attention_gets_a_clear_error(comfy):
     message = str(error.value)
     assert "Flux" in message and "cross-attention" in message and "joint attention" in message
     assert not flux.object_patches  # nothing was changed
+    # What ComfyUI reports as the error's type: the pack's name, not the folder path it was loaded from.
+    import execution
+
+    assert "/" in comfy.pack_module.__name__ or "\\" in comfy.pack_module.__name__  # ComfyUI's module name is the path
+    assert execution.full_type_name(type(error.value)) == "comfyui_tgate.UnsupportedModelError"
 
 
 def test_8_out_of_range_values_are_refused_by_the_schema(comfy):

@@ -333,3 +333,64 @@ def test_steps_after_the_gate_reuse_one_table_and_build_nothing():
         calc_cond_batch_with_gate(calc_cond_batch, model, conds, x, torch.tensor([sigma]), options)
     after_gate = tables[1:]  # the capture call, then the three calls after the gate
     assert len(after_gate) == 3 and all(t is after_gate[0] for t in after_gate) and after_gate[0]
+
+
+class InterruptProcessingException(Exception):
+    """Named as ComfyUI's cancel (comfy.model_management), which the engine knows by name alone."""
+
+
+@pytest.mark.parametrize(
+    "error, ended",
+    [
+        (KeyboardInterrupt(), "was cancelled"),
+        (InterruptProcessingException(), "was cancelled"),
+        (RuntimeError("out of memory"), "failed (RuntimeError)"),
+        (ValueError("bad shape"), "failed (ValueError)"),
+    ],
+)
+def test_a_stopped_run_says_whether_it_was_cancelled_or_failed_and_with_what(error, ended, caplog):
+    model, x = patched_denoiser(), torch.randn(1, 4, 8)
+
+    def body(options):
+        for sigma in SIGMAS[:4]:  # steps 0 to 3: gate_at 0.4 is sigma 3.0 here, after step 3
+            calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
+        raise error
+
+    with caplog.at_level("INFO", logger="tgate"), pytest.raises(type(error)):
+        sample_with_gate(Sampling(TGateConfig(), body), None, None, None, torch.tensor(SIGMAS))
+    (record,) = [r for r in caplog.records if hasattr(r, "tgate_run")]
+    assert f"T-GATE: the run {ended} at step 4 of 5, the gate being after step 3" in record.getMessage()
+    assert "cancelled or failed" not in record.getMessage()
+    assert record.levelname == "WARNING"
+    assert record.tgate_run["stop"] == ended.removeprefix("was ") and record.tgate_run["stopped_at_step"] == 3
+
+
+def test_the_summary_gives_the_evaluations_saved_and_the_seconds_per_step_on_each_side_of_the_gate(monkeypatch):
+    model, x = patched_denoiser(), torch.randn(1, 4, 8)
+    run, options = run_options()  # 5 steps, the gate after step 2
+    # The host clock at each evaluation's sigma read: steps 0 and 1 take 1 s, 2 and 3 take 0.5 s; step 0
+    # is evaluated twice (a second evaluation of a step is not a new mark); the last step has no end mark.
+    marks = iter([10.0, 10.4, 11.0, 12.0, 12.5, 13.0])
+    monkeypatch.setattr("tgate.run.perf_counter", lambda: next(marks))
+    for sigma in (5.0, 5.0, 4.0, 3.0, 2.0, 1.0):
+        calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
+    stats = run.stats()
+    assert stats["seconds_per_step_before_gate"] == pytest.approx(1.0)
+    assert stats["seconds_per_step_after_gate"] == pytest.approx(0.5)
+    assert stats["branch_evaluations"] == 12 and stats["saved_branch_evaluations"] == 3
+    assert stats["single_branch_evaluations"] == 3  # the fields the benchmark reads are still there
+    summary = run.summary()
+    assert summary.startswith("T-GATE: 2 of 5 steps planned with text, then 3 evaluations ran the uncond branch alone")
+    assert "; 3 of 12 CFG branch evaluations saved; 1 s per step before the gate and 0.5 s per step after the gate" in summary
+    with pytest.raises(StopIteration):
+        next(marks)  # one clock read per evaluation, nothing more
+
+
+def test_cfg_one_saves_no_branch_evaluation_and_a_run_without_timed_steps_says_no_time():
+    model, x = patched_denoiser(), torch.randn(1, 4, 8)
+    run, options = run_options()
+    calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), None], x, torch.tensor([5.0]), options)
+    assert run.stats()["seconds_per_step_before_gate"] is None and "s per step" not in run.summary()
+    for sigma in SIGMAS[1:-1]:
+        calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), None], x, torch.tensor([sigma]), options)
+    assert run.stats()["saved_branch_evaluations"] == 0 and "; 0 of 5 CFG branch evaluations saved" in run.summary()

@@ -295,6 +295,13 @@ class UnsupportedModelError(ValueError):
     """The model has no cross-attention T-GATE can cache exactly."""
 
 
+# ComfyUI loads a custom node pack by its folder path and names the module after it, so the error's
+# type would read "/path/to/custom_nodes/ComfyUI-TGATE.tgate.families.UnsupportedModelError" in
+# ComfyUI's error report (execution.py's full_type_name: module + "." + qualname) and in tracebacks.
+# The pack's own name reads better wherever it is installed.
+UnsupportedModelError.__module__ = "comfyui_tgate"
+
+
 def supported_families() -> str:
     return ", ".join(f.name for f in FAMILIES)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -33,6 +34,18 @@ log = logging.getLogger("tgate")
 
 CONFIG_KEY = "tgate"  # transformer_options key of the GatePatch a node put on the model
 RUN_KEY = "tgate_run"  # transformer_options key of the current GateRun
+
+# The exceptions by which a run is cancelled rather than failed, by class name: ComfyUI's cancel
+# (comfy.model_management.InterruptProcessingException) and Ctrl-C. Names, since the engine imports
+# nothing from ComfyUI.
+CANCELLING_EXCEPTIONS = frozenset({"InterruptProcessingException", "KeyboardInterrupt"})
+
+
+def stop_reason(error: BaseException) -> str:
+    """How a run that raised `error` ended: "cancelled", or "failed (TypeName)"."""
+    if any(cls.__name__ in CANCELLING_EXCEPTIONS for cls in type(error).__mro__):
+        return "cancelled"
+    return f"failed ({type(error).__name__})"
 
 
 @dataclass(frozen=True)
@@ -61,17 +74,57 @@ class GateRun:
         self.gate_captured = False
         self.late_capture = False
         self.single_branch_evaluations = 0
+        self.branch_evaluations = 0  # CFG branches the main evaluations would have run without T-GATE
+        self.saved_branch_evaluations = 0  # of those, the ones T-GATE did not run
         self.uncached_evaluations = 0
         self.self_attention_reuses = 0
         self.peak_bytes = 0
         self.last_step: int | None = None  # the step of the last evaluation
-        self.stopped = False  # cancelled or failed
+        self.stop: str | None = None  # how the run stopped early: "cancelled" or "failed (TypeName)"
+        # Host wall-clock seconds of the steps before / after the gate, and how many steps each sums.
+        self._step_seconds = {False: 0.0, True: 0.0}
+        self._steps_timed = {False: 0, True: 0}
+        self._step_start: tuple[int, float] | None = None  # (step, perf_counter) of its first evaluation
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the run was cancelled or failed."""
+        return self.stop is not None
+
+    def _clock(self, step: int) -> None:
+        """Time the steps from one step's first evaluation to the next step's.
+
+        Called right after the evaluation's sigma read, a host read of a device tensor: it returns
+        only once the device has finished the work queued before it, that is the previous steps'
+        model calls. So the host clock here marks when the device was done, and the time from one
+        step's mark to the next step's is the whole of that step (every evaluation of it, the
+        sampler's own work, guidance nodes' extra calls) without adding a synchronisation. The last
+        step has no mark after it and is not timed.
+        """
+        now = perf_counter()
+        if self._step_start is not None:
+            start_step, start = self._step_start
+            if step == start_step:
+                return  # another evaluation of the same step (heun, dpm_2, ...)
+            if step > start_step:  # steps a sampler skipped share the time
+                for s in range(start_step, step):
+                    self._step_seconds[s >= self.schedule.gate_step] += (now - start) / (step - start_step)
+                    self._steps_timed[s >= self.schedule.gate_step] += 1
+        self._step_start = (step, now)
+
+    def seconds_per_step(self, after_gate: bool) -> float | None:
+        """Mean host wall-clock seconds of the timed steps before (or after) the gate; None if none."""
+        n = self._steps_timed[after_gate]
+        return self._step_seconds[after_gate] / n if n else None
 
     def evaluate(self, executor, model, conds, x_in, timestep, model_options) -> list:
         """Run one CALC_COND_BATCH evaluation of the main CFG call as its step's plan says."""
         sigma = _first_sigma(timestep)  # the evaluation's one host read
         step = self.schedule.step_of(sigma)
+        self._clock(step)
         self.last_step = step
+        branches = sum(1 for c in conds if c)
+        self.branch_evaluations += branches
         plan = self.plans[step]
         if plan.cross_attention is Action.REUSE and not self.gate_captured:
             # The sampler never evaluated the capture step (dpm_fast and dpm_adaptive pick their
@@ -113,6 +166,7 @@ class GateRun:
         if plan.both_branches:
             return out
         self.single_branch_evaluations += 1
+        self.saved_branch_evaluations += branches - 1
         # Both CFG inputs get the fidelity branch: cfg(u, u) == u whatever the scale.
         return [out[fidelity]] * len(conds)
 
@@ -139,6 +193,11 @@ class GateRun:
             "uncached_evaluations": self.uncached_evaluations,
             "late_capture": self.late_capture,
             "stopped_at_step": self.last_step if self.stopped else None,
+            "stop": self.stop,
+            "branch_evaluations": self.branch_evaluations,
+            "saved_branch_evaluations": self.saved_branch_evaluations,
+            "seconds_per_step_before_gate": self.seconds_per_step(False),
+            "seconds_per_step_after_gate": self.seconds_per_step(True),
         }
 
     def summary(self) -> str:
@@ -146,10 +205,10 @@ class GateRun:
         if not self.stopped:
             text = f"T-GATE: {s.gate_step} of {s.num_steps} steps planned with text, then "
         elif self.last_step is None:
-            text = f"T-GATE: the run stopped (cancelled or failed) before its first step of {s.num_steps}; "
+            text = f"T-GATE: the run {self._ended()} before its first step of {s.num_steps}; "
         else:
             text = (
-                f"T-GATE: the run stopped (cancelled or failed) at step {self.last_step + 1} of {s.num_steps}, "
+                f"T-GATE: the run {self._ended()} at step {self.last_step + 1} of {s.num_steps}, "
                 f"the gate being after step {s.gate_step}; until then "
             )
         text += (
@@ -161,11 +220,23 @@ class GateRun:
                 f"; self-attention was reused in {self.self_attention_reuses} evaluations "
                 f"(peak cache {self.peak_bytes / 2**20:.1f} MiB)"
             )
+        text += f"; {self.saved_branch_evaluations} of {self.branch_evaluations} CFG branch evaluations saved"
+        timing = [
+            f"{seconds:.3g} s per step {where} the gate"
+            for seconds, where in ((self.seconds_per_step(False), "before"), (self.seconds_per_step(True), "after"))
+            if seconds is not None
+        ]
+        if timing:
+            text += "; " + " and ".join(timing)
         if self.late_capture:
             text += "; the sampler skipped the capture step, so the first evaluation past the gate captured"
         if self.uncached_evaluations:
             text += f"; {self.uncached_evaluations} evaluations after the gate found no cache and ran in full"
         return text
+
+    def _ended(self) -> str:
+        """How a run that stopped early ended, for its summary: was cancelled, or failed (TypeName)."""
+        return "was cancelled" if self.stop == "cancelled" else str(self.stop)
 
     def close(self) -> None:
         self.store.clear()
@@ -196,8 +267,8 @@ def sample_with_gate(executor, *args, **kwargs):
     guider.model_options = _with_option(original_options, RUN_KEY, run)
     try:
         return executor(*args, **kwargs)
-    except BaseException:
-        run.stopped = True
+    except BaseException as error:
+        run.stop = stop_reason(error)
         raise
     finally:
         guider.model_options = original_options

@@ -10,6 +10,10 @@ defaults), tgate_off (gate_at 1.0: the pack's overhead), tgate_v2 (the advanced 
 pack, loaded by ComfyUI's loader, applied with its defaults and --peer-input overrides to a second
 copy of the model with the same weights, since some ports patch module instances for good). Runs
 are interleaved (A B C A B C) after one warm-up each, with device synchronisation around every run.
+
+Spread is (max - min) / median of a variant's timed runs. Above --max-spread the benchmark warns that
+the machine is too busy (or too small) for the figures to mean anything: on a shared or loaded
+machine, or a small CPU, ratios closer than the spread are noise.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from tgate_testkit.models import ARCHITECTURES
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 OWN_VARIANTS = ("baseline", "cfg1", "tgate", "tgate_v2")  # a failure here stops the benchmark
+MAX_SPREAD_PCT = 10.0  # above this spread of a variant's timed runs, the figures are noise
 
 
 def parse_args(argv=None):
@@ -76,6 +81,14 @@ def parse_args(argv=None):
         action="store_true",
         help="also profile one step before and one after the gate of a tgate run, and, with tgate_v2, one "
         "step where it keeps self-attention and one where it reuses it",
+    )
+    p.add_argument(
+        "--max-spread",
+        type=float,
+        default=MAX_SPREAD_PCT,
+        metavar="PCT",
+        help="warn when a variant's timed runs spread by more than this, (max - min) / median in percent "
+        f"(default {MAX_SPREAD_PCT:g})",
     )
     p.add_argument("--json", type=Path, help="write the results here")
     return p.parse_args(argv)
@@ -309,6 +322,9 @@ def main(argv=None) -> int:
             f"batch-halving bound {bound['bound_s']:.3f} s ({bound['bound_speedup']:.3f}x); "
             f"tgate reaches {bound['tgate_over_bound']:.3f}x the bound"
         )
+    warning = spread_warning(results, args.max_spread)
+    if warning:
+        print(warning)
     v2_run = results["tgate_v2"]["tgate_run"] if "tgate_v2" in results else None
     if v2_run:
         print(
@@ -352,6 +368,7 @@ def main(argv=None) -> int:
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"dtype": str(dtype)},
             "variants": results,
             "bound": bound,
+            "spread_warning": warning,
             "profile": profile_result,
             "failed_variants": failed,
         }
@@ -359,6 +376,29 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def spread_warning(results: dict[str, dict], max_spread_pct: float = MAX_SPREAD_PCT) -> str | None:
+    """The warning to print when the timed runs say the figures are noise, else None.
+
+    `results` maps each variant to its "runs_s" (the timed runs) and "spread_pct". A variant whose
+    runs spread by more than `max_spread_pct` makes every ratio closer than that spread meaningless;
+    with one timed run per variant the spread, and so the noise, is unknown.
+    """
+    noisy = {name: r["spread_pct"] for name, r in results.items() if len(r["runs_s"]) > 1 and r["spread_pct"] > max_spread_pct}
+    if noisy:
+        worst = max(noisy.values())
+        return (
+            f"WARNING: the timed runs of {', '.join(noisy)} spread by up to {worst:.1f} % (more than {max_spread_pct:g} %): "
+            "this machine is too busy (or too small) for these figures to mean anything; ratios closer than the "
+            "spread are noise. Rerun on an idle machine, with more --runs."
+        )
+    if results and all(len(r["runs_s"]) < 2 for r in results.values()):
+        return (
+            "WARNING: one timed run per variant, so the spread, and with it the noise of this machine, is unknown: "
+            "read ratios that differ by a few percent as noise. Use --runs 3 or more to measure it."
+        )
+    return None
 
 
 def _cache_bytes(run: dict | None) -> int | None:

@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# The GPU rows of docs/benchmarks.md, for a machine lent by the device tool (or any CUDA box).
+# The GPU rows of docs/benchmarks.md, on a CUDA machine (which may have no network access).
 #
-#   bash tgate_bench/gpu_suite.sh prepare            # here: ComfyUI copy, wheels and peer pack in ignored folders
-#   bash tgate_bench/gpu_suite.sh run ROW [ROW...]   # there: each ROW writes $OUT/ROW.json and $OUT/ROW.txt
-#   bash tgate_bench/gpu_suite.sh tests              # there: the test suite on CUDA (not the server test)
+#   bash tgate_bench/gpu_suite.sh prepare            # with network: ComfyUI copy, wheels and peer pack in ignored folders
+#   bash tgate_bench/gpu_suite.sh run ROW [ROW...]   # on the GPU machine: each ROW writes $OUT/ROW.json and $OUT/ROW.txt
+#   bash tgate_bench/gpu_suite.sh tests              # on the GPU machine: the test suite on CUDA (not the server test)
 #
-# BENCH_ARGS is appended to every row (e.g. BENCH_ARGS="--runs 5" to fit a short lease).
-# Back here: python -m tgate_bench.report <files_at>/*.json prints the rows for docs/benchmarks.md.
-# `prepare` needs COMFYUI_PATH (a ComfyUI checkout) and, optionally, PEER_PATH (another T-GATE pack,
-# e.g. JettHu/ComfyUI_TGate, fetched for comparison and never committed). The device call carries
-# .comfyui, .whl and .peers: run(command="bash tgate_bench/gpu_suite.sh run sd15-512-b8 ...",
-# carry=[".comfyui", ".whl", ".peers"]).
+# BENCH_ARGS is appended to every row (e.g. BENCH_ARGS="--runs 5" for a shorter run).
+# Then: python -m tgate_bench.report $OUT/*.json prints the rows for docs/benchmarks.md.
+# `prepare` needs COMFYUI_PATH (a ComfyUI 0.3.64 checkout) and, optionally, PEER_PATH (another T-GATE
+# pack, e.g. a checkout of JettHu/ComfyUI_TGate, for comparison). Copy the pack's folder with the
+# .comfyui, .whl and .peers folders it fills to the GPU machine; $OUT defaults to benchmark-results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

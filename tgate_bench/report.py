@@ -3,7 +3,8 @@
 python -m tgate_bench.report benchmark-results/*.json
 
 Files with a tgate_v2 variant (the advanced node, TGATE-V2) also get a row in a second table,
-tgate and tgate_v2 side by side.
+tgate and tgate_v2 side by side. Below the tables, each file's command, device, versions and date,
+with the benchmark's spread warning where it gave one.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for path, result in results.items():
         where = f"{result['device']}, ComfyUI {result['comfyui']}, torch {result['torch']}, {result['date']}"
-        print(f"- {path.stem}: `{result['command']}` ({where})")
+        noise = f" {result['spread_warning']}" if result.get("spread_warning") else ""
+        print(f"- {path.stem}: `{result['command']}` ({where}).{noise}")
     return 0
 
 
