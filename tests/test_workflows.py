@@ -164,7 +164,7 @@ def test_each_template_has_a_readable_title_and_description():
         title = path.stem
         description = re.sub(r"[-_]", " ", title).strip()
         assert not UNSAFE_IN_NAME.search(title) and title.isascii(), f"{title!r}: a title, not a file name"
-        assert description == title and 10 <= len(title) <= 48 and title[0].isupper(), title
+        assert description == title and 10 <= len(title) <= 40 and title[0].isupper(), title
         assert "TGATE" in title, f"{title!r} should say it is a T-GATE example"
     assert len({p.stem.lower() for p in UI_WORKFLOWS}) == len(UI_WORKFLOWS)
 
