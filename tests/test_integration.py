@@ -527,7 +527,7 @@ def test_6_the_summary_of_a_failed_run_names_the_error_type(comfy, sd15):
         if step == GATE_STEP + 2:
             raise RuntimeError("a node broke")
 
-    with LogRecords().on() as log, pytest.raises(RuntimeError):
+    with RunLog().on() as log, pytest.raises(RuntimeError):
         comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS, callback=fail)
     (summary,) = [r for r in log.records if hasattr(r, "tgate_run")]
     assert summary.levelno == logging.WARNING and summary.tgate_run["stop"] == "failed (RuntimeError)"
