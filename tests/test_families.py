@@ -48,13 +48,6 @@ def test_no_cross_attention_where_the_family_keeps_it_is_refused():
         attention_layers(family, torch.nn.Sequential(torch.nn.Linear(2, 2)), (CROSS, SELF))
 
 
-def test_ace_step_keeps_the_negative_and_finds_its_attention_by_name():
-    ace = family_of(config_of("ACEStep"))
-    assert ace.name == "ACE-Step" and ace.auto_branch is FidelityBranch.UNCOND
-    assert ace.self_attention.tuple_output == 2 and ace.cross_attention.tuple_output == 0
-    assert ace.cross_attention.path != ace.self_attention.path
-
-
 def test_every_comfyui_model_family_is_served_or_refused_with_its_own_reason(comfy):
     """Walks ComfyUI's own list of model configurations (comfy.supported_models.models)."""
     import comfy.supported_models as supported_models

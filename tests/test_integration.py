@@ -153,19 +153,41 @@ def test_3_the_kept_branch_is_what_runs_after_the_gate(comfy, sd15, branch, kept
 
 
 # -- 4. samplers, schedulers and workflows -------------------------------------------------------
-def test_4_every_sampler(comfy, sd15):
+def expected_batches(evaluated: list[float], sigmas: list[float], gate_step: int, rtol: float = 1e-4) -> list[int]:
+    """The batch T-GATE must give each evaluation of a run with these step sigmas, written from the
+    rule rather than the engine: both branches for every evaluation of a step before the gate (an
+    evaluation between two steps' sigmas belongs to the earlier step); one branch after the gate,
+    except the first evaluation after it when no evaluation fell on the capture step (dpm_fast and
+    dpm_adaptive pick their own sigmas): that one captures, with both."""
+    batches, captured = [], False
+    for sigma in evaluated:
+        if sigma > sigmas[gate_step] * (1 + rtol):  # a step before the gate
+            captured |= sigma <= sigmas[gate_step - 1] * (1 + rtol)
+            batches.append(2)
+        else:
+            batches.append(1 if captured else 2)
+            captured = True
+    return batches
+
+
+def test_4_every_sampler_gates_at_the_step_its_sigmas_say(comfy, sd15):
     import comfy.samplers as samplers
 
     pos, neg = conds(comfy, "sd15")
     model = comfy.tgate(sd15)
+    gate_sigma = sd15.get_model_object("model_sampling").percent_to_sigma(0.4)
     failures = []
     for name in samplers.KSampler.SAMPLERS:
         try:
             out, probe = probed(comfy, sd15, model, pos, neg, steps=8, sampler=name, scheduler="normal")
+            sigmas = probe.sample_sigmas.tolist()  # dpm_2 and uni_pc drop a sigma of a longer schedule
+            gate_step = sum(1 for s in sigmas[:-1] if s >= gate_sigma)
+            assert 1 < gate_step < len(sigmas) - 2, sigmas
+            expected = expected_batches(probe.sigmas(), sigmas, gate_step)
             if not torch.isfinite(out).all():
                 failures.append(f"{name}: non-finite output")
-            elif 1 not in probe.batch_sizes or probe.batch_sizes[0] != 2:
-                failures.append(f"{name}: batch sizes {probe.batch_sizes}")
+            elif probe.batch_sizes != expected or 1 not in expected:
+                failures.append(f"{name}: batch sizes {probe.batch_sizes}, expected {expected}")
         except Exception as e:  # collect them all, report together
             failures.append(f"{name}: {type(e).__name__}: {e}")
     assert not failures, "\n".join(failures)
@@ -358,12 +380,18 @@ def test_4_extra_model_calls_do_not_corrupt_the_cache(comfy, sd15):
 
     import comfy.samplers as samplers
 
-    guider = PerpNegGuider.execute(comfy.tgate(sd15), pos, neg, comfy.cond(9), 7.0, 1.0).result[0]
-    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    sigmas = sd15.get_model_object("model_sampling").sigmas.flip(0)[::100].contiguous()
-    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
-    out = guider.sample(noise, torch.zeros(1, 4, 16, 16), samplers.sampler_object("euler"), sigmas, seed=0)
-    assert torch.isfinite(out).all()
+    # PerpNegGuider evaluates three cond lists; T-GATE gates two-list (CFG) evaluations only, so under
+    # it the run is PerpNeg's own, bit for bit, and the summary says that nothing ran on one branch.
+    def perp_neg(model):
+        guider = PerpNegGuider.execute(model, pos, neg, comfy.cond(9), 7.0, 1.0).result[0]
+        noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        sigmas = samplers.calculate_sigmas(sd15.get_model_object("model_sampling"), "normal", STEPS)
+        return guider.sample(noise, torch.zeros(1, 4, 16, 16), samplers.sampler_object("euler"), sigmas, seed=0)
+
+    with RunLog().on() as log:
+        gated = perp_neg(comfy.tgate(sd15))
+    assert torch.equal(gated, perp_neg(sd15))
+    assert [run["single_branch_evaluations"] for run in log.runs] == [0]
 
 
 # -- 5. only chainable hooks; composes with other patches and EasyCache -------------------------------

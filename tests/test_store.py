@@ -129,10 +129,16 @@ def test_the_plan_places_each_branch():
     assert cache.chunk_plan([UNCOND, COND], False) == (2, (0, 1), (), False)  # a whole capture keeps every chunk
 
 
-def test_a_new_capture_starts_empty():
+def test_a_new_capture_starts_empty_and_keeps_its_own_branch():
     cache = captured(COND, ("l0", torch.randn(1, 3, 4), [COND], [P]))
     begin_capture(cache, UNCOND)
-    assert len(cache) == 0 and cache.fidelity_index == UNCOND
+    assert len(cache) == 0 and cache.nbytes == 0 and lookup(cache, "l0", [P]) is None
+    # The next capture stores the newly kept branch (uncond), mixed with the other one.
+    cond, uncond = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    capture(cache, "l0", torch.cat([uncond, cond]), [UNCOND, COND], [N, P])
+    cache.finish_capture()
+    torch.testing.assert_close(lookup(cache, "l0", [N]), (cond + uncond) / 2)
+    assert lookup(cache, "l0", [P]) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -11,9 +11,11 @@ from torch.overrides import TorchFunctionMode
 
 class ModelCalls:
     """Per diffusion-model call, recorded with torch hooks: the batch, the chunk layout ComfyUI gave
-    it (`cond_or_uncond`), how many cross- and self-attention modules ran and how many of their
-    query projections ran (`cross_q`, `self_q`), and on request clones of every cross-attention
-    output (`out`, by module name) and of part of the model's input (`keep_input(x)`).
+    it (`cond_or_uncond`), the sigma it evaluates (`sigma`, a one-element tensor; the run's step
+    sigmas land in `sample_sigmas`), how many cross- and self-attention modules ran and how many
+    of their query projections ran (`cross_q`, `self_q`), and on request clones of every
+    cross-attention output (`out`, by module name) and of part of the model's input
+    (`keep_input(x)`).
 
     Module names are matched by suffix: `cross` and `self_attention` are the family's attention
     module names (SD's "attn2"/"attn1"; a tuple for several), `cross_q`/`self_q` the name of their
@@ -25,6 +27,7 @@ class ModelCalls:
         self.cross, self.self_attention, self.cross_q, self.self_q = cross, self_attention, cross_q, self_q
         self.outputs, self.keep_input = outputs, keep_input
         self.calls: list[dict] = []
+        self.sample_sigmas = None
 
     @contextlib.contextmanager
     def watch(self, patcher):
@@ -45,8 +48,13 @@ class ModelCalls:
                 h.remove()
 
     def _call(self, module, args, kwargs):
-        layout = (kwargs.get("transformer_options") or {}).get("cond_or_uncond")
+        options = kwargs.get("transformer_options") or {}
+        layout = options.get("cond_or_uncond")
         call = {"batch": args[0].shape[0], "layout": list(layout or ()), "cross_calls": 0, "cross_q": 0, "self_q": 0, "out": {}}
+        if options.get("sigmas") is not None:  # the evaluation's sigma, kept as a tensor: reading it would sync
+            call["sigma"] = options["sigmas"].detach().reshape(-1)[:1].clone()
+        if options.get("sample_sigmas") is not None:  # the run's own steps, as the sampler was given them
+            self.sample_sigmas = options["sample_sigmas"]
         if self.keep_input is not None:
             call["input"] = self.keep_input(args[0]).detach().clone()
         self.calls.append(call)
@@ -71,6 +79,10 @@ class ModelCalls:
     def outputs_of(self, name) -> list:
         """Every recorded output of cross-attention module `name`, in call order."""
         return [c["out"][name] for c in self.calls if name in c["out"]]
+
+    def sigmas(self) -> list[float]:
+        """The sigma of every call, read back once the run is over."""
+        return [float(c["sigma"]) for c in self.calls]
 
     @property
     def batch_sizes(self) -> list[int]:
