@@ -158,8 +158,9 @@ def test_the_cache_is_the_mean_of_the_branches_at_the_capture_step(comfy, case):
     _, gated = sample(comfy, case, comfy.tgate(model), model, outputs=True)
     gate = gate_of(gated)
     captured = plain.calls[gate - 1]["out"]  # the unpatched run computed the same step before the gate
-    assert captured and set(gated.calls[gate]["out"]) == set(captured)
+    assert captured and len(gated.calls) == STEPS
     for call in gated.calls[gate:]:
+        assert set(call["out"]) == set(captured)  # every layer replayed, at every step after the gate
         for name, replayed in call["out"].items():
             uncond, cond = captured[name].chunk(2)  # ComfyUI batches uncond first
             torch.testing.assert_close(replayed, ((uncond.float() + cond.float()) / 2).to(uncond.dtype), rtol=0, atol=0)
@@ -256,7 +257,9 @@ def test_pixart_with_an_empty_negative_runs_the_branches_apart_and_still_gates(c
     assert runs["tgate"].column("batch") == [1] * (2 * gate + STEPS - gate)
     assert runs["tgate"].column("cross_q") == [layers] * 2 * gate + [0] * (STEPS - gate)
     first, second = runs["plain"].calls[2 * gate - 2]["out"], runs["plain"].calls[2 * gate - 1]["out"]
+    assert first and set(first) == set(second)
     for call in runs["tgate"].calls[2 * gate :]:
+        assert set(call["out"]) == set(first)
         for name, replayed in call["out"].items():
             mean = ((first[name].float() + second[name].float()) / 2).to(replayed.dtype)
             torch.testing.assert_close(replayed, mean, rtol=0, atol=0)
