@@ -618,40 +618,10 @@ def test_7_the_advanced_node_syncs_no_more_and_never_inside_attention(comfy, sd1
 
 
 # -- 8. bad input ---------------------------------------------------------------------------------
-def tiny_flux():
-    import comfy.supported_models as supported_models
-
-    config = supported_models.Flux(
-        dict(
-            image_model="flux",
-            in_channels=16,
-            out_channels=16,
-            vec_in_dim=8,
-            context_in_dim=8,
-            hidden_size=32,
-            mlp_ratio=2.0,
-            num_heads=2,
-            depth=1,
-            depth_single_blocks=1,
-            axes_dim=[4, 6, 6],
-            theta=10000,
-            patch_size=2,
-            qkv_bias=True,
-            guidance_embed=False,
-        )
-    )
-    return config
-
-
 def test_8_a_model_without_cross_attention_gets_a_clear_error(comfy):
-    import comfy.model_management as mm
-    import comfy.model_patcher as model_patcher
+    from tgate_testkit.models import build_model
 
-    config = tiny_flux()
-    config.set_inference_dtype(torch.float32, None)
-    flux = model_patcher.ModelPatcher(
-        config.get_model({}), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
+    flux = build_model("tiny-flux")
     with pytest.raises(comfy.engine.UnsupportedModelError) as error:
         comfy.tgate(flux)
     message = str(error.value)

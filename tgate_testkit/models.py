@@ -278,6 +278,25 @@ _TINY_PIXART_SIGMA = dict(
 )
 _TINY_PIXART_ALPHA = dict(_TINY_PIXART_SIGMA, image_model="pixart_alpha", micro_condition=True)
 
+# Joint attention, no cross-attention: what the node must refuse.
+_TINY_FLUX = dict(
+    image_model="flux",
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=8,
+    context_in_dim=8,
+    hidden_size=32,
+    mlp_ratio=2.0,
+    num_heads=2,
+    depth=1,
+    depth_single_blocks=1,
+    axes_dim=[4, 6, 6],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    guidance_embed=False,
+)
+
 ARCHITECTURES = {
     "sd15": Architecture("SD15", _SD15, context_tokens=77),
     "sdxl": Architecture("SDXL", _SDXL, context_tokens=77, pooled=1280),
@@ -300,6 +319,7 @@ ARCHITECTURES = {
     "pixart-alpha": Architecture("PixArtAlpha", _PIXART_ALPHA, context_tokens=120, context_width=4096),
     "tiny-pixart-sigma": Architecture("PixArtSigma", _TINY_PIXART_SIGMA, context_tokens=7, context_width=32),
     "tiny-pixart-alpha": Architecture("PixArtAlpha", _TINY_PIXART_ALPHA, context_tokens=7, context_width=32),
+    "tiny-flux": Architecture("Flux", _TINY_FLUX, context_tokens=8, context_width=8, latent=(16,)),
     "tiny-ace-step": Architecture(
         "ACEStep", _TINY_ACE_STEP, context_tokens=8, context_width=32, fixed_latent=(8, 16, 32), lyrics_tokens=12
     ),
