@@ -1,0 +1,1 @@
+"""Test and try-it support: random-weight model files, ComfyUI loading helpers and recorders."""
