@@ -60,4 +60,7 @@ def install():
     comfy.sd._tgate_tiny_options = True
 
 
-install()
+try:  # as a custom node, ComfyUI is importable; imported for MARKER alone, it may not be
+    install()
+except ModuleNotFoundError:
+    pass
