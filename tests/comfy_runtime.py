@@ -364,21 +364,7 @@ class SyncCounter(TorchFunctionMode):
         self._depth -= 1
 
 
-from tgate_testkit.model_files import write_sd15_checkpoint  # noqa: E402,F401
-
-SD_VAE = {
-    "double_z": True,
-    "z_channels": 4,
-    "resolution": 256,
-    "in_channels": 3,
-    "out_ch": 3,
-    "ch": 128,
-    "ch_mult": [1, 2, 4, 4],
-    "num_res_blocks": 2,
-    "attn_resolutions": [],
-    "dropout": 0.0,
-}
-
+from tgate_testkit.model_files import SD_VAE, write_sd15_checkpoint  # noqa: E402,F401
 
 # SVD's conditioning node needs a CLIP-vision model and a VAE. These are their real ComfyUI classes,
 # shrunk: the CLIP-vision projection is as wide as tiny-svd's context, and the VAE keeps SD's 8x

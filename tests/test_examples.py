@@ -48,7 +48,9 @@ def test_each_file_loads_through_comfyuis_loaders_as_its_model_type(files):
     import comfy.sd
     import comfy.utils
 
-    import tgate_testkit.comfy_tiny_options  # noqa: F401 - what the examples' server loads from custom_nodes
+    from tgate_testkit.comfy_tiny_options import install
+
+    install()  # what the examples' server loads from its custom_nodes (idempotent)
 
     for name, model_class, config_name, clip_class in (
         ("sd15", model_base.BaseModel, "SD15", "SD1ClipModel"),
