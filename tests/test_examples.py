@@ -16,12 +16,25 @@ from conftest import COMFYUI_MISSING, COMFYUI_PATH, PACK_ROOT
 RUN = ["tgate_sd15_txt2img", "tgate_advanced_sdxl_txt2img"]
 
 
-def test_the_examples_command_runs_the_sd15_and_advanced_workflows(tmp_path):
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A base directory whose models/ holds every tiny file, written once for the module."""
     if COMFYUI_PATH is None:
         pytest.skip(COMFYUI_MISSING)
+    return tmp_path_factory.mktemp("examples_base")
+
+
+@pytest.fixture(scope="module")
+def files(comfy, base):
+    from tgate_testkit import model_files
+
+    return {name: model_files.write(name, base / "models") for name in model_files.FILES}
+
+
+def test_the_examples_command_runs_the_sd15_and_advanced_workflows(files, base, tmp_path):
     report = tmp_path / "results.json"
-    command = [sys.executable, "-m", "tgate_bench.examples", "--models-dir", str(tmp_path / "base"), "--json", str(report)]
-    command += ["--workflows", ",".join(RUN), "--comfyui", str(COMFYUI_PATH), "--steps", "10"]  # 10 of 25 steps: quicker
+    command = [sys.executable, "-m", "tgate_bench.examples", "--models-dir", str(base), "--json", str(report)]
+    command += ["--workflows", ",".join(RUN), "--comfyui", str(COMFYUI_PATH), "--steps", "6"]  # 6 of 25 steps: quicker
     run = subprocess.run(command, cwd=PACK_ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     results = json.loads(report.read_text())["results"]
@@ -29,18 +42,9 @@ def test_the_examples_command_runs_the_sd15_and_advanced_workflows(tmp_path):
     for r in results:
         assert r["ok"], r
         assert r["seconds_tgate"] > 0 and r["seconds_gate_1"] > 0
-        assert r["outputs"] and all((tmp_path / "base" / "output" / f).is_file() for f in r["outputs"])
+        assert r["outputs"] and all((base / "output" / f).is_file() for f in r["outputs"])
     assert "tgate_advanced_sdxl_txt2img  ok" in run.stdout  # the table
-    names = {p.name for p in (tmp_path / "base" / "models").rglob("*.safetensors")}
-    assert names == {"tgate-tiny-sd15.safetensors", "tgate-tiny-sdxl.safetensors"}
-
-
-@pytest.fixture(scope="module")
-def files(comfy, tmp_path_factory):
-    from tgate_testkit import model_files
-
-    models = tmp_path_factory.mktemp("tiny_models")
-    return {name: model_files.write(name, models) for name in model_files.FILES}
+    assert f"using {files['sdxl']}" in run.stdout  # the module's files, not written again
 
 
 def test_each_file_loads_through_comfyuis_loaders_as_its_model_type(files):
