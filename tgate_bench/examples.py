@@ -205,9 +205,14 @@ def prepare_base(base: Path, names: list[str]) -> None:
         log(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB, {time.monotonic() - started:.0f} s)")
     nodes = base / "custom_nodes"
     pack = nodes / "ComfyUI-TGATE"
-    if pack.exists():
-        shutil.rmtree(pack)
-    shutil.copytree(PACK_ROOT, pack, ignore=shutil.ignore_patterns(".*", "__pycache__", "benchmark-results"))
+    copied = pack / ".tgate-examples-copy"  # marks a copy this command made (and may replace)
+    if pack.exists() and not copied.is_file():
+        log(f"using the pack already installed at {pack}")  # a user's install: never replaced
+    else:
+        if pack.exists():
+            shutil.rmtree(pack)
+        shutil.copytree(PACK_ROOT, pack, ignore=shutil.ignore_patterns(".*", "__pycache__", "benchmark-results"))
+        copied.touch()
     shutil.copy(PACK_ROOT / "tgate_testkit" / "comfy_tiny_options.py", nodes / "tgate_tiny_options.py")
 
 
