@@ -1,20 +1,33 @@
-"""Model files with random weights that ComfyUI's own loader nodes detect as the real thing."""
+"""Random-weight model files that ComfyUI's own loader nodes detect as the intended model types: the one
+place that writes model files, for the tests and for `python -m tgate_bench.examples`.
+
+Every file keeps the keys and the shapes ComfyUI's detection reads (comfy/model_detection.py,
+comfy/sd.py), so CheckpointLoaderSimple, UNETLoader, CLIPLoader and VAELoader take them for the real
+thing; what detection does not fix is made small. Where ComfyUI fixes a shape it stays real size (the
+SD VAE, 83M weights; the Wan 2.1 VAE, 127M; CLIP-L; PixArt's 1152-wide blocks). ComfyUI builds
+T5-XXL, UMT5-XXL and CLIP-G from fixed configurations; their files carry a configuration override that
+tgate_testkit/comfy_tiny_options.py hands to ComfyUI (see there). Weights are seeded random values:
+the diffusion models' in fp16, the text encoders' and VAEs' matrices in fp8 (see _fp8).
+Import only once ComfyUI is importable (tgate_bench.comfy_env.import_comfyui).
+"""
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import torch
 
+from .comfy_tiny_options import MARKER
 from .models import ARCHITECTURES, randomize
 
-SD15_UNET = ARCHITECTURES["tiny-sd15"].unet
-
+# -- SD1.5 ----------------------------------------------------------------------------------------
 # A checkpoint ComfyUI's CheckpointLoaderSimple detects as SD1.5: the UNet has SD1.5's widths
 # (320 channels, 768-wide text context) but a single level, and the text encoder and VAE are the
-# real SD1.5 architectures, all with random weights stored in fp16.
+# real SD1.5 architectures, all with random weights (see _fp8).
 CHECKPOINT_UNET = dict(
-    SD15_UNET,
+    ARCHITECTURES["tiny-sd15"].unet,
     model_channels=320,
     context_dim=768,
     num_res_blocks=[1],
@@ -38,11 +51,33 @@ SD_VAE = {
 }
 
 
+def _fp16(state: dict) -> dict:
+    return {k: v.to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
+
+
+def _fp8(state: dict) -> dict:
+    """Matrices in float8_e4m3fn, the rest in fp16: for the text encoders and VAEs, whose compute dtype
+    ComfyUI chooses itself (the loaders convert on load). Halves the files; the diffusion models stay
+    fp16, since ComfyUI takes a diffusion model's dtype from its file."""
+    out = _fp16(state)
+    return {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() and v.ndim >= 2 else v for k, v in out.items()}
+
+
+def _save(state: dict, path: Path, options: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    if options:
+        state[MARKER] = torch.tensor(list(json.dumps(options).encode("utf-8")), dtype=torch.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path
+
+
 def write_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     import comfy.ldm.models.autoencoder as autoencoder
     import comfy.sd1_clip as sd1_clip
     import comfy.supported_models as supported_models
-    from safetensors.torch import save_file
 
     state = {}
     unet = supported_models.SD15(CHECKPOINT_UNET).get_model({})
@@ -53,8 +88,167 @@ def write_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     }
     for i, (prefix, module) in enumerate(parts.items()):
         randomize(module, seed + i)
-        for key, value in module.state_dict().items():
-            state[prefix + key] = value.to(torch.float16).contiguous() if value.is_floating_point() else value.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path))
-    return path
+        store = _fp16 if prefix == "model.diffusion_model." else _fp8
+        state.update(store({prefix + key: value for key, value in module.state_dict().items()}))
+    return _save(state, path)
+
+
+# -- SDXL ----------------------------------------------------------------------------------------
+# Detection matches SDXL on 320 channels, linear transformers, a 2048-wide context, a 2816-wide
+# `y` and input transformer depths [0, 0, 2, 2, 10, 10] (so three levels of two blocks): those stay.
+# The levels are all 320 wide (SDXL's are 320, 640, 1280) and the middle and output blocks hold one
+# transformer each where SDXL has 10 or 2. The text encoders are SDXL's CLIP-L (real) and CLIP-G
+# with 3 of its 32 layers (1280 wide: the context and the pooled vector need that width).
+SDXL_CHECKPOINT_UNET = dict(
+    ARCHITECTURES["sdxl"].unet,
+    channel_mult=[1, 1, 1],
+    transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1],
+    transformer_depth_middle=1,
+)
+TINY_CLIP_G = {"clip_g_model_config": {"num_hidden_layers": 3}}
+
+
+def write_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
+    import comfy.ldm.models.autoencoder as autoencoder
+    import comfy.sdxl_clip as sdxl_clip
+    import comfy.supported_models as supported_models
+
+    model = supported_models.SDXL(dict(SDXL_CHECKPOINT_UNET)).get_model({})
+    clip = sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32, model_options=TINY_CLIP_G)
+    vae = autoencoder.AutoencoderKL(ddconfig=SD_VAE, embed_dim=4)
+    for i, module in enumerate((model.diffusion_model, clip, vae)):
+        randomize(module, seed + i)
+    state = model.state_dict_for_saving(clip_state_dict=clip.state_dict(), vae_state_dict=vae.state_dict())
+    unet = "model.diffusion_model."
+    state = {
+        **_fp8({k: v for k, v in state.items() if not k.startswith(unet)}),
+        **_fp16({k: v for k, v in state.items() if k.startswith(unet)}),
+    }
+    return _save(state, path, TINY_CLIP_G)
+
+
+# -- PixArt-Sigma --------------------------------------------------------------------------------
+# UNETLoader detects PixArt from "t_block.1.weight" and fixes 1152 channels and 16 heads; the depth is
+# counted (1 block here, 28 in the real model) and the caption projection takes T5-XXL's 4096 width.
+PIXART_UNET = dict(ARCHITECTURES["pixart-sigma"].unet, depth=1)
+# PixArt's T5-XXL (CLIPLoader type "pixart"): detection needs block 23's feed-forward at the 4096
+# width; the override keeps those and ComfyUI's T5 tokenizer's vocabulary, with 2 heads of 16 and a
+# 32-wide feed-forward in each of the 24 blocks.
+TINY_T5XXL = {"t5xxl_model_config": {"d_ff": 32, "d_kv": 16, "num_heads": 2}}
+
+
+def write_pixart_sigma_unet(path: Path, seed: int = 0) -> Path:
+    import comfy.supported_models as supported_models
+
+    model = supported_models.PixArtSigma(dict(PIXART_UNET)).get_model({})
+    randomize(model.diffusion_model, seed)
+    return _save(_fp16(model.diffusion_model.state_dict()), path)
+
+
+def write_pixart_t5(path: Path, seed: int = 0) -> Path:
+    import comfy.text_encoders.pixart_t5 as pixart_t5
+
+    te = pixart_t5.pixart_te()(device="cpu", dtype=torch.float32, model_options=TINY_T5XXL)
+    randomize(te, seed)
+    return _save(_fp8(te.t5xxl.transformer.state_dict()), path, TINY_T5XXL)
+
+
+def write_sd_vae(path: Path, seed: int = 0) -> Path:
+    """The SD/SDXL VAE (AutoencoderKL, real size: ComfyUI fixes its widths), as VAELoader takes it."""
+    import comfy.ldm.models.autoencoder as autoencoder
+
+    vae = autoencoder.AutoencoderKL(ddconfig=SD_VAE, embed_dim=4)
+    randomize(vae, seed)
+    return _save(_fp8(vae.state_dict()), path)
+
+
+# -- Wan 2.1 -------------------------------------------------------------------------------------
+# UNETLoader reads Wan's sizes from the state dict: tiny-wan21-t2v (two 128-wide heads, two blocks).
+WAN_UNET = ARCHITECTURES["tiny-wan21-t2v"].unet
+# UMT5-XXL (CLIPLoader type "wan"): as for PixArt's T5, and a 256-token vocabulary with the
+# sentencepiece tokenizer the file carries (ComfyUI reads it from the "spiece_model" tensor).
+UMT5_VOCAB = 256
+TINY_UMT5XXL = {"umt5xxl_model_config": {"d_ff": 32, "d_kv": 16, "num_heads": 2, "vocab_size": UMT5_VOCAB}}
+TOKENIZER_TEXT = (
+    "a fox moving quickly in a beautiful winter scenery nature trees mountains daytime tracking camera",
+    "a photograph of a red fox sitting in a snowy forest, golden hour, detailed fur",
+    "blurry, low quality, watermark, static, overexposed, worst quality, ugly, deformed",
+)
+
+
+def write_wan21_unet(path: Path, seed: int = 0) -> Path:
+    import comfy.supported_models as supported_models
+
+    model = supported_models.WAN21_T2V(dict(WAN_UNET)).get_model({})
+    randomize(model.diffusion_model, seed)
+    return _save(_fp16(model.diffusion_model.state_dict()), path)
+
+
+def tiny_spiece_model() -> bytes:
+    import sentencepiece
+
+    spiece = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TOKENIZER_TEXT * 20),
+        model_writer=spiece,
+        vocab_size=UMT5_VOCAB,
+        hard_vocab_limit=False,
+        pad_id=0,  # UMT5's special tokens: pad 0, end 1
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    return spiece.getvalue()
+
+
+def write_wan_umt5(path: Path, seed: int = 0) -> Path:
+    import comfy.text_encoders.wan as wan
+
+    te = wan.te()(device="cpu", dtype=torch.float32, model_options=TINY_UMT5XXL)
+    randomize(te, seed)
+    state = _fp8(te.umt5xxl.transformer.state_dict())
+    state["spiece_model"] = torch.frombuffer(bytearray(tiny_spiece_model()), dtype=torch.uint8)
+    return _save(state, path, TINY_UMT5XXL)
+
+
+def write_wan21_vae(path: Path, seed: int = 0) -> Path:
+    """Wan 2.1's VAE: ComfyUI detects it from the keys and builds it 96 wide whatever the file, so it
+    is real size (127M weights)."""
+    import comfy.ldm.wan.vae as wan_vae
+
+    module = wan_vae.WanVAE(
+        dim=96,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        dropout=0.0,
+    )
+    randomize(module, seed)
+    return _save(_fp8(module.state_dict()), path)
+
+
+# -- what each example workflow loads --------------------------------------------------------------
+# (ComfyUI models subfolder, file name, writer): names say tiny and never match a real checkpoint.
+FILES = {
+    "sd15": ("checkpoints", "tgate-tiny-sd15.safetensors", write_sd15_checkpoint),
+    "sdxl": ("checkpoints", "tgate-tiny-sdxl.safetensors", write_sdxl_checkpoint),
+    "pixart-sigma": ("diffusion_models", "tgate-tiny-pixart-sigma.safetensors", write_pixart_sigma_unet),
+    "pixart-t5": ("text_encoders", "tgate-tiny-pixart-t5xxl.safetensors", write_pixart_t5),
+    "sdxl-vae": ("vae", "tgate-tiny-sdxl-vae.safetensors", write_sd_vae),
+    "wan21": ("diffusion_models", "tgate-tiny-wan21-t2v.safetensors", write_wan21_unet),
+    "wan-umt5": ("text_encoders", "tgate-tiny-wan-umt5xxl.safetensors", write_wan_umt5),
+    "wan21-vae": ("vae", "tgate-tiny-wan21-vae.safetensors", write_wan21_vae),
+}
+
+
+def write(name: str, models_dir: Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write FILES[name] under `models_dir` (a ComfyUI models folder); an existing file is kept unless
+    `overwrite`."""
+    folder, filename, writer = FILES[name]
+    path = Path(models_dir) / folder / filename
+    if path.is_file() and not overwrite:
+        return path
+    return writer(path, seed=seed)

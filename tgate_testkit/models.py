@@ -263,7 +263,7 @@ _PIXART_SIGMA = dict(
 )
 _PIXART_ALPHA = dict(_PIXART_SIGMA, image_model="pixart_alpha", model_max_length=120, micro_condition=True)
 # Tiny: 48 wide (alpha's size and aspect embeddings take a third each, so a multiple of 3), two
-# 24-channel heads, three blocks, a 32-wide context (the tiny T5 of comfy_runtime.py). Sample tiny
+# 24-channel heads, three blocks, a 32-wide context (the tiny T5 of tgate_testkit.encoders). Sample tiny
 # PixArt at a latent side above 32 (64: 512 px): PixArtMS's position embedding divides by
 # round(side / 64), which is 0 up to 32 (Python rounds 0.5 to even): a ZeroDivisionError.
 _TINY_PIXART_SIGMA = dict(

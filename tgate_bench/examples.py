@@ -1,0 +1,290 @@
+"""Try the example workflows without weights: write tiny random-weight model files, start a real ComfyUI
+server on them, and run each API example workflow with T-GATE and with gate_at 1.0 (T-GATE off).
+
+    python -m tgate_bench.examples [--models-dir DIR] [--workflows tgate_sd15_txt2img,...] [--comfyui PATH]
+
+DIR (default: a new temporary folder) is the server's --base-directory: the files go to DIR/models/...,
+a copy of this pack and comfy_tiny_options.py to DIR/custom_nodes, images to DIR/output. ComfyUI's
+own models folder is used only if you pass it. Image sizes, video frames and steps are reduced so a
+CPU runs each workflow in seconds (printed as it goes); the rest of each graph is the file's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tgate_bench.comfy_env import MISSING, PACK_ROOT, find_comfyui, import_comfyui
+
+WORKFLOWS = PACK_ROOT / "example_workflows" / "api"
+# Per workflow: the files it loads (tgate_testkit.model_files.FILES names) by loader input, and the
+# sizes a CPU runs in seconds (PixArt's position embedding needs a latent side above 32).
+PLANS = {
+    "tgate_sd15_txt2img": ({"ckpt_name": "sd15"}, {"width": 64, "height": 64}),
+    "tgate_sdxl_txt2img": ({"ckpt_name": "sdxl"}, {"width": 64, "height": 64}),
+    "tgate_advanced_sdxl_txt2img": ({"ckpt_name": "sdxl"}, {"width": 64, "height": 64}),
+    "tgate_pixart_sigma_txt2img": (
+        {"unet_name": "pixart-sigma", "clip_name": "pixart-t5", "vae_name": "sdxl-vae"},
+        {"width": 384, "height": 384},
+    ),
+    "tgate_wan21_t2v": (
+        {"unet_name": "wan21", "clip_name": "wan-umt5", "vae_name": "wan21-vae"},
+        {"width": 64, "height": 64, "length": 5},
+    ),
+}
+LATENT_NODES = ("EmptyLatentImage", "EmptyHunyuanLatentVideo", "EmptySD3LatentImage")
+TGATE_NODES = ("TGate", "TGateAdvanced")
+
+
+def log(message: str) -> None:
+    print(f"[tgate examples] {message}", flush=True)
+
+
+@dataclass
+class Result:
+    workflow: str
+    ok: bool
+    seconds_tgate: float | None = None
+    seconds_gate_1: float | None = None
+    outputs: list | None = None  # files the T-GATE run saved, relative to the output folder
+    error: str = ""
+
+
+def prepare(workflow: dict, files: dict, sizes: dict, steps: int | None) -> tuple[dict, list[str]]:
+    """The workflow with the tiny files' names substituted and the sizes (and steps) reduced; the changes."""
+    from tgate_testkit.model_files import FILES
+
+    changes = []
+    for node_id, node in workflow.items():
+        inputs = node["inputs"]
+        for name, key in files.items():
+            if name in inputs:
+                changes.append(f"{node_id}.{name}: {inputs[name]} -> {FILES[key][1]}")
+                inputs[name] = FILES[key][1]
+        if node["class_type"] in LATENT_NODES:
+            for name, value in sizes.items():
+                if name in inputs and inputs[name] != value:
+                    changes.append(f"{node_id}.{name}: {inputs[name]} -> {value}")
+                    inputs[name] = value
+        if steps and "steps" in inputs and inputs["steps"] != steps:
+            changes.append(f"{node_id}.steps: {inputs['steps']} -> {steps}")
+            inputs["steps"] = steps
+    return workflow, changes
+
+
+def with_gate_at(workflow: dict, gate_at: float | None = None, steps: int | None = None) -> dict:
+    out = json.loads(json.dumps(workflow))
+    for node in out.values():
+        if gate_at is not None and node["class_type"] in TGATE_NODES:
+            node["inputs"]["gate_at"] = gate_at
+        if steps is not None and "steps" in node["inputs"]:
+            node["inputs"]["steps"] = steps
+    return out
+
+
+def request(url: str, payload: dict | None = None):
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+class Server:
+    """A real ComfyUI server on 127.0.0.1 with `base` as its base directory."""
+
+    def __init__(self, comfy_path: Path, base: Path, timeout: float = 300):
+        self.comfy_path, self.base, self.timeout = comfy_path, base, timeout
+        self.log_path = base / "comfyui-server.log"
+
+    def __enter__(self) -> Server:
+        import torch
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        (self.base / "web").mkdir(exist_ok=True)  # the API needs no frontend
+        command = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(self.base)]
+        command += ["--front-end-root", str(self.base / "web"), "--disable-auto-launch"]
+        if not torch.cuda.is_available():
+            command.append("--cpu")
+        env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+        log(f"starting ComfyUI ({self.comfy_path}) on port {port}, log: {self.log_path}")
+        with open(self.log_path, "w") as out:
+            self.process = subprocess.Popen(command, cwd=self.comfy_path, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{port}"
+        started, deadline = time.monotonic(), time.monotonic() + 240
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.tail()}")
+                try:
+                    status, info = request(f"{self.url}/object_info/TGate")
+                    if status == 200 and "TGate" in info:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"ComfyUI did not serve TGate within 240 s:\n{self.tail()}")
+                time.sleep(1)
+        except BaseException:
+            self.__exit__()
+            raise
+        log(f"server ready in {time.monotonic() - started:.0f} s")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.is_file() else ""
+
+    def run(self, workflow: dict) -> tuple[float, list]:
+        """Queue `workflow`, wait for it; (seconds ComfyUI spent executing it, files it saved)."""
+        status, queued = request(f"{self.url}/prompt", {"prompt": workflow, "client_id": "tgate-examples"})
+        if status != 200:
+            raise RuntimeError(f"/prompt refused the workflow ({status}): {json.dumps(queued)[:2000]}")
+        prompt_id, submitted = queued["prompt_id"], time.monotonic()
+        while True:
+            status, history = request(f"{self.url}/history/{prompt_id}")
+            entry = history.get(prompt_id) if status == 200 and history else None
+            state = (entry or {}).get("status", {})
+            if state.get("status_str") == "error":
+                messages = [m[1] for m in state.get("messages", []) if m[0] == "execution_error"]
+                detail = messages[0].get("exception_message", "").strip() if messages else ""
+                raise RuntimeError(f"execution error: {detail or state}")
+            if state.get("completed"):
+                break
+            if time.monotonic() - submitted > self.timeout:
+                raise RuntimeError(f"did not finish in {self.timeout:.0f} s")
+            time.sleep(0.2)
+        stamps = {m[0]: m[1].get("timestamp") for m in state.get("messages", [])}
+        if stamps.get("execution_start") and stamps.get("execution_success"):
+            seconds = (stamps["execution_success"] - stamps["execution_start"]) / 1000
+        else:
+            seconds = time.monotonic() - submitted
+        saved = []
+        for output in entry.get("outputs", {}).values():
+            for item in [*output.get("images", []), *output.get("videos", []), *output.get("gifs", [])]:
+                if isinstance(item, dict) and "filename" in item:
+                    saved.append(str(Path(item.get("subfolder", ""), item["filename"])))
+        return seconds, saved
+
+
+def prepare_base(base: Path, names: list[str]) -> None:
+    """The model files the workflows need under base/models, the pack and the tiny-options module in
+    base/custom_nodes."""
+    from tgate_testkit import model_files
+
+    needed = sorted({key for name in names for key in PLANS[name][0].values()})
+    for key in needed:
+        folder, filename, _ = model_files.FILES[key]
+        path = base / "models" / folder / filename
+        if path.is_file():
+            log(f"using {path} ({path.stat().st_size / 1e6:.0f} MB)")
+            continue
+        started = time.monotonic()
+        model_files.write(key, base / "models")
+        log(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB, {time.monotonic() - started:.0f} s)")
+    nodes = base / "custom_nodes"
+    pack = nodes / "ComfyUI-TGATE"
+    copied = pack / ".tgate-examples-copy"  # marks a copy this command made (and may replace)
+    if pack.exists() and not copied.is_file():
+        log(f"using the pack already installed at {pack}")  # a user's install: never replaced
+    else:
+        if pack.exists():
+            shutil.rmtree(pack)
+        shutil.copytree(PACK_ROOT, pack, ignore=shutil.ignore_patterns(".*", "__pycache__", "benchmark-results"))
+        copied.touch()
+    shutil.copy(PACK_ROOT / "tgate_testkit" / "comfy_tiny_options.py", nodes / "tgate_tiny_options.py")
+
+
+def run_workflow(server: Server, name: str, steps: int | None) -> Result:
+    files, sizes = PLANS[name]
+    workflow, changes = prepare(json.loads((WORKFLOWS / f"{name}.json").read_text()), files, sizes, steps)
+    log(f"{name}: " + "; ".join(changes))
+    try:
+        # Loading and text encoding are cached by ComfyUI after the first run: a 1-step warm-up pays them.
+        seconds, _ = server.run(with_gate_at(workflow, steps=1))
+        log(f"{name}: warm-up (1 step, loads the models) {seconds:.1f} s")
+        tgate, saved = server.run(workflow)
+        log(f"{name}: with T-GATE {tgate:.1f} s, saved {', '.join(saved) or 'nothing'}")
+        off, _ = server.run(with_gate_at(workflow, gate_at=1.0))
+        log(f"{name}: with gate_at 1.0 {off:.1f} s")
+    except Exception as e:  # noqa: BLE001 - reported per workflow
+        log(f"{name}: FAILED: {e}")
+        return Result(name, False, error=str(e))
+    if not saved:
+        return Result(name, False, tgate, off, saved, error="the workflow saved no output")
+    return Result(name, True, tgate, off, saved)
+
+
+def table(results: list[Result]) -> str:
+    rows = [("workflow", "result", "s with T-GATE", "s with gate_at 1.0")]
+    for r in results:
+        fmt = lambda s: f"{s:.2f}" if s is not None else "-"  # noqa: E731
+        rows.append(
+            (
+                r.workflow,
+                "ok" if r.ok else f"failed: {r.error.splitlines()[0][:120]}",
+                fmt(r.seconds_tgate),
+                fmt(r.seconds_gate_1),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tgate_bench.examples", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models-dir", type=Path, help="base directory for the run (default: a new temporary folder)")
+    parser.add_argument("--workflows", help=f"comma-separated, of: {', '.join(PLANS)} (default: all)")
+    parser.add_argument("--comfyui", help="ComfyUI's folder (default: $COMFYUI_PATH, or two folders up)")
+    parser.add_argument("--steps", type=int, help="sampling steps for every workflow (default: each file's own)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    names = args.workflows.split(",") if args.workflows else list(PLANS)
+    unknown = [n for n in names if n not in PLANS]
+    if unknown:
+        parser.error(f"unknown workflows {unknown}; choose from {list(PLANS)}")
+    comfy_path = find_comfyui(args.comfyui)
+    if comfy_path is None:
+        parser.error(MISSING)
+    base = args.models_dir or Path(tempfile.mkdtemp(prefix="tgate-tiny-models-"))
+    base = base.resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    log(f"ComfyUI base directory: {base} (models in {base / 'models'})")
+    import_comfyui(comfy_path)  # the writers build ComfyUI's own modules
+    prepare_base(base, names)
+    with Server(comfy_path, base, timeout=args.timeout) as server:
+        results = [run_workflow(server, name, args.steps) for name in names]
+        if not all(r.ok for r in results):
+            print(server.tail(), file=sys.stderr)
+    print(table(results), flush=True)
+    log(f"outputs in {base / 'output'}")
+    if args.json:
+        args.json.write_text(json.dumps({"base": str(base), "results": [asdict(r) for r in results]}, indent=2))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
