@@ -25,7 +25,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tgate_bench.comfy_env import MISSING, PACK_ROOT, find_comfyui, import_comfyui
+from tgate_testkit.comfy_env import MISSING, PACK_ROOT, find_comfyui, import_comfyui
 
 WORKFLOWS = PACK_ROOT / "example_workflows" / "api"
 # Per workflow: the files it loads (tgate_testkit.model_files.FILES names) by loader input, and the

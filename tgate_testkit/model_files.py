@@ -8,7 +8,7 @@ SD VAE, 83M weights; the Wan 2.1 VAE, 127M; CLIP-L; PixArt's 1152-wide blocks). 
 T5-XXL, UMT5-XXL and CLIP-G from fixed configurations; their files carry a configuration override that
 tgate_testkit/comfy_tiny_options.py hands to ComfyUI (see there). Weights are seeded random values:
 the diffusion models' in fp16, the text encoders' and VAEs' matrices in fp8 (see _fp8).
-Import only once ComfyUI is importable (tgate_bench.comfy_env.import_comfyui).
+Import only once ComfyUI is importable (tgate_testkit.comfy_env.import_comfyui).
 """
 
 from __future__ import annotations
