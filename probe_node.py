@@ -50,25 +50,12 @@ def record_run(model, seed, steps, cfg, sampler_name, scheduler, positive, negat
         patched.model_options["transformer_options"] = options
 
     def outer_sample(executor, *args, **kwargs):
-        args = list(args)
-        sigmas = kwargs["sigmas"] if "sigmas" in kwargs else args[3]
-        recorder.start_run(sigmas)
-        original = kwargs["callback"] if "callback" in kwargs else (args[5] if len(args) > 5 else None)
-
-        def callback(step, x0, x, total):
-            recorder.step_done(step)
-            if original is not None:
-                return original(step, x0, x, total)
-
-        if "callback" in kwargs or len(args) <= 5:
-            kwargs["callback"] = callback
-        else:
-            args[5] = callback
+        recorder.start_run(kwargs["sigmas"] if "sigmas" in kwargs else args[3])
         return executor(*args, **kwargs)
 
     def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
         # The main CFG call passes [positive, negative] (negative None at cfg 1); PAG, SAG, PerpNeg... pass 1 or 3.
-        with recorder.evaluation(main=len(conds) == 2):
+        with recorder.evaluation(timestep, main=len(conds) == 2):
             return executor(model, conds, x_in, timestep, model_options)
 
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample)

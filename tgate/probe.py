@@ -8,10 +8,14 @@ as Wan VACE's blocks do once per control, or where the branch comes in several c
 each layer's previous output. Nothing is read back to the host while sampling: the sums come back
 in one copy when the run is over, and the relative change of the layer is sqrt(num / den).
 
-Which evaluation counts: samplers that evaluate the model several times per step (heun, dpm_2,
-dpmpp_sde...) are recorded at the FIRST main CFG evaluation of each step only, the one at the step's
-own sigma; the step index comes from the sampler's callback (ComfyUI's samplers call it once after
-each step), so no sigma is read on the host. Extra model calls made by PAG, SAG and the like (one or
+Which evaluation counts: each main CFG evaluation belongs to a step as T-GATE maps it
+(schedule.GateSchedule.step_of: the last step whose sigma is at or above the evaluation's), and the
+FIRST evaluation of each step is recorded. For one-evaluation samplers (euler, dpmpp_2m, uni_pc...)
+that is every evaluation; dpm_2 and dpmpp_sde also evaluate between two steps' sigmas (left out);
+heun evaluates at the step's sigma and, for its correction, at the next step's sigma, where T-GATE
+counts it in the next step: there the recorded evaluation of step t >= 1 is that correction at
+sigma_t. The step is worked out on the device from the evaluation's sigma tensor and the run's
+sigmas, so no sigma is read on the host. Extra model calls made by PAG, SAG and the like (one or
 three cond lists, see the node) are not recorded.
 
 Nothing here imports ComfyUI; the node (probe_node.py) drives the recorder from ComfyUI's wrappers.
@@ -28,7 +32,7 @@ import torch
 
 from .branch import BRANCH_NAMES
 from .families import CROSS, SELF
-from .schedule import GateSchedule
+from .schedule import SIGMA_RTOL, GateSchedule
 
 NUM, DEN, COUNT = 0, 1, 2  # the last axis of the recorder's sums
 
@@ -42,35 +46,42 @@ class ProbeRecorder:
         self._index = {name: i for i, name in enumerate(self.layers)}
         self.sums: torch.Tensor | None = None  # [steps, layers, branches, (num, den, count)], on the device
         self.sigmas: torch.Tensor | None = None  # the run's sigmas as the sampler got them (final one included)
-        self.step = 0  # the step the sampler is on: the number of callbacks seen so far
-        self._recorded_step = -1  # the last step whose first evaluation was recorded
-        self.active = False  # inside the recorded evaluation
+        self.active = False  # inside a main CFG evaluation
+        self._keys: torch.Tensor | None = None  # the steps' sigmas, widened by the tolerance, on the device
+        self._step: torch.Tensor | None = None  # the current evaluation's step (a device integer)
+        self._fresh: torch.Tensor | None = None  # whether it is the first evaluation of its step (a device bool)
+        self._last_step: torch.Tensor | None = None
         self._layout: Sequence[int] = (0,)  # branch of each chunk of the current model call
         self._occurrence: dict[tuple[int, int], int] = {}
-        self._previous: dict[tuple[int, int, int], tuple[int, torch.Tensor]] = {}  # (layer, branch, occ) -> (step, out)
-        self._one: torch.Tensor | None = None
+        # (layer, branch, occurrence) -> (step it was recorded at, a device integer; the output)
+        self._previous: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- driven by the sampler --------------------------------------------------------------------
     def start_run(self, sigmas: torch.Tensor) -> None:
         """A sampling run starts with these sigmas (final sigma included); kept, read back at the end."""
         self.sigmas = sigmas.detach()
-        self.step, self._recorded_step = 0, -1
+        self.sums = self._keys = self._last_step = None
         self._previous.clear()
 
-    def step_done(self, step: int) -> None:
-        """The sampler's callback: step `step` (0-based) is complete."""
-        self.step = step + 1
-
     @contextlib.contextmanager
-    def evaluation(self, main: bool = True):
-        """One sampler evaluation of the model; recorded if `main` (the main CFG call) and the first of its step."""
-        record = main and self.step != self._recorded_step
-        if record:
-            self._recorded_step = self.step
-            self._occurrence = {}
-        self.active = record
+    def evaluation(self, sigma: torch.Tensor, main: bool = True):
+        """One sampler evaluation of the model at `sigma` (a device tensor, the first element counts);
+        recorded if `main` (the main CFG call) and the first evaluation of its step. Nothing is read on
+        the host: the step and whether it is new stay device tensors."""
+        if not main or self.sigmas is None or self.sigmas.shape[-1] < 2:
+            yield
+            return
+        sigma = sigma.detach().reshape(-1)[0].float()
+        if self._keys is None or self._keys.device != sigma.device:
+            self._keys = self.sigmas[:-1].to(device=sigma.device, dtype=torch.float32) * (1.0 + SIGMA_RTOL)
+            self._last_step = torch.full((), -1, dtype=torch.long, device=sigma.device)
+        step = ((self._keys >= sigma).sum() - 1).clamp(0, self._keys.shape[0] - 1)
+        self._step, self._fresh = step, step != self._last_step
+        self._last_step = torch.maximum(self._last_step, step)
+        self._occurrence = {}
+        self.active = True
         try:
-            yield record
+            yield
         finally:
             self.active = False
 
@@ -105,26 +116,29 @@ class ProbeRecorder:
         layout = self._layout
         if output.shape[0] % len(layout):
             layout = (0,)  # a module whose batch does not follow the call's chunks: one chunk
-        step = self.step
+        step, fresh = self._step, self._fresh
         if self.sums is None or self.sums.device != output.device:
-            steps = max(step + 1, (self.sigmas.shape[-1] - 1) if self.sigmas is not None else 1)
+            steps = self._keys.shape[0]
             self.sums = torch.zeros(steps, len(self.layers), len(BRANCH_NAMES), 3, device=output.device)
-            self._one = torch.ones((), device=output.device)
-        elif step >= self.sums.shape[0]:  # more steps than the sigmas said: grow, on the device
-            extra = self.sums.new_zeros(step + 1 - self.sums.shape[0], *self.sums.shape[1:])
-            self.sums = torch.cat([self.sums, extra])
+            step, fresh = step.to(output.device), fresh.to(output.device)
         for chunk, branch in zip(output.detach().chunk(len(layout)), layout, strict=True):
             occ = self._occurrence.get((layer, branch), 0)
             self._occurrence[(layer, branch)] = occ + 1
             key = (layer, branch, occ)
             previous = self._previous.get(key)
-            if previous is not None and previous[0] == step - 1 and previous[1].shape == chunk.shape:
-                before = previous[1].float()
-                num = torch.linalg.vector_norm(chunk.float() - before).square()
-                den = torch.linalg.vector_norm(before).square()
-                self.sums[step, layer, branch].add_(torch.stack((num, den, self._one)))
-            # A copy: blocks may update the tensor after the call (LTXV adds to its input in place).
-            self._previous[key] = (step, chunk.clone())
+            if previous is None or previous[1].shape != chunk.shape or previous[1].device != chunk.device:
+                # A copy: blocks may update the tensor after the call (LTXV adds to its input in place).
+                self._previous[key] = (torch.where(fresh, step, -2), chunk.clone())
+                continue
+            recorded_at, before = previous
+            # Only the first evaluation of a step counts, compared with the step just before it.
+            valid = fresh & (recorded_at == step - 1)
+            before_f = before.float()
+            num = torch.linalg.vector_norm(chunk.float() - before_f).square()
+            den = torch.linalg.vector_norm(before_f).square()
+            values = torch.where(valid, torch.stack((num, den, torch.ones_like(num))), 0.0)
+            self.sums[:, layer, branch].index_add_(0, step.view(1), values.view(1, 3))
+            self._previous[key] = (torch.where(fresh, step, recorded_at), torch.where(fresh, chunk, before))
 
     # -- the result -------------------------------------------------------------------------------
     def result(self) -> ProbeResult:
