@@ -218,4 +218,6 @@ class TGateAdvanced(io.ComfyNode):
 
 class TGateExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TGate, TGateAdvanced]
+        from .probe_node import TGateProbe
+
+        return [TGate, TGateAdvanced, TGateProbe]

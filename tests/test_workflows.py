@@ -119,7 +119,13 @@ def test_api_twin_describes_the_same_graph(mappings, path):
             for (name, *_), v in zip(widget_inputs(mappings[node["type"]]), node["widgets_values"], strict=True)
             if name != "control_after_generate"
         ]
-        assert {n: twin["inputs"][n] for n in names} == dict(zip(names, values, strict=True)), node["type"]
+        # A widget turned into an input and linked (the probe's suggested_gate_at into gate_at) is a link in the twin.
+        linked = {i["name"]: i["link"] for i in node["inputs"] if "widget" in i and i.get("link") is not None}
+        for name, link in linked.items():
+            _, src, src_slot, *_ = next(entry for entry in ui["links"] if entry[0] == link)
+            assert twin["inputs"][name] == [str(src), src_slot], (node["type"], name)
+        kept = [(n, v) for n, v in zip(names, values, strict=True) if n not in linked]
+        assert {n: twin["inputs"][n] for n, _ in kept} == dict(kept), node["type"]
 
 
 # What the frontend (1.27) draws, in graph units: a node's title bar sits above its pos, 30 high; its

@@ -1,0 +1,175 @@
+"""The T-GATE probe node: sample as KSampler does (T-GATE off) and measure how fast each attention
+layer's output settles, to choose `gate_at` for the T-GATE nodes."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import comfy.patcher_extension
+import comfy.samplers
+from comfy_api.latest import io
+
+from .probe_plot import HEIGHT, WIDTH, Marks, blank_image, plot_probe
+from .tgate import CONFIG_KEY, CROSS, KINDS, SELF, attention_layers, family_of, supported_families
+from .tgate.probe import ProbeRecorder, ProbeResult, gate_at_for_step, gate_step_of, suggest_gate_step
+
+log = logging.getLogger("tgate")
+
+WRAPPER_KEY = "tgate_probe"
+DEFAULT_THRESHOLD = 0.05  # a heuristic, not calibrated on trained models: read the plot
+
+RULE = (
+    "The suggested gate is the first step from which the mean relative change of cross-attention "
+    "(||output at step t - output at step t-1|| / ||output at step t-1||, averaged over the layers and both "
+    "CFG branches) stays below `threshold` until the last step; it is converted to gate_at with the model's "
+    "sigmas (ComfyUI's percent convention), so T-GATE fed this value gates at that step on the same "
+    "steps, sampler and scheduler. 1.0 (never gate) when the mean never stays below it."
+)
+
+
+class _ValidatedCombo(io.Combo.Input):
+    """A combo ComfyUI checks when a prompt is queued, as it checks KSampler's (see nodes.ValidatedCombo)."""
+
+    def get_io_type(self):
+        return self.options
+
+
+def record_run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0):
+    """Sample exactly as KSampler does (nodes.common_ksampler) on a clone of `model` with T-GATE off,
+    recording every cross- and self-attention layer. Returns (latent dict, ProbeResult, family)."""
+    import nodes as comfy_nodes  # ComfyUI's own nodes module (it comes first on sys.path)
+
+    family = family_of(model.model.model_config)
+    diffusion_model = model.get_model_object("diffusion_model")
+    recorder = ProbeRecorder(attention_layers(family, diffusion_model, KINDS))
+    patched = model.clone()
+    options = dict(patched.model_options.get("transformer_options", {}))
+    if options.pop(CONFIG_KEY, None) is not None:
+        log.warning("T-GATE probe: the model has T-GATE applied; the probe samples it with T-GATE off")
+        patched.model_options["transformer_options"] = options
+
+    def outer_sample(executor, *args, **kwargs):
+        recorder.start_run(kwargs["sigmas"] if "sigmas" in kwargs else args[3])
+        return executor(*args, **kwargs)
+
+    def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+        # The main CFG call passes [positive, negative] (negative None at cfg 1); PAG, SAG, PerpNeg... pass 1 or 3.
+        with recorder.evaluation(timestep, main=len(conds) == 2):
+            return executor(model, conds, x_in, timestep, model_options)
+
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch)
+    with recorder.hooks(diffusion_model):
+        (latent,) = comfy_nodes.common_ksampler(
+            patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=denoise
+        )
+    return latent, recorder.result(), family
+
+
+def _numbers(values) -> str:
+    return ", ".join("-" if math.isnan(v) else f"{v:.3g}" for v in values)
+
+
+def summarize(result: ProbeResult, family, marks: Marks, settings: str) -> str:
+    steps = result.num_steps
+    cross, self_ = result.layers_of(CROSS), result.layers_of(SELF)
+    lines = [
+        f"T-GATE probe: {family.name}, {steps} steps ({settings}); {len(cross)} cross- and {len(self_)} self-attention "
+        "layers; relative change of each layer's output from one step to the next, first evaluation of each step.",
+        f"Cross-attention mean, steps 1-{steps - 1}: {_numbers(result.mean_change(CROSS)[1:])}",
+    ]
+    if self_:
+        lines.append(f"Self-attention mean, steps 1-{steps - 1}: {_numbers(result.mean_change(SELF)[1:])}")
+    g = marks.suggested_step
+    if g < steps:
+        at_gate = [result.mean_change(CROSS, b)[g] for b in (0, 1)]
+        lines.append(
+            f"Suggested gate: step {g} of {steps}, gate_at {marks.suggested_gate_at:.4g}: the cross-attention mean stays "
+            f"below threshold {marks.threshold:g} from step {g} on (there cond {_numbers(at_gate[:1])}, "
+            f"uncond {_numbers(at_gate[1:])})."
+        )
+    else:
+        lines.append(
+            f"Suggested gate: none (gate_at 1.0): the cross-attention mean does not stay below threshold {marks.threshold:g}."
+        )
+    lines.append(f"Official gate for {family.name}: step {marks.official_step} (gate_at {marks.official_gate_at:g}).")
+    return "\n".join(lines)
+
+
+class TGateProbe(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TGateProbe",
+            display_name="T-GATE probe",
+            category="model_patches/unet",
+            description=(
+                "Samples exactly like KSampler (T-GATE off) and measures, for every cross- and self-attention layer, "
+                "how much its output changes from one step to the next, per CFG branch. Plots it and suggests where "
+                f"to gate. {RULE} Serves {supported_families()}."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to probe; cloned, never changed. T-GATE, if applied, is off."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                _ValidatedCombo("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS)),
+                _ValidatedCombo("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS)),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Float.Input(
+                    "threshold",
+                    default=DEFAULT_THRESHOLD,
+                    min=0.0,
+                    max=10.0,
+                    step=0.005,
+                    tooltip=(
+                        f"{RULE} The default {DEFAULT_THRESHOLD} (5 % change per step) is a heuristic, not calibrated "
+                        "on trained models: read the plot, and compare images gated at the suggestion and earlier."
+                    ),
+                ),
+            ],
+            outputs=[
+                io.Latent.Output(tooltip="The ungated result, as KSampler gives it: compare it with the gated one."),
+                io.Image.Output(
+                    tooltip=f"The plot ({WIDTH}x{HEIGHT}): step on x, relative change on a log y axis, one thin curve "
+                    "per depth group of layers, the mean in bold, the threshold, the suggested and the official gate."
+                ),
+                io.Float.Output(
+                    display_name="suggested_gate_at",
+                    tooltip="The suggested gate in ComfyUI's percent convention: connect it to gate_at of T-GATE.",
+                ),
+                io.String.Output(tooltip="The numbers: mean change per step, the suggested and official gates."),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise, threshold
+    ) -> io.NodeOutput:
+        latent, result, family = record_run(
+            model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise
+        )
+        percent_to_sigma = model.get_model_object("model_sampling").percent_to_sigma
+        suggested = suggest_gate_step(result.mean_change(CROSS), threshold)
+        official_at = family.official[0]
+        marks = Marks(
+            title=f"T-GATE probe: {family.name}, {result.num_steps} steps, {sampler_name}/{scheduler}, cfg {cfg:g}",
+            threshold=threshold,
+            suggested_step=suggested,
+            suggested_gate_at=gate_at_for_step(result.sigmas, suggested, percent_to_sigma),
+            official_step=gate_step_of(result.sigmas, official_at, percent_to_sigma) if result.num_steps else 0,
+            official_gate_at=official_at,
+            family=family.name,
+        )
+        summary = summarize(result, family, marks, f"{sampler_name}, {scheduler}, cfg {cfg:g}")
+        try:
+            image = plot_probe(result, marks)
+        except ImportError as error:  # matplotlib is in requirements.txt; without it the numbers still come
+            image = blank_image(str(error))
+            summary += f"\nNo plot: {error}; install matplotlib (pip install -r requirements.txt)."
+        log.info("%s", summary)
+        return io.NodeOutput(latent, image, marks.suggested_gate_at, summary)
