@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tgate_testkit.comfy_env import MISSING, PACK_ROOT, find_comfyui, import_comfyui
+from tgate_testkit.server import Server
 
 WORKFLOWS = PACK_ROOT / "example_workflows" / "api"
 # Per workflow: the files it loads (tgate_testkit.model_files.FILES names) by loader input, and the
@@ -91,101 +87,6 @@ def with_gate_at(workflow: dict, gate_at: float | None = None, steps: int | None
         if steps is not None and "steps" in node["inputs"]:
             node["inputs"]["steps"] = steps
     return out
-
-
-def request(url: str, payload: dict | None = None):
-    data = json.dumps(payload).encode() if payload is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
-
-
-class Server:
-    """A real ComfyUI server on 127.0.0.1 with `base` as its base directory."""
-
-    def __init__(self, comfy_path: Path, base: Path, timeout: float = 300):
-        self.comfy_path, self.base, self.timeout = comfy_path, base, timeout
-        self.log_path = base / "comfyui-server.log"
-
-    def __enter__(self) -> Server:
-        import torch
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        (self.base / "web").mkdir(exist_ok=True)  # the API needs no frontend
-        command = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(self.base)]
-        command += ["--front-end-root", str(self.base / "web"), "--disable-auto-launch"]
-        if not torch.cuda.is_available():
-            command.append("--cpu")
-        env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
-        log(f"starting ComfyUI ({self.comfy_path}) on port {port}, log: {self.log_path}")
-        with open(self.log_path, "w") as out:
-            self.process = subprocess.Popen(command, cwd=self.comfy_path, stdout=out, stderr=subprocess.STDOUT, env=env)
-        self.url = f"http://127.0.0.1:{port}"
-        started, deadline = time.monotonic(), time.monotonic() + 240
-        try:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.tail()}")
-                try:
-                    status, info = request(f"{self.url}/object_info/TGate")
-                    if status == 200 and "TGate" in info:
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"ComfyUI did not serve TGate within 240 s:\n{self.tail()}")
-                time.sleep(1)
-        except BaseException:
-            self.__exit__()
-            raise
-        log(f"server ready in {time.monotonic() - started:.0f} s")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-    def tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.is_file() else ""
-
-    def run(self, workflow: dict) -> tuple[float, list]:
-        """Queue `workflow`, wait for it; (seconds ComfyUI spent executing it, files it saved)."""
-        status, queued = request(f"{self.url}/prompt", {"prompt": workflow, "client_id": "tgate-examples"})
-        if status != 200:
-            raise RuntimeError(f"/prompt refused the workflow ({status}): {json.dumps(queued)[:2000]}")
-        prompt_id, submitted = queued["prompt_id"], time.monotonic()
-        while True:
-            status, history = request(f"{self.url}/history/{prompt_id}")
-            entry = history.get(prompt_id) if status == 200 and history else None
-            state = (entry or {}).get("status", {})
-            if state.get("status_str") == "error":
-                messages = [m[1] for m in state.get("messages", []) if m[0] == "execution_error"]
-                detail = messages[0].get("exception_message", "").strip() if messages else ""
-                raise RuntimeError(f"execution error: {detail or state}")
-            if state.get("completed"):
-                break
-            if time.monotonic() - submitted > self.timeout:
-                raise RuntimeError(f"did not finish in {self.timeout:.0f} s")
-            time.sleep(0.2)
-        stamps = {m[0]: m[1].get("timestamp") for m in state.get("messages", [])}
-        if stamps.get("execution_start") and stamps.get("execution_success"):
-            seconds = (stamps["execution_success"] - stamps["execution_start"]) / 1000
-        else:
-            seconds = time.monotonic() - submitted
-        saved = []
-        for output in entry.get("outputs", {}).values():
-            for item in [*output.get("images", []), *output.get("videos", []), *output.get("gifs", [])]:
-                if isinstance(item, dict) and "filename" in item:
-                    saved.append(str(Path(item.get("subfolder", ""), item["filename"])))
-        return seconds, saved
 
 
 def prepare_base(base: Path, names: list[str]) -> None:
@@ -275,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"ComfyUI base directory: {base} (models in {base / 'models'})")
     import_comfyui(comfy_path)  # the writers build ComfyUI's own modules
     prepare_base(base, names)
-    with Server(comfy_path, base, timeout=args.timeout) as server:
+    with Server(comfy_path, base, timeout=args.timeout, say=log) as server:
         results = [run_workflow(server, name, args.steps) for name in names]
         if not all(r.ok for r in results):
             print(server.tail(), file=sys.stderr)

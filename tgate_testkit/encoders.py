@@ -4,11 +4,11 @@ classes: VAEs, CLIP-vision models and text encoders, for the families' real cond
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 
-from .model_files import SD_VAE
 from .models import ARCHITECTURES, randomize
 
 # What the tiny ACE-Step text encoder's tokenizer is trained on, and the lyrics the tests sing.
@@ -38,6 +38,19 @@ TINY_CLIP_VISION = {
     "num_hidden_layers": 2,
     "patch_size": 8,
     "projection_dim": ARCHITECTURES["tiny-svd"].context_dim,
+}
+# SD's VAE (SD1.x, SDXL), as its checkpoints configure it.
+SD_VAE = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
+    "dropout": 0.0,
 }
 TINY_VAE = dict(SD_VAE, ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1)
 
@@ -75,29 +88,34 @@ def tiny_vae(seed: int = 0):
 TINY_UMT5 = {"d_model": ARCHITECTURES["tiny-ace-step"].context_dim, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
 
 
-def tiny_ace_text_encoder(seed: int = 0):
-    import io
-
-    import comfy.sd
-    import comfy.supported_models_base
-    import comfy.text_encoders.ace as ace
+def umt5_tokenizer(texts, vocab_size: int) -> bytes:
+    """A sentencepiece model trained on `texts`, with UMT5's special tokens (pad 0, end 1, unknown 2)."""
     import sentencepiece
 
     spiece = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(TINY_ACE_TAGS * 20),
+        sentence_iterator=iter(list(texts) * 20),
         model_writer=spiece,
-        vocab_size=64,
+        vocab_size=vocab_size,
         hard_vocab_limit=False,
-        pad_id=0,  # UMT5's special tokens: pad 0, end 1
+        pad_id=0,
         eos_id=1,
         unk_id=2,
         bos_id=-1,
         minloglevel=2,
     )
+    return spiece.getvalue()
+
+
+def tiny_ace_text_encoder(seed: int = 0):
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.ace as ace
+
+    spiece = umt5_tokenizer(TINY_ACE_TAGS, vocab_size=64)
     target = comfy.supported_models_base.ClipTarget(ace.AceT5Tokenizer, ace.AceT5Model)
     config = dict(TINY_UMT5, vocab_size=64)
-    clip = comfy.sd.CLIP(target, tokenizer_data={"spiece_model": spiece.getvalue()}, model_options={"_model_config": config})
+    clip = comfy.sd.CLIP(target, tokenizer_data={"spiece_model": spiece}, model_options={"_model_config": config})
     randomize(clip.cond_stage_model, seed)
     return clip
 
@@ -134,11 +152,10 @@ def tiny_ltxv_vae(seed: int = 0):
     return comfy.sd.VAE(sd=module.state_dict(), metadata={"config": json.dumps({"vae": TINY_LTXV_VAE})})
 
 
-def wan21_vae(seed: int = 0):
-    """Cosmos Predict2's VAE (Wan 2.1's) with random weights. ComfyUI detects it from the state dict
-    and always builds it at full width (dim 96), so it is not tiny: about 127M parameters."""
+def wan21_vae_module(seed: int = 0):
+    """Wan 2.1's VAE module (Cosmos Predict2 uses it too) with random weights, at the full width
+    (dim 96) ComfyUI always builds it with, whatever the state dict: about 127M parameters."""
     import comfy.ldm.wan.vae as wan_vae
-    import comfy.sd
 
     module = wan_vae.WanVAE(
         dim=96,
@@ -150,6 +167,14 @@ def wan21_vae(seed: int = 0):
         dropout=0.0,
     )
     randomize(module, seed)
+    return module
+
+
+def wan21_vae(seed: int = 0):
+    """comfy.sd.VAE around wan21_vae_module (ComfyUI detects it from the state dict)."""
+    import comfy.sd
+
+    module = wan21_vae_module(seed)
     return comfy.sd.VAE(sd=module.state_dict())
 
 

@@ -13,13 +13,13 @@ Import only once ComfyUI is importable (tgate_testkit.comfy_env.import_comfyui).
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import torch
 
 from .comfy_tiny_options import MARKER
+from .encoders import SD_VAE, umt5_tokenizer, wan21_vae_module
 from .models import ARCHITECTURES, randomize
 
 # -- SD1.5 ----------------------------------------------------------------------------------------
@@ -37,18 +37,6 @@ CHECKPOINT_UNET = dict(
     transformer_depth_middle=1,
     num_heads=8,
 )
-SD_VAE = {
-    "double_z": True,
-    "z_channels": 4,
-    "resolution": 256,
-    "in_channels": 3,
-    "out_ch": 3,
-    "ch": 128,
-    "ch_mult": [1, 2, 4, 4],
-    "num_res_blocks": 2,
-    "attn_resolutions": [],
-    "dropout": 0.0,
-}
 
 
 def _fp16(state: dict) -> dict:
@@ -185,21 +173,7 @@ def write_wan21_unet(path: Path, seed: int = 0) -> Path:
 
 
 def tiny_spiece_model() -> bytes:
-    import sentencepiece
-
-    spiece = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(TOKENIZER_TEXT * 20),
-        model_writer=spiece,
-        vocab_size=UMT5_VOCAB,
-        hard_vocab_limit=False,
-        pad_id=0,  # UMT5's special tokens: pad 0, end 1
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
-    )
-    return spiece.getvalue()
+    return umt5_tokenizer(TOKENIZER_TEXT, UMT5_VOCAB)
 
 
 def write_wan_umt5(path: Path, seed: int = 0) -> Path:
@@ -215,18 +189,7 @@ def write_wan_umt5(path: Path, seed: int = 0) -> Path:
 def write_wan21_vae(path: Path, seed: int = 0) -> Path:
     """Wan 2.1's VAE: ComfyUI detects it from the keys and builds it 96 wide whatever the file, so it
     is real size (127M weights)."""
-    import comfy.ldm.wan.vae as wan_vae
-
-    module = wan_vae.WanVAE(
-        dim=96,
-        z_dim=16,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=2,
-        attn_scales=[],
-        temperal_downsample=[False, True, True],
-        dropout=0.0,
-    )
-    randomize(module, seed)
+    module = wan21_vae_module(seed)
     return _save(_fp8(module.state_dict()), path)
 
 
