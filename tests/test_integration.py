@@ -1,7 +1,9 @@
 """T-GATE on real ComfyUI: tiny random-weight SD1.5- and SDXL-shaped models built from ComfyUI's
 model classes, the node loaded by ComfyUI's custom-node loader, ComfyUI's own samplers and nodes.
 
-Numbered after the behaviour points of issue 2.
+Numbered by behaviour: 1 bit-identity before the gate, 2 the cached mean, 3 one branch and no
+cross-attention after it, 4 samplers, schedulers and workflows, 5 composition, 6 runs leave nothing
+behind, 7 host-device synchronisation, 8 bad input.
 """
 
 from __future__ import annotations
@@ -652,7 +654,7 @@ def test_cache_device_cpu_gives_the_same_result(comfy, sd15):
     )
 
 
-# -- torch.compile (issue 4): ComfyUI's own compile wrapper, in either order ------------------------
+# -- torch.compile: ComfyUI's own compile wrapper, in either order ------------------------
 @pytest.mark.parametrize("order", ["tgate_then_compile", "compile_then_tgate"])
 def test_compiled_model_gives_the_eager_result_and_compiles_nothing_on_the_next_run(comfy, sd15, order):
     import torch._dynamo
