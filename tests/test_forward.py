@@ -3,7 +3,7 @@
 import torch
 
 from engine_modules import CrossAttention
-from tgate import CALL_KEY, CROSS, SELF, ChunkPlan, ModelCall, gated_attention
+from tgate import CALL_KEY, CROSS, SELF, ChunkReduction, ModelCall, gated_attention
 
 LAYER = "blocks.0.attn2"
 
@@ -16,9 +16,9 @@ def setup():
     return module, gated_attention(LAYER, CROSS, module.forward), calls
 
 
-def call_options(reuse=None, capture_kinds=frozenset(), plan=None, captured=None):
+def call_options(reuse=None, capture_kinds=frozenset(), reduction=None, captured=None):
     """transformer_options carrying one model call's ModelCall."""
-    return {CALL_KEY: ModelCall(reuse or {}, frozenset(capture_kinds), plan, {} if captured is None else captured, {})}
+    return {CALL_KEY: ModelCall(reuse or {}, frozenset(capture_kinds), reduction, {} if captured is None else captured, {})}
 
 
 def test_without_tables_it_is_the_original_forward():
@@ -32,8 +32,8 @@ def test_capture_leaves_the_output_unchanged_and_puts_its_reduction_in_the_table
     module, forward, _ = setup()
     x, ctx = torch.randn(2, 4, 8), torch.randn(2, 3, 6)
     captured = {}
-    plan = ChunkPlan(n_chunks=2, stored=(0,), mixed_in=(1,), mean_of_branches=True)
-    out = forward(x, context=ctx, transformer_options=call_options(capture_kinds={CROSS}, plan=plan, captured=captured))
+    reduction = ChunkReduction(n_chunks=2, stored=(0,), mixed_in=(1,), mean_of_branches=True)
+    out = forward(x, context=ctx, transformer_options=call_options(capture_kinds={CROSS}, reduction=reduction, captured=captured))
     assert torch.equal(out, module(x, context=ctx))
     torch.testing.assert_close(captured[LAYER], (out[:1] + out[1:]) / 2)
 
@@ -78,11 +78,11 @@ def test_another_packs_forward_patch_is_chained():
 def test_a_module_captures_only_when_its_kind_is_captured():
     module, forward, _ = setup()
     x, ctx = torch.randn(2, 4, 8), torch.randn(2, 3, 6)
-    plan = ChunkPlan(n_chunks=2, stored=(0, 1), mixed_in=(), mean_of_branches=False)
+    reduction = ChunkReduction(n_chunks=2, stored=(0, 1), mixed_in=(), mean_of_branches=False)
     captured = {}
-    forward(x, context=ctx, transformer_options=call_options(capture_kinds={SELF}, plan=plan, captured=captured))
+    forward(x, context=ctx, transformer_options=call_options(capture_kinds={SELF}, reduction=reduction, captured=captured))
     assert captured == {}  # a self-attention capture step leaves cross-attention alone
-    forward(x, context=ctx, transformer_options=call_options(capture_kinds={SELF, CROSS}, plan=plan, captured=captured))
+    forward(x, context=ctx, transformer_options=call_options(capture_kinds={SELF, CROSS}, reduction=reduction, captured=captured))
     assert torch.equal(captured[LAYER], module(x, context=ctx))  # the whole batch, both branches
 
 
@@ -111,9 +111,9 @@ def test_a_tuple_output_is_captured_by_its_first_item_and_replayed_in_the_same_f
 
     forward = gated_attention("blocks.0.attn", SELF, tuple_forward, tuple_output=2)
     x = torch.randn(2, 4, 8)
-    plan = ChunkPlan(n_chunks=2, stored=(0, 1), mixed_in=(), mean_of_branches=False)
+    reduction = ChunkReduction(n_chunks=2, stored=(0, 1), mixed_in=(), mean_of_branches=False)
     captured = {}
-    out = forward(hidden_states=x, transformer_options=call_options(capture_kinds={SELF}, plan=plan, captured=captured))
+    out = forward(hidden_states=x, transformer_options=call_options(capture_kinds={SELF}, reduction=reduction, captured=captured))
     assert isinstance(out, tuple) and out[1] is None and torch.equal(captured["blocks.0.attn"], x * 2)
     seen.clear()
     cached = torch.randn(2, 4, 8)
@@ -124,7 +124,7 @@ def test_a_tuple_output_is_captured_by_its_first_item_and_replayed_in_the_same_f
     forward(
         hidden_states=x,
         encoder_hidden_states=x,
-        transformer_options=call_options(capture_kinds={SELF}, plan=plan, captured=captured),
+        transformer_options=call_options(capture_kinds={SELF}, reduction=reduction, captured=captured),
     )
     assert captured == {}
 
@@ -132,10 +132,10 @@ def test_a_tuple_output_is_captured_by_its_first_item_and_replayed_in_the_same_f
 def test_a_module_run_twice_in_one_call_keeps_and_reuses_each_run_apart():
     """VACE runs each vace block once per control in one model call."""
     module, forward, calls = setup()
-    plan = ChunkPlan(n_chunks=1, stored=(0,), mixed_in=(), mean_of_branches=False)
+    reduction = ChunkReduction(n_chunks=1, stored=(0,), mixed_in=(), mean_of_branches=False)
     x1, x2, ctx = torch.randn(1, 4, 8), torch.randn(1, 4, 8), torch.randn(1, 3, 6)
     captured = {}
-    options = call_options(capture_kinds={CROSS}, plan=plan, captured=captured)
+    options = call_options(capture_kinds={CROSS}, reduction=reduction, captured=captured)
     first, second = forward(x1, context=ctx, transformer_options=options), forward(x2, context=ctx, transformer_options=options)
     assert set(captured) == {LAYER, LAYER + "#1"} and not torch.equal(first, second)
     calls.clear()

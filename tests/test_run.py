@@ -132,7 +132,7 @@ def test_cond_branch_and_cfg1_keep_the_positive():
             return calc_cond_batch(*args, seen=seen)
 
         outs = [calc_cond_batch_with_gate(executor, model, conds, x, torch.tensor([s]), options) for s in SIGMAS[:-1]]
-        assert seen[-1] == 1 and run.store.fidelity_index == 0
+        assert seen[-1] == 1 and run.fidelity == 0
         assert outs[-1][0] is outs[-1][1]
 
 
@@ -205,8 +205,8 @@ def test_each_run_gets_a_fresh_run_and_frees_it_even_when_cancelled():
 
     def body(options):
         run = options["transformer_options"][RUN_KEY]
-        plan = run.store.chunk_plan([0], mean_of_branches=True)
-        run.store.store("blocks.0.attn2", reduce_chunks(torch.ones(1, 2, 2), plan), plan, ["p"])
+        reduction = next(p for p in run.plans if p.mean_of_branches).reduction([0], 0)  # the gate's capture
+        run.store.store("blocks.0.attn2", reduce_chunks(torch.ones(1, 2, 2), reduction), reduction, ["p"])
         run.store.finish_capture()
         assert run.store.nbytes > 0
         runs.append(run)

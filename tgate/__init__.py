@@ -19,7 +19,7 @@ from .families import (
     supported_families,
 )
 from .forward import CALL_KEY, CallSlot, ModelCall, gated_attention
-from .plan import Action, StepPlan, plan_steps
+from .plan import Action, Kept, StepPlan, plan_step, plan_steps
 from .run import (
     CONFIG_KEY,
     RUN_KEY,
@@ -30,7 +30,7 @@ from .run import (
     sample_with_gate,
 )
 from .schedule import GateSchedule
-from .store import AttentionStore, ChunkPlan, reduce_chunks
+from .store import AttentionStore, ChunkReduction, reduce_chunks
 
 __all__ = [
     "CACHE_DEVICES",
@@ -47,12 +47,13 @@ __all__ = [
     "Action",
     "AttentionStore",
     "CallSlot",
-    "ChunkPlan",
+    "ChunkReduction",
     "Family",
     "FidelityBranch",
     "GatePatch",
     "GateRun",
     "GateSchedule",
+    "Kept",
     "ModelCall",
     "SelfAttentionReuse",
     "StepPlan",
@@ -65,6 +66,7 @@ __all__ = [
     "gated_attention",
     "fidelity_index",
     "only_branch",
+    "plan_step",
     "plan_steps",
     "reduce_chunks",
     "sample_with_gate",

@@ -61,10 +61,10 @@ _UNET_ATTENTION = ("comfy.ldm.modules.attention.CrossAttention",)
 # `time_stack` blocks have the same two modules and the same call, so the same patterns serve them.
 _UNET_CROSS = AttentionSite(r".*\.transformer_blocks\.\d+\.attn2|.*\.time_stack\.\d+\.attn2", _UNET_ATTENTION)
 _UNET_SELF = AttentionSite(r".*\.transformer_blocks\.\d+\.attn1|.*\.time_stack\.\d+\.attn1", _UNET_ATTENTION)
-_SD_OFFICIAL = (0.4, SelfAttentionReuse(warm_up=2, sp_interval=5, fi_interval=1))  # SD/SDXL: gate 10 of 25
-# Families the official code has no settings for (LTXV, Cosmos, ACE-Step...): the SD/SDXL values,
-# gate 0.4 and warm_up 2, sp_interval 5, fi_interval 1, until someone measures better ones.
-_NO_OFFICIAL = _SD_OFFICIAL
+# SD/SDXL: gate 10 of 25. Also the settings of the families the official code has none for (LTXV,
+# Cosmos, ACE-Step...): gate 0.4 and warm_up 2, sp_interval 5, fi_interval 1, until someone
+# measures better ones.
+_SD_OFFICIAL = (0.4, SelfAttentionReuse(warm_up=2, sp_interval=5, fi_interval=1))
 
 # Wan 2.1/2.2 (comfy/ldm/wan/model.py). Cross- and self-attention modules share a base class
 # (WanT2VCrossAttention and WanI2VCrossAttention derive from WanSelfAttention), so the paths tell
@@ -154,7 +154,7 @@ FAMILIES = (
             "WanPhantomSubjectToVideo's negative_img_text, whose subject images (time_dim_concat, concatenated to "
             "the latent, outside cross-attention) are zeroed: the positive branch keeps them"
         ),
-        official=_NO_OFFICIAL,
+        official=_SD_OFFICIAL,
     ),
     Family(
         name="LTXV",
@@ -173,7 +173,7 @@ FAMILIES = (
             "and the same keyframe_idxs on positive and negative, so only the text differs and it enters through "
             "cross-attention alone"
         ),
-        official=_NO_OFFICIAL,
+        official=_SD_OFFICIAL,
     ),
     Family(
         name="Cosmos Predict2",
@@ -188,7 +188,7 @@ FAMILIES = (
             "noise mask, which both branches share (the model's mask channel and per-frame timesteps come from it); "
             "the conds carry only the text, which enters through cross-attention alone"
         ),
-        official=_NO_OFFICIAL,
+        official=_SD_OFFICIAL,
     ),
     Family(
         name="ACE-Step",
@@ -205,7 +205,7 @@ FAMILIES = (
             "(TextEncodeAceStepAudio's conditioning_lyrics, scaled by lyrics_strength) into one cross-attention "
             "context, so once it is cached the negative branch lacks nothing the positive has"
         ),
-        official=_NO_OFFICIAL,
+        official=_SD_OFFICIAL,
     ),
     Family(
         name="PixArt-alpha/PixArt-sigma",

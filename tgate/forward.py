@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .store import ChunkPlan, occurrence_key, reduce_chunks
+from .store import ChunkReduction, occurrence_key, reduce_chunks
 
 CALL_KEY = "tgate_call"  # transformer_options key of the current model call's ModelCall
 
@@ -23,7 +23,7 @@ CALL_KEY = "tgate_call"  # transformer_options key of the current model call's M
 class ModelCall(NamedTuple):
     reuse: dict[str, torch.Tensor]  # {layer: output to return}; layers not in it compute
     capture_kinds: frozenset[str]  # the kinds whose outputs are kept
-    plan: ChunkPlan | None  # how a kept output is reduced; None when nothing is kept
+    reduction: ChunkReduction | None  # how a kept output is reduced; None when nothing is kept
     captured: dict[str, torch.Tensor]  # filled during the call: {layer: reduced output}
     # Filled during the call: {layer: times its module ran}. A module that runs several times in one
     # model call (VACE runs each vace block once per control) keeps and reuses one entry per run,
@@ -86,11 +86,10 @@ def gated_attention(
                     return out  # it returned more than its output: never replaced, so nothing kept
                 kept = out[0]
             # Reduced here, layer by layer, so the full batched outputs are not all kept alive.
-            call.captured[key] = reduce_chunks(kept, call.plan)
+            call.captured[key] = reduce_chunks(kept, call.reduction)
         return out
 
     tgate_forward.tgate_original = forward
-    tgate_forward.tgate_layer = layer
     return tgate_forward
 
 

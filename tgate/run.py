@@ -16,23 +16,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
 import torch
 
-from .branch import BRANCH_NAMES, FidelityBranch, fidelity_index, only_branch
+from .branch import BRANCH_NAMES, COND, FidelityBranch, fidelity_index, only_branch
 from .config import TGateConfig
 from .families import CROSS, SELF
 from .forward import CALL_KEY, CallSlot, ModelCall
-from .plan import Action, StepPlan, plan_steps
+from .plan import Action, Kept, StepPlan, plan_step, plan_steps
 from .schedule import GateSchedule
 from .store import AttentionStore
 
 log = logging.getLogger("tgate")
 
-CONFIG_KEY = "tgate"  # transformer_options key of the GatePatch a node put on the model
+CONFIG_KEY = "tgate"  # transformer_options key of the GatePatch a node put on the model, and its wrappers' key
 RUN_KEY = "tgate_run"  # transformer_options key of the current GateRun
 
 # The exceptions by which a run is cancelled rather than failed, by class name: ComfyUI's cancel
@@ -66,13 +66,12 @@ class GateRun:
         self.patch = patch
         self.schedule = schedule
         self.plans = plan_steps(schedule.num_steps, schedule.gate_step, patch.config.self_attention)
-        # Self-attention outputs are freed once no later step reuses them (official SDXL: at the gate).
-        self._last_self_reuse = max((i for i, p in enumerate(self.plans) if p.self_attention is Action.REUSE), default=-1)
         self.store = AttentionStore(patch.layer_kinds, "cpu" if patch.config.cache_device == "cpu" else None)
         self.current: StepPlan | None = None  # the plan of the main CFG evaluation in progress
+        # The index in `conds` of the branch run after the gate, resolved at the run's first evaluation.
+        self.fidelity: int | None = None
         self._capture_sigmas: dict[str, float] = {}  # per kind, the sigma of its last capture
-        self.gate_captured = False
-        self.late_capture = False
+        self.late_capture = False  # whether a capture fell past the gate
         self.single_branch_evaluations = 0
         self.branch_evaluations = 0  # CFG branches the main evaluations would have run without T-GATE
         self.saved_branch_evaluations = 0  # of those, the ones T-GATE did not run
@@ -118,25 +117,21 @@ class GateRun:
         return self._step_seconds[after_gate] / n if n else None
 
     def evaluate(self, executor, model, conds, x_in, timestep, model_options) -> list:
-        """Run one CALC_COND_BATCH evaluation of the main CFG call as its step's plan says."""
+        """Run one CALC_COND_BATCH evaluation of the main CFG call as the plan says (plan.py): the
+        run records what it keeps and asks the plan, and carries the answer out unchanged."""
         sigma = _first_sigma(timestep)  # the evaluation's one host read
         step = self.schedule.step_of(sigma)
         self._clock(step)
         self.last_step = step
         branches = sum(1 for c in conds if c)
         self.branch_evaluations += branches
-        plan = self.plans[step]
-        if plan.cross_attention is Action.REUSE and not self.gate_captured:
-            # The sampler never evaluated the capture step (dpm_fast and dpm_adaptive pick their
-            # own sigmas; EasyCache may skip it): capture at the first evaluation past the gate.
-            plan = self.plans[self.schedule.gate_step - 1]
-            self.late_capture = True
-        if plan.self_attention is Action.REUSE and not self.store.holds(SELF):
-            plan = replace(plan, self_attention=Action.CAPTURE)  # its capture step was skipped too
+        if self.fidelity is None:
+            self.fidelity = fidelity_index(conds, self.patch.fidelity_branch)
+        plan = plan_step(self.plans, step, Kept(self.store.holds(CROSS), self.store.holds(SELF)))
         if plan.is_plain:
             return executor(model, conds, x_in, timestep, model_options)
-        fidelity = fidelity_index(conds, self.patch.fidelity_branch)
-        self.store.fidelity_index = fidelity
+        # The sampler never evaluated the capture step, or its capture kept nothing: this one captures.
+        self.late_capture |= plan.cross_attention is Action.CAPTURE and step >= self.schedule.gate_step
         captures = plan.kinds(Action.CAPTURE)
         for kind in captures:
             if self._capture_sigmas.get(kind) != sigma:
@@ -145,7 +140,8 @@ class GateRun:
                 self._capture_sigmas[kind] = sigma
         self.current = plan
         try:
-            out = executor(model, conds if plan.both_branches else only_branch(conds, fidelity), x_in, timestep, model_options)
+            run_conds = conds if plan.both_branches else only_branch(conds, self.fidelity)
+            out = executor(model, run_conds, x_in, timestep, model_options)
         finally:
             self.current = None
             if captures:
@@ -155,28 +151,24 @@ class GateRun:
         if captures:
             self.peak_bytes = max(self.peak_bytes, self.store.nbytes)
         if plan.cross_attention is Action.CAPTURE:
-            # A capture can store nothing: EasyCache may skip the model call, or other packs'
-            # attn2 patches replace every layer. Then the next evaluation captures again, and
-            # until one stores something, evaluations past the gate keep both branches.
-            self.gate_captured = self.store.holds(CROSS)
-            self.uncached_evaluations += not self.gate_captured and step >= self.schedule.gate_step
+            # A capture past the gate that kept nothing ran both branches in full.
+            self.uncached_evaluations += not self.store.holds(CROSS) and step >= self.schedule.gate_step
         self.self_attention_reuses += plan.self_attention is Action.REUSE
-        if 0 <= self._last_self_reuse <= step and self.store.holds(SELF):
-            self.store.clear((SELF,))
+        freed = [kind for kind in plan.free_after if self.store.holds(kind)]
+        if freed:
+            self.store.clear(freed)
         if plan.both_branches:
             return out
         self.single_branch_evaluations += 1
         self.saved_branch_evaluations += branches - 1
         # Both CFG inputs get the fidelity branch: cfg(u, u) == u whatever the scale.
-        return [out[fidelity]] * len(conds)
+        return [out[self.fidelity]] * len(conds)
 
     def model_call(self, plan: StepPlan, chunk_ids: list, branches: list[int], device: torch.device) -> ModelCall:
         """The tables one batched model call of an evaluation planned by `plan` hands its modules."""
         reuse_kinds = plan.kinds(Action.REUSE)
-        capture_kinds = plan.kinds(Action.CAPTURE)
         reuse = self.store.reuse_table(reuse_kinds, chunk_ids, device) if reuse_kinds else {}
-        chunk_plan = self.store.chunk_plan(branches, plan.mean_of_branches) if capture_kinds else None
-        return ModelCall(reuse, capture_kinds, chunk_plan, {}, {})
+        return ModelCall(reuse, plan.kinds(Action.CAPTURE), plan.reduction(branches, self.fidelity), {}, {})
 
     def stats(self) -> dict:
         """What the run did, for logs and benchmarks."""
@@ -212,7 +204,7 @@ class GateRun:
                 f"the gate being after step {s.gate_step}; until then "
             )
         text += (
-            f"{self.single_branch_evaluations} evaluations ran the {BRANCH_NAMES[self.store.fidelity_index]} branch "
+            f"{self.single_branch_evaluations} evaluations ran the {BRANCH_NAMES[self.fidelity or COND]} branch "
             f"alone on {self.store.layers(CROSS)} cached cross-attention layers ({self.store.nbytes / 2**20:.1f} MiB)"
         )
         if self.patch.config.self_attention is not None:
@@ -318,7 +310,7 @@ def apply_model_with_gate(executor, *args, **kwargs):
         if slot is not None:
             slot.call = None
     for layer in list(call.captured):
-        run.store.store(layer, call.captured.pop(layer), call.plan, chunk_ids)  # one layer's copy at a time
+        run.store.store(layer, call.captured.pop(layer), call.reduction, chunk_ids)  # one layer's copy at a time
     return out
 
 

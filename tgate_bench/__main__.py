@@ -362,7 +362,7 @@ def main(argv=None) -> int:
         payload = {
             "command": "python -m tgate_bench " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "comfyui": _comfyui_version(comfy_path),
+            "comfyui": _comfyui_version(),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"dtype": str(dtype)},
@@ -427,7 +427,7 @@ def _graph_counter():
     return lambda: counters["stats"]["unique_graphs"]
 
 
-def _comfyui_version(path: Path) -> str | None:
+def _comfyui_version() -> str | None:
     try:
         import comfyui_version
 
