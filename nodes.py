@@ -59,7 +59,7 @@ def apply_tgate(model, config: TGateConfig):
         for layer in set(previous.layer_kinds) - set(layers):  # e.g. advanced, then simple: attn1 back to normal
             key = f"diffusion_model.{layer}.forward"
             patched.add_object_patch(key, patched.get_model_object(key).tgate_original)
-    slot = CallSlot() if family.call_table == "slot" else None
+    slot = CallSlot()
     for layer, kind in layers.items():
         key = f"diffusion_model.{layer}.forward"
         forward = gated_attention(layer, kind, patched.get_model_object(key), slot, family.site(kind).tuple_output)

@@ -3,22 +3,25 @@
 import torch
 
 from engine_modules import CrossAttention
-from tgate import CALL_KEY, CROSS, SELF, ChunkReduction, ModelCall, gated_attention
+from tgate import CROSS, SELF, CallSlot, ChunkReduction, ModelCall, gated_attention
 
 LAYER = "blocks.0.attn2"
+SLOT = CallSlot()  # the wrappers' carrier of each model call's ModelCall, which the forwards hold
 
 
 def setup():
+    SLOT.call = None
     torch.manual_seed(0)
     module = CrossAttention()
     calls = []
     module.to_q.register_forward_pre_hook(lambda m, a: calls.append(1))
-    return module, gated_attention(LAYER, CROSS, module.forward), calls
+    return module, gated_attention(LAYER, CROSS, module.forward, SLOT), calls
 
 
 def call_options(reuse=None, capture_kinds=frozenset(), reduction=None, captured=None):
-    """transformer_options carrying one model call's ModelCall."""
-    return {CALL_KEY: ModelCall(reuse or {}, frozenset(capture_kinds), reduction, {} if captured is None else captured, {})}
+    """One model call's ModelCall, put in the slot as APPLY_MODEL does; the transformer_options the call gets."""
+    SLOT.call = ModelCall(reuse or {}, frozenset(capture_kinds), reduction, {} if captured is None else captured, {})
+    return {}
 
 
 def test_without_tables_it_is_the_original_forward():
@@ -56,7 +59,7 @@ def test_replay_without_a_fitting_entry_computes_normally():
 
 def test_wrapping_twice_chains_to_the_original_not_to_itself():
     module, forward, _ = setup()
-    again = gated_attention(LAYER, CROSS, forward)
+    again = gated_attention(LAYER, CROSS, forward, SLOT)
     assert again.tgate_original is forward.tgate_original
     x, ctx = torch.randn(1, 4, 8), torch.randn(1, 3, 6)
     assert torch.equal(again(x, context=ctx, transformer_options={}), module(x, context=ctx))
@@ -70,7 +73,7 @@ def test_another_packs_forward_patch_is_chained():
         seen.append(x.shape)
         return module.forward(x, *args, **kwargs) * 2
 
-    forward = gated_attention("l", CROSS, other_pack_forward)
+    forward = gated_attention("l", CROSS, other_pack_forward, SLOT)
     x, ctx = torch.randn(1, 4, 8), torch.randn(1, 3, 6)
     assert torch.equal(forward(x, context=ctx, transformer_options={}), module(x, context=ctx) * 2) and seen
 
@@ -94,7 +97,7 @@ def test_keyword_only_calls_are_served():
         seen.append(1)
         return hidden_states * 2
 
-    forward = gated_attention(LAYER, CROSS, keyword_forward)
+    forward = gated_attention(LAYER, CROSS, keyword_forward, SLOT)
     x = torch.randn(1, 4, 8)
     cached = torch.randn(1, 4, 8)
     assert forward(hidden_states=x, transformer_options=call_options({LAYER: cached})) is cached and not seen
@@ -109,7 +112,7 @@ def test_a_tuple_output_is_captured_by_its_first_item_and_replayed_in_the_same_f
         seen.append(1)
         return hidden_states * 2, encoder_hidden_states
 
-    forward = gated_attention("blocks.0.attn", SELF, tuple_forward, tuple_output=2)
+    forward = gated_attention("blocks.0.attn", SELF, tuple_forward, SLOT, tuple_output=2)
     x = torch.randn(2, 4, 8)
     reduction = ChunkReduction(n_chunks=2, stored=(0, 1), mixed_in=(), mean_of_branches=False)
     captured = {}

@@ -9,7 +9,6 @@ from engine_modules import OptionlessDenoiser, TinyDenoiser
 from tgate import (
     CONFIG_KEY,
     CROSS,
-    RUN_KEY,
     SELF,
     CallSlot,
     FidelityBranch,
@@ -38,10 +37,14 @@ LAYERS = {"blocks.0.attn2": CROSS, "blocks.1.attn2": CROSS}
 V2_LAYERS = {**LAYERS, "blocks.0.attn1": SELF, "blocks.1.attn1": SELF}
 
 
+SLOT = CallSlot()  # the slot of the tests that name none: one node application's, shared as ComfyUI shares it
+
+
 def patched_denoiser(layers=LAYERS, slot=None):
     """TinyDenoiser with the T-GATE forward on `layers` (cross-attention only, as the simple node does);
-    with a CallSlot, OptionlessDenoiser, whose attention gets no transformer_options."""
+    with a slot of its own, OptionlessDenoiser, whose attention gets no transformer_options."""
     model = TinyDenoiser() if slot is None else OptionlessDenoiser()
+    slot = slot or SLOT
     for name, module in model.named_modules():
         if name in layers:
             module.forward = gated_attention(name, layers[name], module.forward, slot)
@@ -52,7 +55,7 @@ def gate_patch(config=None, slot=None):
     """What the node puts on a model; TinyDenoiser is text-to-image, so `auto` keeps uncond."""
     config = config or TGateConfig(gate_at=0.5)
     branch = FidelityBranch.UNCOND if config.fidelity_branch is FidelityBranch.AUTO else config.fidelity_branch
-    return GatePatch(config, "tiny", branch, V2_LAYERS if config.self_attention else LAYERS, slot)
+    return GatePatch(config, "tiny", branch, V2_LAYERS if config.self_attention else LAYERS, slot or SLOT)
 
 
 def calc_cond_batch(model, conds, x_in, timestep, model_options, seen=None):
@@ -77,8 +80,10 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options, seen=None):
 
 
 def run_options(config=None, gate_sigma=3.5, sigmas=SIGMAS, slot=None):
-    run = GateRun(gate_patch(config, slot), GateSchedule.from_sigmas(sigmas, gate_sigma))
-    return run, {"transformer_options": {RUN_KEY: run}}
+    """A run in progress, as OUTER_SAMPLE starts it, and the model options its evaluations get."""
+    patch = gate_patch(config, slot)
+    run = patch.slot.run = GateRun(patch, GateSchedule.from_sigmas(sigmas, gate_sigma))
+    return run, {"transformer_options": {CONFIG_KEY: patch}}
 
 
 def test_the_run_matches_an_independent_computation_of_the_rule():
@@ -188,7 +193,7 @@ class Sampling:
 
     def __init__(self, config, body):
         self.class_obj = self
-        self.model_options = {"transformer_options": {CONFIG_KEY: gate_patch(config)}}
+        self.model_options = {"transformer_options": {CONFIG_KEY: gate_patch(config, CallSlot())}}
         self.model_patcher = self
         self.body = body
 
@@ -204,7 +209,7 @@ def test_each_run_gets_a_fresh_run_and_frees_it_even_when_cancelled():
     runs = []
 
     def body(options):
-        run = options["transformer_options"][RUN_KEY]
+        run = options["transformer_options"][CONFIG_KEY].slot.run
         reduction = next(p for p in run.plans if p.mean_of_branches).reduction([0], 0)  # the gate's capture
         run.store.store("blocks.0.attn2", reduce_chunks(torch.ones(1, 2, 2), reduction), reduction, ["p"])
         run.store.finish_capture()
@@ -217,7 +222,7 @@ def test_each_run_gets_a_fresh_run_and_frees_it_even_when_cancelled():
     for _ in range(2):
         with pytest.raises(KeyboardInterrupt):
             sample_with_gate(sampling, None, None, None, torch.tensor(SIGMAS))
-        assert sampling.model_options is original and RUN_KEY not in original["transformer_options"]
+        assert sampling.model_options is original and original["transformer_options"][CONFIG_KEY].slot.run is None
     assert runs[0] is not runs[1]
     assert all(len(r.store) == 0 and r.store.nbytes == 0 for r in runs)
 
@@ -226,7 +231,7 @@ def test_gate_at_one_leaves_the_run_alone():
     seen = []
     sampling = Sampling(TGateConfig(gate_at=1.0), lambda options: seen.append(options) or "done")
     assert sample_with_gate(sampling, None, None, None, torch.tensor(SIGMAS)) == "done"
-    assert RUN_KEY not in seen[0]["transformer_options"]
+    assert seen[0]["transformer_options"][CONFIG_KEY].slot.run is None
 
 
 @pytest.mark.parametrize("bad", [dict(gate_at=-0.1), dict(gate_at=1.5), dict(cache_device="disk"), dict(fidelity_branch="both")])
@@ -252,7 +257,7 @@ def test_a_model_call_without_its_chunk_layout_runs_unchanged():
         return x
 
     run.current = plan_steps(5, 2, None)[4]  # an evaluation after the gate
-    options = {RUN_KEY: run}  # no "uuids": a ComfyUI that changed
+    options = {CONFIG_KEY: run.patch}  # no "uuids": a ComfyUI that changed
     apply_model_with_gate(apply_model, torch.zeros(1), None, None, None, None, options)
     assert seen == [options]
 
@@ -298,7 +303,7 @@ def test_modules_called_without_transformer_options_get_their_table_through_the_
     sigmas = [12.0 - i for i in range(12)] + [0.0]
     config = TGateConfig(gate_at=0.5, self_attention=SelfAttentionReuse(warm_up=1, sp_interval=2, fi_interval=2))
     x, outputs = torch.randn(1, 4, 8), {}
-    for route, slot in (("options", None), ("slot", CallSlot())):
+    for route, slot in (("options", None), ("slot", CallSlot())):  # a model that passes transformer_options, one that does not
         run, options = run_options(config, gate_sigma=6.5, sigmas=sigmas, slot=slot)
         model = patched_denoiser(V2_LAYERS, slot)
         q = []

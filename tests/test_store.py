@@ -151,7 +151,7 @@ def test_a_new_capture_starts_empty_and_keeps_its_own_branch():
 def test_cpu_storage_from_cuda_is_pinned_and_comes_back():
     a = torch.randn(1, 3, 4, device="cuda")
     cache = captured(COND, ("l0", a, [COND], [P]), storage="cpu")
-    assert next(iter(cache._slots["l0"].values())).block.is_pinned()
+    assert next(iter(cache._entries["l0"].values())).block.is_pinned()
     out = cache.reuse_table([CROSS], [P], a.device)["l0"]
     assert out.is_cuda
     torch.testing.assert_close(out, a)

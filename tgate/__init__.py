@@ -18,11 +18,10 @@ from .families import (
     family_of,
     supported_families,
 )
-from .forward import CALL_KEY, CallSlot, ModelCall, gated_attention
+from .forward import CallSlot, ModelCall, gated_attention
 from .plan import Action, Kept, StepPlan, plan_step, plan_steps
 from .run import (
     CONFIG_KEY,
-    RUN_KEY,
     GatePatch,
     GateRun,
     apply_model_with_gate,
@@ -34,14 +33,12 @@ from .store import AttentionStore, ChunkReduction, reduce_chunks
 
 __all__ = [
     "CACHE_DEVICES",
-    "CALL_KEY",
     "COND",
     "CONFIG_KEY",
     "CROSS",
     "FAMILIES",
     "KINDS",
     "REFUSED",
-    "RUN_KEY",
     "SELF",
     "UNCOND",
     "Action",

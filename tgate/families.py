@@ -44,10 +44,6 @@ class Family:
     model_configs: tuple[str, ...]  # ComfyUI `model_config` class names
     cross_attention: AttentionSite
     self_attention: AttentionSite
-    # How the per-call table reaches the attention forward: "transformer_options" where the module
-    # is called with ComfyUI's `transformer_options` keyword, which the table travels in; "slot"
-    # where it is not, and the table waits in a CallSlot (forward.py) the patched forwards hold.
-    call_table: str
     auto_branch: FidelityBranch  # what `fidelity_branch = auto` keeps after the gate
     auto_reason: str  # why, from what the family's conditioning nodes put in the negative
     official: tuple[float, SelfAttentionReuse]  # the official code's gate (fraction of steps) and V2 schedule
@@ -97,7 +93,6 @@ FAMILIES = (
         ),
         cross_attention=_UNET_CROSS,
         self_attention=_UNET_SELF,
-        call_table="transformer_options",
         auto_branch=FidelityBranch.UNCOND,
         auto_reason=(
             "text-to-image: the negative carries the same image inputs as the positive (pix2pix and upscaler "
@@ -110,7 +105,6 @@ FAMILIES = (
         model_configs=("SD21UnclipL", "SD21UnclipH"),
         cross_attention=_UNET_CROSS,
         self_attention=_UNET_SELF,
-        call_table="transformer_options",
         auto_branch=FidelityBranch.COND,
         auto_reason="unCLIPConditioning adds the image embedding to the positive only",
         official=_SD_OFFICIAL,
@@ -120,7 +114,6 @@ FAMILIES = (
         model_configs=("SVD_img2vid", "SV3D_u", "SV3D_p", "Stable_Zero123"),
         cross_attention=_UNET_CROSS,
         self_attention=_UNET_SELF,
-        call_table="transformer_options",
         auto_branch=FidelityBranch.COND,
         auto_reason=(
             "their conditioning nodes give the negative a zeroed CLIP-vision embedding and a zeroed "
@@ -143,7 +136,6 @@ FAMILIES = (
         ),
         cross_attention=_WAN_CROSS,
         self_attention=_WAN_SELF,
-        call_table="transformer_options",
         auto_branch=FidelityBranch.COND,
         auto_reason=(
             "WanImageToVideo, WanFirstLastFrameToVideo, WanFunInpaintToVideo, WanFunControlToVideo, "
@@ -165,7 +157,6 @@ FAMILIES = (
         # reduction or clone of the output, never a view of `x`.
         cross_attention=AttentionSite(r"transformer_blocks\.\d+\.attn2", ("comfy.ldm.lightricks.model.CrossAttention",)),
         self_attention=AttentionSite(r"transformer_blocks\.\d+\.attn1", ("comfy.ldm.lightricks.model.CrossAttention",)),
-        call_table="transformer_options",
         auto_branch=FidelityBranch.UNCOND,
         auto_reason=(
             "text-to-video and image-to-video: LTXVConditioning sets the same frame_rate on both conds, "
@@ -181,7 +172,6 @@ FAMILIES = (
         # Self- and cross-attention are one class (comfy.ldm.cosmos.predict2.Attention): the path tells them apart.
         cross_attention=AttentionSite(r"blocks\.\d+\.cross_attn", ("comfy.ldm.cosmos.predict2.Attention",)),
         self_attention=AttentionSite(r"blocks\.\d+\.self_attn", ("comfy.ldm.cosmos.predict2.Attention",)),
-        call_table="transformer_options",
         auto_branch=FidelityBranch.UNCOND,
         auto_reason=(
             "text-to-image and image-to-video: CosmosPredict2ImageToVideoLatent puts the image in the latent and its "
@@ -197,7 +187,6 @@ FAMILIES = (
         cross_attention=AttentionSite(r"transformer_blocks\.\d+\.cross_attn", ("comfy.ldm.ace.attention.Attention",)),
         # Linear self-attention; returns (output, None), since the block passes no encoder states to it.
         self_attention=AttentionSite(r"transformer_blocks\.\d+\.attn", ("comfy.ldm.ace.attention.Attention",), tuple_output=2),
-        call_table="transformer_options",
         auto_branch=FidelityBranch.UNCOND,
         auto_reason=(
             "all of its conditioning enters through cross-attention: the model joins the speaker embedding "
@@ -215,7 +204,6 @@ FAMILIES = (
         # cross-attention output is (B, N, C) like its query.
         cross_attention=AttentionSite(r"blocks\.\d+\.cross_attn", ("comfy.ldm.pixart.blocks.MultiHeadCrossAttention",)),
         self_attention=AttentionSite(r"blocks\.\d+\.attn", ("comfy.ldm.pixart.blocks.AttentionKVCompress",)),
-        call_table="slot",  # PixArtMS.forward drops transformer_options before the blocks
         auto_branch=FidelityBranch.UNCOND,
         auto_reason=(
             "text-to-image: the only PixArt conditioning nodes are text encoders (CLIPTextEncode, "

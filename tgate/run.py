@@ -8,15 +8,16 @@ torch.compile'd region, hands the attention modules that call's ModelCall (forwa
 what they captured. These are plain functions of the arguments ComfyUI passes: the engine imports
 nothing from ComfyUI.
 
-transformer_options keys: CONFIG_KEY (the node's GatePatch, on the patched model), RUN_KEY (the
-run, for its duration) and CALL_KEY (one model call's tables, see forward.py).
+One transformer_options key, CONFIG_KEY, holds the node's GatePatch on the patched model; the
+run and each model call's tables travel in the patch's CallSlot (forward.py), which the patched
+forwards hold.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from .branch import BRANCH_NAMES, COND, FidelityBranch, fidelity_index, only_branch
 from .config import TGateConfig
 from .families import CROSS, SELF
-from .forward import CALL_KEY, CallSlot, ModelCall
+from .forward import CallSlot, ModelCall
 from .plan import Action, Kept, StepPlan, plan_step, plan_steps
 from .schedule import GateSchedule
 from .store import AttentionStore
@@ -33,7 +34,6 @@ from .store import AttentionStore
 log = logging.getLogger("tgate")
 
 CONFIG_KEY = "tgate"  # transformer_options key of the GatePatch a node put on the model, and its wrappers' key
-RUN_KEY = "tgate_run"  # transformer_options key of the current GateRun
 
 # The exceptions by which a run is cancelled rather than failed, by class name: ComfyUI's cancel
 # (comfy.model_management.InterruptProcessingException) and Ctrl-C. Names, since the engine imports
@@ -56,7 +56,7 @@ class GatePatch:
     family: str
     fidelity_branch: FidelityBranch  # uncond or cond: `auto` resolved for the family
     layer_kinds: Mapping[str, str]  # {patched attention module path: kind}
-    slot: CallSlot | None = None  # for families whose attention gets no transformer_options
+    slot: CallSlot = field(default_factory=CallSlot)  # the run and the model call in progress; the forwards hold it
 
 
 class GateRun:
@@ -237,8 +237,7 @@ class GateRun:
 def sample_with_gate(executor, *args, **kwargs):
     """OUTER_SAMPLE wrapper: one GateRun per sampling run, freed however the run ends."""
     guider = executor.class_obj
-    original_options = guider.model_options
-    patch: GatePatch | None = original_options.get("transformer_options", {}).get(CONFIG_KEY)
+    patch: GatePatch | None = guider.model_options.get("transformer_options", {}).get(CONFIG_KEY)
     sigmas = kwargs["sigmas"] if "sigmas" in kwargs else args[3]
     if patch is None or sigmas is None or len(sigmas) < 2:
         return executor(*args, **kwargs)
@@ -256,17 +255,23 @@ def sample_with_gate(executor, *args, **kwargs):
         config.gate_at,
     )
     run = GateRun(patch, schedule)
-    guider.model_options = _with_option(original_options, RUN_KEY, run)
+    outer, patch.slot.run = patch.slot.run, run  # a run sampled inside another gets the slot back after it
     try:
         return executor(*args, **kwargs)
     except BaseException as error:
         run.stop = stop_reason(error)
         raise
     finally:
-        guider.model_options = original_options
+        patch.slot.run = outer
         level = logging.WARNING if run.uncached_evaluations or run.stopped else logging.INFO
         log.log(level, run.summary(), extra={"tgate_run": run.stats()})
         run.close()
+
+
+def _run_of(options: Any) -> GateRun | None:
+    """The run in progress of the T-GATE'd model whose transformer_options are `options`."""
+    patch = options.get(CONFIG_KEY) if isinstance(options, dict) else None
+    return patch.slot.run if isinstance(patch, GatePatch) else None
 
 
 def calc_cond_batch_with_gate(executor, model, conds, x_in, timestep, model_options):
@@ -275,7 +280,7 @@ def calc_cond_batch_with_gate(executor, model, conds, x_in, timestep, model_opti
     Extra model calls made by PAG, SAG, PerpNeg or DualCFG pass one or three cond lists; they
     run untouched and never see what the run keeps.
     """
-    run: GateRun | None = model_options.get("transformer_options", {}).get(RUN_KEY)
+    run = _run_of(model_options.get("transformer_options"))
     if run is None or len(conds) != 2:
         return executor(model, conds, x_in, timestep, model_options)
     return run.evaluate(executor, model, conds, x_in, timestep, model_options)
@@ -287,9 +292,8 @@ def apply_model_with_gate(executor, *args, **kwargs):
     ComfyUI calls `_apply_model(x, t, c_concat, c_crossattn, control, transformer_options, ...)`;
     `transformer_options` carries the call's chunk layout (`cond_or_uncond`, `uuids`).
     """
-    position = 5 if len(args) > 5 else None
-    options = args[5] if position else kwargs.get("transformer_options")
-    run: GateRun | None = options.get(RUN_KEY) if isinstance(options, dict) else None
+    options = args[5] if len(args) > 5 else kwargs.get("transformer_options")
+    run = _run_of(options)
     plan = run.current if run is not None else None
     if plan is None or "uuids" not in options or "cond_or_uncond" not in options:
         # Outside the main CFG evaluation, or without the chunk layout nothing can be matched:
@@ -297,18 +301,12 @@ def apply_model_with_gate(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     chunk_ids = _chunk_ids(options)
     call = run.model_call(plan, chunk_ids, options["cond_or_uncond"], args[0].device)
-    options = {**options, CALL_KEY: call}
     slot = run.patch.slot
-    if slot is not None:
-        slot.call = call
+    slot.call = call
     try:
-        if position is None:
-            out = executor(*args, **{**kwargs, "transformer_options": options})
-        else:
-            out = executor(*args[:position], options, *args[position + 1 :], **kwargs)
+        out = executor(*args, **kwargs)
     finally:
-        if slot is not None:
-            slot.call = None
+        slot.call = None
     for layer in list(call.captured):
         run.store.store(layer, call.captured.pop(layer), call.reduction, chunk_ids)  # one layer's copy at a time
     return out
@@ -328,10 +326,3 @@ def _first_sigma(timestep: Any) -> float:
     if isinstance(timestep, torch.Tensor):
         return float(timestep.reshape(-1)[0])
     return float(timestep)
-
-
-def _with_option(model_options: dict, key: str, value: Any) -> dict:
-    """A copy of `model_options` whose transformer_options carry `key`; the input is unchanged."""
-    options = dict(model_options)
-    options["transformer_options"] = {**model_options.get("transformer_options", {}), key: value}
-    return options
