@@ -24,6 +24,7 @@ from tgate import (
     reduce_chunks,
     sample_with_gate,
 )
+from tgate_testkit.logs import RunLog
 
 SIGMAS = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
 
@@ -353,7 +354,7 @@ class InterruptProcessingException(Exception):
         (ValueError("bad shape"), "failed (ValueError)"),
     ],
 )
-def test_a_stopped_run_says_whether_it_was_cancelled_or_failed_and_with_what(error, ended, caplog):
+def test_a_stopped_run_says_whether_it_was_cancelled_or_failed_and_with_what(error, ended):
     model, x = patched_denoiser(), torch.randn(1, 4, 8)
 
     def body(options):
@@ -361,13 +362,13 @@ def test_a_stopped_run_says_whether_it_was_cancelled_or_failed_and_with_what(err
             calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
         raise error
 
-    with caplog.at_level("INFO", logger="tgate"), pytest.raises(type(error)):
+    with RunLog().on() as log, pytest.raises(type(error)):
         sample_with_gate(Sampling(TGateConfig(), body), None, None, None, torch.tensor(SIGMAS))
-    (record,) = [r for r in caplog.records if hasattr(r, "tgate_run")]
+    ((record, run),) = log.summaries()
     assert f"T-GATE: the run {ended} at step 4 of 5, the gate being after step 3" in record.getMessage()
     assert "cancelled or failed" not in record.getMessage()
     assert record.levelname == "WARNING"
-    assert record.tgate_run["stop"] == ended.removeprefix("was ") and record.tgate_run["stopped_at_step"] == 3
+    assert run["stop"] == ended.removeprefix("was ") and run["stopped_at_step"] == 3
 
 
 def test_the_summary_gives_the_evaluations_saved_and_the_seconds_per_step_on_each_side_of_the_gate(monkeypatch):
@@ -379,7 +380,7 @@ def test_the_summary_gives_the_evaluations_saved_and_the_seconds_per_step_on_eac
     monkeypatch.setattr("tgate.run.perf_counter", lambda: next(marks))
     for sigma in (5.0, 5.0, 4.0, 3.0, 2.0, 1.0):
         calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
-    stats = run.stats()
+    stats = run.stats().as_dict()
     assert stats["seconds_per_step_before_gate"] == pytest.approx(1.0)
     assert stats["seconds_per_step_after_gate"] == pytest.approx(0.5)
     assert stats["branch_evaluations"] == 12 and stats["saved_branch_evaluations"] == 3
@@ -395,7 +396,7 @@ def test_cfg_one_saves_no_branch_evaluation_and_a_run_without_timed_steps_says_n
     model, x = patched_denoiser(), torch.randn(1, 4, 8)
     run, options = run_options()
     calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), None], x, torch.tensor([5.0]), options)
-    assert run.stats()["seconds_per_step_before_gate"] is None and "s per step" not in run.summary()
+    assert run.stats().seconds_per_step_before_gate is None and "s per step" not in run.summary()
     for sigma in SIGMAS[1:-1]:
         calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), None], x, torch.tensor([sigma]), options)
-    assert run.stats()["saved_branch_evaluations"] == 0 and "; 0 of 5 CFG branch evaluations saved" in run.summary()
+    assert run.stats().saved_branch_evaluations == 0 and "; 0 of 5 CFG branch evaluations saved" in run.summary()

@@ -29,6 +29,7 @@ from .run import (
     sample_with_gate,
 )
 from .schedule import GateSchedule
+from .stats import RunStats, add_run_listener, remove_run_listener
 from .store import AttentionStore, ChunkReduction, reduce_chunks
 
 __all__ = [
@@ -52,10 +53,12 @@ __all__ = [
     "GateSchedule",
     "Kept",
     "ModelCall",
+    "RunStats",
     "SelfAttentionReuse",
     "StepPlan",
     "TGateConfig",
     "UnsupportedModelError",
+    "add_run_listener",
     "apply_model_with_gate",
     "attention_layers",
     "calc_cond_batch_with_gate",
@@ -66,6 +69,7 @@ __all__ = [
     "plan_step",
     "plan_steps",
     "reduce_chunks",
+    "remove_run_listener",
     "sample_with_gate",
     "supported_families",
 ]

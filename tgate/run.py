@@ -29,6 +29,7 @@ from .families import CROSS, SELF
 from .forward import CallSlot, ModelCall
 from .plan import Action, Kept, StepPlan, plan_step, plan_steps
 from .schedule import GateSchedule
+from .stats import RunStats, announce
 from .store import AttentionStore
 
 log = logging.getLogger("tgate")
@@ -170,27 +171,28 @@ class GateRun:
         reuse = self.store.reuse_table(reuse_kinds, chunk_ids, device) if reuse_kinds else {}
         return ModelCall(reuse, plan.kinds(Action.CAPTURE), plan.reduction(branches, self.fidelity), {}, {})
 
-    def stats(self) -> dict:
-        """What the run did, for logs and benchmarks."""
-        return {
-            "family": self.patch.family,
-            "gate_step": self.schedule.gate_step,
-            "num_steps": self.schedule.num_steps,
-            "captured_layers": self.store.layers(CROSS),
-            "self_attention_layers": self.store.layers(SELF),
-            "cache_bytes": self.store.nbytes,
-            "peak_cache_bytes": self.peak_bytes,
-            "single_branch_evaluations": self.single_branch_evaluations,
-            "self_attention_reuses": self.self_attention_reuses,
-            "uncached_evaluations": self.uncached_evaluations,
-            "late_capture": self.late_capture,
-            "stopped_at_step": self.last_step if self.stopped else None,
-            "stop": self.stop,
-            "branch_evaluations": self.branch_evaluations,
-            "saved_branch_evaluations": self.saved_branch_evaluations,
-            "seconds_per_step_before_gate": self.seconds_per_step(False),
-            "seconds_per_step_after_gate": self.seconds_per_step(True),
-        }
+    def stats(self) -> RunStats:
+        """What the run did, for listeners (benchmarks, tests): see stats.py."""
+        return RunStats(
+            family=self.patch.family,
+            gate_step=self.schedule.gate_step,
+            num_steps=self.schedule.num_steps,
+            captured_layers=self.store.layers(CROSS),
+            self_attention_layers=self.store.layers(SELF),
+            cache_bytes=self.store.nbytes,
+            peak_cache_bytes=self.peak_bytes,
+            single_branch_evaluations=self.single_branch_evaluations,
+            self_attention_reuses=self.self_attention_reuses,
+            uncached_evaluations=self.uncached_evaluations,
+            late_capture=self.late_capture,
+            stopped_at_step=self.last_step if self.stopped else None,
+            stop=self.stop,
+            branch_evaluations=self.branch_evaluations,
+            saved_branch_evaluations=self.saved_branch_evaluations,
+            seconds_per_step_before_gate=self.seconds_per_step(False),
+            seconds_per_step_after_gate=self.seconds_per_step(True),
+            summary=self.summary(),
+        )
 
     def summary(self) -> str:
         s = self.schedule
@@ -263,9 +265,10 @@ def sample_with_gate(executor, *args, **kwargs):
         raise
     finally:
         patch.slot.run = outer
-        level = logging.WARNING if run.uncached_evaluations or run.stopped else logging.INFO
-        log.log(level, run.summary(), extra={"tgate_run": run.stats()})
+        stats = run.stats()
+        log.log(logging.WARNING if run.uncached_evaluations or run.stopped else logging.INFO, stats.summary)
         run.close()
+        announce(stats)
 
 
 def _run_of(options: Any) -> GateRun | None:

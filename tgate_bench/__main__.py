@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         load_pack(nodes, PACK_ROOT)
     tgate_node = nodes.NODE_CLASS_MAPPINGS["TGate"]
     advanced_node = nodes.NODE_CLASS_MAPPINGS["TGateAdvanced"]
-    stats = RunLog()
+    stats = RunLog()  # the runs' statistics, from the engine's run listener
     logging.getLogger("tgate").addHandler(stats)
     logging.getLogger("tgate").setLevel(logging.INFO)
 
@@ -153,6 +153,7 @@ def main(argv=None) -> int:
 
     # The pack's engine as ComfyUI loaded it; tgate_v2 runs the family's official self-attention schedule.
     engine = importlib.import_module(tgate_node.__module__.rpartition(".")[0] + ".tgate")
+    engine.add_run_listener(stats.add_run)
     reuse = engine.family_of(model.model.model_config).official[1]
 
     def tgate(gate_at):
