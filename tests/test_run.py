@@ -400,3 +400,23 @@ def test_cfg_one_saves_no_branch_evaluation_and_a_run_without_timed_steps_says_n
     for sigma in SIGMAS[1:-1]:
         calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), None], x, torch.tensor([sigma]), options)
     assert run.stats().saved_branch_evaluations == 0 and "; 0 of 5 CFG branch evaluations saved" in run.summary()
+
+
+def test_listeners_get_each_runs_stats_and_one_that_raises_is_skipped():
+    from tgate import RunStats, add_run_listener, remove_run_listener
+
+    got = []
+
+    def broken(stats):
+        raise RuntimeError("a listener broke")
+
+    for listener in (broken, got.append):
+        add_run_listener(listener)
+    try:
+        assert sample_with_gate(Sampling(TGateConfig(), lambda options: "done"), None, None, None, torch.tensor(SIGMAS)) == "done"
+    finally:
+        for listener in (broken, got.append):
+            remove_run_listener(listener)
+    (stats,) = got
+    assert isinstance(stats, RunStats) and stats.num_steps == 5 and stats.gate_step == 3 and stats.stop is None
+    assert stats.summary.startswith("T-GATE: 3 of 5 steps planned with text") and stats.as_dict()["num_steps"] == 5
