@@ -29,7 +29,6 @@ from .tgate import (
 
 log = logging.getLogger("tgate")
 
-WRAPPER_KEY = "tgate"
 WRAPPERS = {
     comfy.patcher_extension.WrappersMP.OUTER_SAMPLE: sample_with_gate,
     comfy.patcher_extension.WrappersMP.CALC_COND_BATCH: calc_cond_batch_with_gate,
@@ -60,14 +59,14 @@ def apply_tgate(model, config: TGateConfig):
         for layer in set(previous.layer_kinds) - set(layers):  # e.g. advanced, then simple: attn1 back to normal
             key = f"diffusion_model.{layer}.forward"
             patched.add_object_patch(key, patched.get_model_object(key).tgate_original)
-    slot = CallSlot() if family.call_table == "slot" else None
+    slot = CallSlot()
     for layer, kind in layers.items():
         key = f"diffusion_model.{layer}.forward"
         forward = gated_attention(layer, kind, patched.get_model_object(key), slot, family.site(kind).tuple_output)
         patched.add_object_patch(key, forward)
     for wrapper_type, wrapper in WRAPPERS.items():
-        patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
-        patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)
+        patched.remove_wrappers_with_key(wrapper_type, CONFIG_KEY)
+        patched.add_wrapper_with_key(wrapper_type, CONFIG_KEY, wrapper)
     options[CONFIG_KEY] = GatePatch(config, family.name, fidelity_branch, layers, slot)
     if config.fidelity_branch is FidelityBranch.AUTO:
         log.info("T-GATE: %s model; fidelity_branch auto keeps the %s branch", family.name, fidelity_branch.value)

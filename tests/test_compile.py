@@ -68,10 +68,10 @@ def test_compiled_equals_eager_with_one_graph_per_stage_and_no_recompile(backend
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("setting", sorted(V2_SETTINGS))
-@pytest.mark.parametrize("route", ["transformer_options", "slot"])
-def test_v2_compiles_at_most_one_graph_per_distinct_step_plan(backend, setting, route):
+@pytest.mark.parametrize("model", ["with_transformer_options", "without_transformer_options"])
+def test_v2_compiles_at_most_one_graph_per_distinct_step_plan(backend, setting, model):
     config = TGateConfig(gate_at=0.5, self_attention=V2_SETTINGS[setting])
-    slot = CallSlot() if route == "slot" else None
+    slot = CallSlot() if model == "without_transformer_options" else None  # see test_run.patched_denoiser
     run, graphs, self_computed = compiled_against_eager(
         backend, V2_LAYERS, slot, config=config, sigmas=LONG_SIGMAS, gate_sigma=6.5
     )

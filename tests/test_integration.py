@@ -533,21 +533,21 @@ def test_6_the_summary_of_a_cancelled_run_says_where_it_stopped(comfy, sd15):
 
     with RunLog().on() as log, pytest.raises(mm.InterruptProcessingException):
         comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS, callback=cancel)
-    (summary,) = [r for r in log.records if hasattr(r, "tgate_run")]
+    ((summary, run),) = log.summaries()
     assert summary.levelno == logging.WARNING
     assert f"the run was cancelled at step {GATE_STEP + 3} of {STEPS}" in summary.getMessage()
-    assert summary.tgate_run["stop"] == "cancelled"
+    assert run["stop"] == "cancelled"
     assert "planned with text, then" not in summary.getMessage()  # not the words of a finished run
-    assert summary.tgate_run["stopped_at_step"] == GATE_STEP + 2
+    assert run["stopped_at_step"] == GATE_STEP + 2
     with RunLog().on() as log:
         comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS)
-    (summary,) = [r for r in log.records if hasattr(r, "tgate_run")]
-    assert summary.levelno == logging.INFO and summary.tgate_run["stopped_at_step"] is None
+    ((summary, run),) = log.summaries()
+    assert summary.levelno == logging.INFO and run["stopped_at_step"] is None
     assert f"{GATE_STEP} of {STEPS} steps planned with text, then" in summary.getMessage()
     saved = STEPS - GATE_STEP
     assert f"; {saved} of {2 * STEPS} CFG branch evaluations saved; " in summary.getMessage()
     assert "s per step before the gate and " in summary.getMessage() and "s per step after the gate" in summary.getMessage()
-    assert summary.tgate_run["seconds_per_step_before_gate"] > 0 and summary.tgate_run["seconds_per_step_after_gate"] > 0
+    assert run["seconds_per_step_before_gate"] > 0 and run["seconds_per_step_after_gate"] > 0
 
 
 def test_6_the_summary_of_a_failed_run_names_the_error_type(comfy, sd15):
@@ -559,8 +559,8 @@ def test_6_the_summary_of_a_failed_run_names_the_error_type(comfy, sd15):
 
     with RunLog().on() as log, pytest.raises(RuntimeError):
         comfy.sample(comfy.tgate(sd15), pos, neg, steps=STEPS, callback=fail)
-    (summary,) = [r for r in log.records if hasattr(r, "tgate_run")]
-    assert summary.levelno == logging.WARNING and summary.tgate_run["stop"] == "failed (RuntimeError)"
+    ((summary, run),) = log.summaries()
+    assert summary.levelno == logging.WARNING and run["stop"] == "failed (RuntimeError)"
     assert f"the run failed (RuntimeError) at step {GATE_STEP + 3} of {STEPS}" in summary.getMessage()
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tgate import Action, SelfAttentionReuse, plan_steps
+from tgate import Action, Kept, SelfAttentionReuse, plan_step, plan_steps
 
 LETTERS = {Action.COMPUTE: "c", Action.CAPTURE: "k", Action.REUSE: "r"}
 
@@ -76,3 +76,27 @@ def test_every_reuse_follows_a_capture():
 def test_settings_out_of_range_are_refused_with_the_input_named(settings, message):
     with pytest.raises(ValueError, match=message):
         SelfAttentionReuse(**settings)
+
+
+def test_an_evaluation_follows_the_official_plan_when_what_it_reuses_was_kept():
+    plans = plan_steps(20, 9, SelfAttentionReuse(warm_up=1, sp_interval=3, fi_interval=2))
+    for step, plan in enumerate(plans):
+        assert plan_step(plans, step, Kept(cross_attention=True, self_attention=True)) is plan
+
+
+def test_a_reuse_of_what_was_never_kept_captures_instead():
+    """The run's facts are what it keeps: a capture step the sampler skipped (dpm_fast), or whose
+    model call EasyCache skipped, kept nothing, so the next evaluation captures."""
+    plans = plan_steps(8, 4, None)
+    late = plan_step(plans, 5, Kept())
+    assert late == plans[3] and late.cross_attention is Action.CAPTURE and late.both_branches  # the gate's capture
+    v2 = plan_steps(20, 9, SelfAttentionReuse(warm_up=1, sp_interval=3, fi_interval=2))
+    assert v2[2].self_attention is Action.REUSE
+    assert plan_step(v2, 2, Kept(cross_attention=False, self_attention=False)).self_attention is Action.CAPTURE
+
+
+def test_self_attention_is_freed_from_its_last_reuse_on():
+    plans = plan_steps(25, 10, SelfAttentionReuse(warm_up=2, sp_interval=5, fi_interval=1))
+    assert [bool(p.free_after) for p in plans] == [False] * 8 + [True] * 17  # last reuse at step 8
+    assert not any(p.free_after for p in plan_steps(8, 4, None))
+    assert plan_step(plans, 12, Kept()).free_after == plans[12].free_after  # a late capture frees as its step

@@ -9,7 +9,6 @@ from engine_modules import OptionlessDenoiser, TinyDenoiser
 from tgate import (
     CONFIG_KEY,
     CROSS,
-    RUN_KEY,
     SELF,
     CallSlot,
     FidelityBranch,
@@ -25,6 +24,7 @@ from tgate import (
     reduce_chunks,
     sample_with_gate,
 )
+from tgate_testkit.logs import RunLog
 
 SIGMAS = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
 
@@ -38,10 +38,14 @@ LAYERS = {"blocks.0.attn2": CROSS, "blocks.1.attn2": CROSS}
 V2_LAYERS = {**LAYERS, "blocks.0.attn1": SELF, "blocks.1.attn1": SELF}
 
 
+SLOT = CallSlot()  # the slot of the tests that name none: one node application's, shared as ComfyUI shares it
+
+
 def patched_denoiser(layers=LAYERS, slot=None):
     """TinyDenoiser with the T-GATE forward on `layers` (cross-attention only, as the simple node does);
-    with a CallSlot, OptionlessDenoiser, whose attention gets no transformer_options."""
+    with a slot of its own, OptionlessDenoiser, whose attention gets no transformer_options."""
     model = TinyDenoiser() if slot is None else OptionlessDenoiser()
+    slot = slot or SLOT
     for name, module in model.named_modules():
         if name in layers:
             module.forward = gated_attention(name, layers[name], module.forward, slot)
@@ -52,7 +56,7 @@ def gate_patch(config=None, slot=None):
     """What the node puts on a model; TinyDenoiser is text-to-image, so `auto` keeps uncond."""
     config = config or TGateConfig(gate_at=0.5)
     branch = FidelityBranch.UNCOND if config.fidelity_branch is FidelityBranch.AUTO else config.fidelity_branch
-    return GatePatch(config, "tiny", branch, V2_LAYERS if config.self_attention else LAYERS, slot)
+    return GatePatch(config, "tiny", branch, V2_LAYERS if config.self_attention else LAYERS, slot or SLOT)
 
 
 def calc_cond_batch(model, conds, x_in, timestep, model_options, seen=None):
@@ -77,8 +81,10 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options, seen=None):
 
 
 def run_options(config=None, gate_sigma=3.5, sigmas=SIGMAS, slot=None):
-    run = GateRun(gate_patch(config, slot), GateSchedule.from_sigmas(sigmas, gate_sigma))
-    return run, {"transformer_options": {RUN_KEY: run}}
+    """A run in progress, as OUTER_SAMPLE starts it, and the model options its evaluations get."""
+    patch = gate_patch(config, slot)
+    run = patch.slot.run = GateRun(patch, GateSchedule.from_sigmas(sigmas, gate_sigma))
+    return run, {"transformer_options": {CONFIG_KEY: patch}}
 
 
 def test_the_run_matches_an_independent_computation_of_the_rule():
@@ -132,7 +138,7 @@ def test_cond_branch_and_cfg1_keep_the_positive():
             return calc_cond_batch(*args, seen=seen)
 
         outs = [calc_cond_batch_with_gate(executor, model, conds, x, torch.tensor([s]), options) for s in SIGMAS[:-1]]
-        assert seen[-1] == 1 and run.store.fidelity_index == 0
+        assert seen[-1] == 1 and run.fidelity == 0
         assert outs[-1][0] is outs[-1][1]
 
 
@@ -188,7 +194,7 @@ class Sampling:
 
     def __init__(self, config, body):
         self.class_obj = self
-        self.model_options = {"transformer_options": {CONFIG_KEY: gate_patch(config)}}
+        self.model_options = {"transformer_options": {CONFIG_KEY: gate_patch(config, CallSlot())}}
         self.model_patcher = self
         self.body = body
 
@@ -204,9 +210,9 @@ def test_each_run_gets_a_fresh_run_and_frees_it_even_when_cancelled():
     runs = []
 
     def body(options):
-        run = options["transformer_options"][RUN_KEY]
-        plan = run.store.chunk_plan([0], mean_of_branches=True)
-        run.store.store("blocks.0.attn2", reduce_chunks(torch.ones(1, 2, 2), plan), plan, ["p"])
+        run = options["transformer_options"][CONFIG_KEY].slot.run
+        reduction = next(p for p in run.plans if p.mean_of_branches).reduction([0], 0)  # the gate's capture
+        run.store.store("blocks.0.attn2", reduce_chunks(torch.ones(1, 2, 2), reduction), reduction, ["p"])
         run.store.finish_capture()
         assert run.store.nbytes > 0
         runs.append(run)
@@ -217,7 +223,7 @@ def test_each_run_gets_a_fresh_run_and_frees_it_even_when_cancelled():
     for _ in range(2):
         with pytest.raises(KeyboardInterrupt):
             sample_with_gate(sampling, None, None, None, torch.tensor(SIGMAS))
-        assert sampling.model_options is original and RUN_KEY not in original["transformer_options"]
+        assert sampling.model_options is original and original["transformer_options"][CONFIG_KEY].slot.run is None
     assert runs[0] is not runs[1]
     assert all(len(r.store) == 0 and r.store.nbytes == 0 for r in runs)
 
@@ -226,7 +232,7 @@ def test_gate_at_one_leaves_the_run_alone():
     seen = []
     sampling = Sampling(TGateConfig(gate_at=1.0), lambda options: seen.append(options) or "done")
     assert sample_with_gate(sampling, None, None, None, torch.tensor(SIGMAS)) == "done"
-    assert RUN_KEY not in seen[0]["transformer_options"]
+    assert seen[0]["transformer_options"][CONFIG_KEY].slot.run is None
 
 
 @pytest.mark.parametrize("bad", [dict(gate_at=-0.1), dict(gate_at=1.5), dict(cache_device="disk"), dict(fidelity_branch="both")])
@@ -252,7 +258,7 @@ def test_a_model_call_without_its_chunk_layout_runs_unchanged():
         return x
 
     run.current = plan_steps(5, 2, None)[4]  # an evaluation after the gate
-    options = {RUN_KEY: run}  # no "uuids": a ComfyUI that changed
+    options = {CONFIG_KEY: run.patch}  # no "uuids": a ComfyUI that changed
     apply_model_with_gate(apply_model, torch.zeros(1), None, None, None, None, options)
     assert seen == [options]
 
@@ -298,7 +304,7 @@ def test_modules_called_without_transformer_options_get_their_table_through_the_
     sigmas = [12.0 - i for i in range(12)] + [0.0]
     config = TGateConfig(gate_at=0.5, self_attention=SelfAttentionReuse(warm_up=1, sp_interval=2, fi_interval=2))
     x, outputs = torch.randn(1, 4, 8), {}
-    for route, slot in (("options", None), ("slot", CallSlot())):
+    for route, slot in (("options", None), ("slot", CallSlot())):  # a model that passes transformer_options, one that does not
         run, options = run_options(config, gate_sigma=6.5, sigmas=sigmas, slot=slot)
         model = patched_denoiser(V2_LAYERS, slot)
         q = []
@@ -348,7 +354,7 @@ class InterruptProcessingException(Exception):
         (ValueError("bad shape"), "failed (ValueError)"),
     ],
 )
-def test_a_stopped_run_says_whether_it_was_cancelled_or_failed_and_with_what(error, ended, caplog):
+def test_a_stopped_run_says_whether_it_was_cancelled_or_failed_and_with_what(error, ended):
     model, x = patched_denoiser(), torch.randn(1, 4, 8)
 
     def body(options):
@@ -356,13 +362,13 @@ def test_a_stopped_run_says_whether_it_was_cancelled_or_failed_and_with_what(err
             calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
         raise error
 
-    with caplog.at_level("INFO", logger="tgate"), pytest.raises(type(error)):
+    with RunLog().on() as log, pytest.raises(type(error)):
         sample_with_gate(Sampling(TGateConfig(), body), None, None, None, torch.tensor(SIGMAS))
-    (record,) = [r for r in caplog.records if hasattr(r, "tgate_run")]
+    ((record, run),) = log.summaries()
     assert f"T-GATE: the run {ended} at step 4 of 5, the gate being after step 3" in record.getMessage()
     assert "cancelled or failed" not in record.getMessage()
     assert record.levelname == "WARNING"
-    assert record.tgate_run["stop"] == ended.removeprefix("was ") and record.tgate_run["stopped_at_step"] == 3
+    assert run["stop"] == ended.removeprefix("was ") and run["stopped_at_step"] == 3
 
 
 def test_the_summary_gives_the_evaluations_saved_and_the_seconds_per_step_on_each_side_of_the_gate(monkeypatch):
@@ -374,7 +380,7 @@ def test_the_summary_gives_the_evaluations_saved_and_the_seconds_per_step_on_eac
     monkeypatch.setattr("tgate.run.perf_counter", lambda: next(marks))
     for sigma in (5.0, 5.0, 4.0, 3.0, 2.0, 1.0):
         calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
-    stats = run.stats()
+    stats = run.stats().as_dict()
     assert stats["seconds_per_step_before_gate"] == pytest.approx(1.0)
     assert stats["seconds_per_step_after_gate"] == pytest.approx(0.5)
     assert stats["branch_evaluations"] == 12 and stats["saved_branch_evaluations"] == 3
@@ -390,7 +396,27 @@ def test_cfg_one_saves_no_branch_evaluation_and_a_run_without_timed_steps_says_n
     model, x = patched_denoiser(), torch.randn(1, 4, 8)
     run, options = run_options()
     calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), None], x, torch.tensor([5.0]), options)
-    assert run.stats()["seconds_per_step_before_gate"] is None and "s per step" not in run.summary()
+    assert run.stats().seconds_per_step_before_gate is None and "s per step" not in run.summary()
     for sigma in SIGMAS[1:-1]:
         calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), None], x, torch.tensor([sigma]), options)
-    assert run.stats()["saved_branch_evaluations"] == 0 and "; 0 of 5 CFG branch evaluations saved" in run.summary()
+    assert run.stats().saved_branch_evaluations == 0 and "; 0 of 5 CFG branch evaluations saved" in run.summary()
+
+
+def test_listeners_get_each_runs_stats_and_one_that_raises_is_skipped():
+    from tgate import RunStats, add_run_listener, remove_run_listener
+
+    got = []
+
+    def broken(stats):
+        raise RuntimeError("a listener broke")
+
+    for listener in (broken, got.append):
+        add_run_listener(listener)
+    try:
+        assert sample_with_gate(Sampling(TGateConfig(), lambda options: "done"), None, None, None, torch.tensor(SIGMAS)) == "done"
+    finally:
+        for listener in (broken, got.append):
+            remove_run_listener(listener)
+    (stats,) = got
+    assert isinstance(stats, RunStats) and stats.num_steps == 5 and stats.gate_step == 3 and stats.stop is None
+    assert stats.summary.startswith("T-GATE: 3 of 5 steps planned with text") and stats.as_dict()["num_steps"] == 5

@@ -3,22 +3,30 @@
 import pytest
 import torch
 
-from tgate import COND, CROSS, SELF, UNCOND, AttentionStore, reduce_chunks
+from tgate import COND, CROSS, SELF, UNCOND, Action, AttentionStore, StepPlan, reduce_chunks
 
 P, N, A = "positive-uuid", "negative-uuid", "area-uuid"
 CPU = torch.device("cpu")
 LAYERS = {"l0": CROSS, "other-layer": CROSS, "s0": SELF}
 
 
+FIDELITY = {}  # {store: the fidelity branch of its capture}, which the run holds in the engine
+
+
+def reduction(branches, keep, mean):
+    """How a capture step's plan (the gate's: mean=True) reduces a call, `keep` being the fidelity branch."""
+    return StepPlan(Action.CAPTURE, Action.COMPUTE, both_branches=True, mean_of_branches=mean).reduction(branches, keep)
+
+
 def capture(cache, layer, output, branches, chunk_ids, mean=True):
     """What T-GATE does with one layer of one model call at a capture step (the gate's: mean=True)."""
-    plan = cache.chunk_plan(branches, mean_of_branches=mean)
+    plan = reduction(branches, FIDELITY[cache], mean)
     cache.store(layer, reduce_chunks(output, plan), plan, chunk_ids)
 
 
 def begin_capture(cache, keep):
     cache.clear()
-    cache.fidelity_index = keep
+    FIDELITY[cache] = keep
 
 
 def captured(keep, *calls, storage=None, mean=True):
@@ -122,11 +130,9 @@ def test_cpu_storage_and_clear_free_everything():
 
 
 def test_the_plan_places_each_branch():
-    cache = AttentionStore(LAYERS)
-    begin_capture(cache, UNCOND)
-    assert cache.chunk_plan([UNCOND, COND, COND], True) == (3, (0,), (1, 2), True)
-    assert cache.chunk_plan([COND], True) == (1, (), (0,), True)
-    assert cache.chunk_plan([UNCOND, COND], False) == (2, (0, 1), (), False)  # a whole capture keeps every chunk
+    assert reduction([UNCOND, COND, COND], UNCOND, True) == (3, (0,), (1, 2), True)
+    assert reduction([COND], UNCOND, True) == (1, (), (0,), True)
+    assert reduction([UNCOND, COND], UNCOND, False) == (2, (0, 1), (), False)  # a whole capture keeps every chunk
 
 
 def test_a_new_capture_starts_empty_and_keeps_its_own_branch():
@@ -145,7 +151,7 @@ def test_a_new_capture_starts_empty_and_keeps_its_own_branch():
 def test_cpu_storage_from_cuda_is_pinned_and_comes_back():
     a = torch.randn(1, 3, 4, device="cuda")
     cache = captured(COND, ("l0", a, [COND], [P]), storage="cpu")
-    assert next(iter(cache._slots["l0"].values())).block.is_pinned()
+    assert next(iter(cache._entries["l0"].values())).block.is_pinned()
     out = cache.reuse_table([CROSS], [P], a.device)["l0"]
     assert out.is_cuda
     torch.testing.assert_close(out, a)
@@ -172,3 +178,13 @@ def test_kinds_are_kept_and_cleared_apart():
     assert set(cache.reuse_table([CROSS, SELF], [N], CPU)) == {"l0", "s0"}
     cache.clear([SELF])
     assert cache.holds(CROSS) and not cache.holds(SELF)
+
+
+def test_cpu_storage_copies_a_block_once_however_many_chunks_share_it(monkeypatch):
+    import tgate.store
+
+    moves = []
+    move = tgate.store._move
+    monkeypatch.setattr(tgate.store, "_move", lambda t, d: moves.append(t) or move(t, d))
+    captured(COND, ("l0", torch.randn(3, 3, 4), [COND, COND, COND], [P, A, N]), storage="cpu", mean=False)
+    assert len(moves) == 1

@@ -18,11 +18,10 @@ from .families import (
     family_of,
     supported_families,
 )
-from .forward import CALL_KEY, CallSlot, ModelCall, gated_attention
-from .plan import Action, StepPlan, plan_steps
+from .forward import CallSlot, ModelCall, gated_attention
+from .plan import Action, Kept, StepPlan, plan_step, plan_steps
 from .run import (
     CONFIG_KEY,
-    RUN_KEY,
     GatePatch,
     GateRun,
     apply_model_with_gate,
@@ -30,34 +29,36 @@ from .run import (
     sample_with_gate,
 )
 from .schedule import GateSchedule
-from .store import AttentionStore, ChunkPlan, reduce_chunks
+from .stats import RunStats, add_run_listener, remove_run_listener
+from .store import AttentionStore, ChunkReduction, reduce_chunks
 
 __all__ = [
     "CACHE_DEVICES",
-    "CALL_KEY",
     "COND",
     "CONFIG_KEY",
     "CROSS",
     "FAMILIES",
     "KINDS",
     "REFUSED",
-    "RUN_KEY",
     "SELF",
     "UNCOND",
     "Action",
     "AttentionStore",
     "CallSlot",
-    "ChunkPlan",
+    "ChunkReduction",
     "Family",
     "FidelityBranch",
     "GatePatch",
     "GateRun",
     "GateSchedule",
+    "Kept",
     "ModelCall",
+    "RunStats",
     "SelfAttentionReuse",
     "StepPlan",
     "TGateConfig",
     "UnsupportedModelError",
+    "add_run_listener",
     "apply_model_with_gate",
     "attention_layers",
     "calc_cond_batch_with_gate",
@@ -65,8 +66,10 @@ __all__ = [
     "gated_attention",
     "fidelity_index",
     "only_branch",
+    "plan_step",
     "plan_steps",
     "reduce_chunks",
+    "remove_run_listener",
     "sample_with_gate",
     "supported_families",
 ]

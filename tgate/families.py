@@ -44,10 +44,6 @@ class Family:
     model_configs: tuple[str, ...]  # ComfyUI `model_config` class names
     cross_attention: AttentionSite
     self_attention: AttentionSite
-    # How the per-call table reaches the attention forward: "transformer_options" where the module
-    # is called with ComfyUI's `transformer_options` keyword, which the table travels in; "slot"
-    # where it is not, and the table waits in a CallSlot (forward.py) the patched forwards hold.
-    call_table: str
     auto_branch: FidelityBranch  # what `fidelity_branch = auto` keeps after the gate
     auto_reason: str  # why, from what the family's conditioning nodes put in the negative
     official: tuple[float, SelfAttentionReuse]  # the official code's gate (fraction of steps) and V2 schedule
@@ -61,10 +57,10 @@ _UNET_ATTENTION = ("comfy.ldm.modules.attention.CrossAttention",)
 # `time_stack` blocks have the same two modules and the same call, so the same patterns serve them.
 _UNET_CROSS = AttentionSite(r".*\.transformer_blocks\.\d+\.attn2|.*\.time_stack\.\d+\.attn2", _UNET_ATTENTION)
 _UNET_SELF = AttentionSite(r".*\.transformer_blocks\.\d+\.attn1|.*\.time_stack\.\d+\.attn1", _UNET_ATTENTION)
-_SD_OFFICIAL = (0.4, SelfAttentionReuse(warm_up=2, sp_interval=5, fi_interval=1))  # SD/SDXL: gate 10 of 25
-# Families the official code has no settings for (LTXV, Cosmos, ACE-Step...): the SD/SDXL values,
-# gate 0.4 and warm_up 2, sp_interval 5, fi_interval 1, until someone measures better ones.
-_NO_OFFICIAL = _SD_OFFICIAL
+# SD/SDXL: gate 10 of 25. Also the settings of the families the official code has none for (LTXV,
+# Cosmos, ACE-Step...): gate 0.4 and warm_up 2, sp_interval 5, fi_interval 1, until someone
+# measures better ones.
+_SD_OFFICIAL = (0.4, SelfAttentionReuse(warm_up=2, sp_interval=5, fi_interval=1))
 
 # Wan 2.1/2.2 (comfy/ldm/wan/model.py). Cross- and self-attention modules share a base class
 # (WanT2VCrossAttention and WanI2VCrossAttention derive from WanSelfAttention), so the paths tell
@@ -97,7 +93,6 @@ FAMILIES = (
         ),
         cross_attention=_UNET_CROSS,
         self_attention=_UNET_SELF,
-        call_table="transformer_options",
         auto_branch=FidelityBranch.UNCOND,
         auto_reason=(
             "text-to-image: the negative carries the same image inputs as the positive (pix2pix and upscaler "
@@ -110,7 +105,6 @@ FAMILIES = (
         model_configs=("SD21UnclipL", "SD21UnclipH"),
         cross_attention=_UNET_CROSS,
         self_attention=_UNET_SELF,
-        call_table="transformer_options",
         auto_branch=FidelityBranch.COND,
         auto_reason="unCLIPConditioning adds the image embedding to the positive only",
         official=_SD_OFFICIAL,
@@ -120,7 +114,6 @@ FAMILIES = (
         model_configs=("SVD_img2vid", "SV3D_u", "SV3D_p", "Stable_Zero123"),
         cross_attention=_UNET_CROSS,
         self_attention=_UNET_SELF,
-        call_table="transformer_options",
         auto_branch=FidelityBranch.COND,
         auto_reason=(
             "their conditioning nodes give the negative a zeroed CLIP-vision embedding and a zeroed "
@@ -143,7 +136,6 @@ FAMILIES = (
         ),
         cross_attention=_WAN_CROSS,
         self_attention=_WAN_SELF,
-        call_table="transformer_options",
         auto_branch=FidelityBranch.COND,
         auto_reason=(
             "WanImageToVideo, WanFirstLastFrameToVideo, WanFunInpaintToVideo, WanFunControlToVideo, "
@@ -154,7 +146,7 @@ FAMILIES = (
             "WanPhantomSubjectToVideo's negative_img_text, whose subject images (time_dim_concat, concatenated to "
             "the latent, outside cross-attention) are zeroed: the positive branch keeps them"
         ),
-        official=_NO_OFFICIAL,
+        official=_SD_OFFICIAL,
     ),
     Family(
         name="LTXV",
@@ -165,7 +157,6 @@ FAMILIES = (
         # reduction or clone of the output, never a view of `x`.
         cross_attention=AttentionSite(r"transformer_blocks\.\d+\.attn2", ("comfy.ldm.lightricks.model.CrossAttention",)),
         self_attention=AttentionSite(r"transformer_blocks\.\d+\.attn1", ("comfy.ldm.lightricks.model.CrossAttention",)),
-        call_table="transformer_options",
         auto_branch=FidelityBranch.UNCOND,
         auto_reason=(
             "text-to-video and image-to-video: LTXVConditioning sets the same frame_rate on both conds, "
@@ -173,7 +164,7 @@ FAMILIES = (
             "and the same keyframe_idxs on positive and negative, so only the text differs and it enters through "
             "cross-attention alone"
         ),
-        official=_NO_OFFICIAL,
+        official=_SD_OFFICIAL,
     ),
     Family(
         name="Cosmos Predict2",
@@ -181,14 +172,13 @@ FAMILIES = (
         # Self- and cross-attention are one class (comfy.ldm.cosmos.predict2.Attention): the path tells them apart.
         cross_attention=AttentionSite(r"blocks\.\d+\.cross_attn", ("comfy.ldm.cosmos.predict2.Attention",)),
         self_attention=AttentionSite(r"blocks\.\d+\.self_attn", ("comfy.ldm.cosmos.predict2.Attention",)),
-        call_table="transformer_options",
         auto_branch=FidelityBranch.UNCOND,
         auto_reason=(
             "text-to-image and image-to-video: CosmosPredict2ImageToVideoLatent puts the image in the latent and its "
             "noise mask, which both branches share (the model's mask channel and per-frame timesteps come from it); "
             "the conds carry only the text, which enters through cross-attention alone"
         ),
-        official=_NO_OFFICIAL,
+        official=_SD_OFFICIAL,
     ),
     Family(
         name="ACE-Step",
@@ -197,7 +187,6 @@ FAMILIES = (
         cross_attention=AttentionSite(r"transformer_blocks\.\d+\.cross_attn", ("comfy.ldm.ace.attention.Attention",)),
         # Linear self-attention; returns (output, None), since the block passes no encoder states to it.
         self_attention=AttentionSite(r"transformer_blocks\.\d+\.attn", ("comfy.ldm.ace.attention.Attention",), tuple_output=2),
-        call_table="transformer_options",
         auto_branch=FidelityBranch.UNCOND,
         auto_reason=(
             "all of its conditioning enters through cross-attention: the model joins the speaker embedding "
@@ -205,7 +194,7 @@ FAMILIES = (
             "(TextEncodeAceStepAudio's conditioning_lyrics, scaled by lyrics_strength) into one cross-attention "
             "context, so once it is cached the negative branch lacks nothing the positive has"
         ),
-        official=_NO_OFFICIAL,
+        official=_SD_OFFICIAL,
     ),
     Family(
         name="PixArt-alpha/PixArt-sigma",
@@ -215,7 +204,6 @@ FAMILIES = (
         # cross-attention output is (B, N, C) like its query.
         cross_attention=AttentionSite(r"blocks\.\d+\.cross_attn", ("comfy.ldm.pixart.blocks.MultiHeadCrossAttention",)),
         self_attention=AttentionSite(r"blocks\.\d+\.attn", ("comfy.ldm.pixart.blocks.AttentionKVCompress",)),
-        call_table="slot",  # PixArtMS.forward drops transformer_options before the blocks
         auto_branch=FidelityBranch.UNCOND,
         auto_reason=(
             "text-to-image: the only PixArt conditioning nodes are text encoders (CLIPTextEncode, "

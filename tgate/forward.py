@@ -2,10 +2,10 @@
 
 It is installed as an object patch on the module's `forward`, chaining to whatever forward was
 there. All decisions are made outside the model (see run.py): for one model call the module finds
-in `transformer_options` a ModelCall, with a table of outputs to return instead of computing and
-the kinds whose outputs to keep. The table is a plain dict keyed by layer, and the rest plain
-constants, so a torch.compile'd model sees one fixed variant per kind of step and never reads
-per-run state such as cond uuids.
+in its CallSlot a ModelCall, with a table of outputs to return instead of computing and the kinds
+whose outputs to keep. The table is a plain dict keyed by layer, and the rest plain constants, so a
+torch.compile'd model sees one fixed variant per kind of step and never reads per-run state such
+as cond uuids.
 """
 
 from __future__ import annotations
@@ -15,15 +15,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .store import ChunkPlan, occurrence_key, reduce_chunks
-
-CALL_KEY = "tgate_call"  # transformer_options key of the current model call's ModelCall
+from .store import ChunkReduction, occurrence_key, reduce_chunks
 
 
 class ModelCall(NamedTuple):
     reuse: dict[str, torch.Tensor]  # {layer: output to return}; layers not in it compute
     capture_kinds: frozenset[str]  # the kinds whose outputs are kept
-    plan: ChunkPlan | None  # how a kept output is reduced; None when nothing is kept
+    reduction: ChunkReduction | None  # how a kept output is reduced; None when nothing is kept
     captured: dict[str, torch.Tensor]  # filled during the call: {layer: reduced output}
     # Filled during the call: {layer: times its module ran}. A module that runs several times in one
     # model call (VACE runs each vace block once per control) keeps and reuses one entry per run,
@@ -32,18 +30,20 @@ class ModelCall(NamedTuple):
 
 
 class CallSlot:
-    """Where a model call's ModelCall waits for attention modules that ComfyUI calls without
-    `transformer_options` (PixArt: `PixArtMS.forward` drops it, and its blocks call
-    `cross_attn(x, y, mask)`). Passing the table through the model would mean copying ComfyUI's
-    forward code; instead APPLY_MODEL puts it here for the duration of the call, and the patched
-    forwards, which hold this slot, read it. Under torch.compile the slot is an object the compiled
-    function closes over: dynamo reads `call` through it, guards on its layout and takes its
-    tensors as graph inputs, as it does for a `transformer_options` dict.
+    """The one carrier of run state, shared by the wrappers and the patched forwards of one node
+    application: `run`, the sampling run in progress (set by OUTER_SAMPLE), and `call`, the ModelCall
+    of the model call in progress (set by APPLY_MODEL for the duration of the call). The forwards
+    hold the slot, so nothing travels through the model: families whose attention ComfyUI calls
+    without `transformer_options` (PixArt: `PixArtMS.forward` drops it, and its blocks call
+    `cross_attn(x, y, mask)`) are served as the others are. Under torch.compile the slot is an
+    object the compiled function closes over: dynamo reads `call` through it, guards on its layout
+    and takes its tensors as graph inputs.
 
-    One slot per node application, shared by the clones of the patched model (whose options ComfyUI
-    deep-copies): copying it would cut the link with the forwards, so a copy is the slot itself."""
+    Clones of the patched model share it (ComfyUI deep-copies their options): copying it would cut
+    the link with the forwards, so a copy is the slot itself."""
 
     def __init__(self) -> None:
+        self.run: Any = None  # the GateRun in progress (run.py)
         self.call: ModelCall | None = None
 
     def __deepcopy__(self, memo: dict) -> CallSlot:
@@ -54,19 +54,14 @@ class CallSlot:
 
 
 def gated_attention(
-    layer: str, kind: str, forward: Callable[..., torch.Tensor], slot: CallSlot | None = None, tuple_output: int = 0
+    layer: str, kind: str, forward: Callable[..., torch.Tensor], slot: CallSlot, tuple_output: int = 0
 ) -> Callable[..., torch.Tensor]:
-    """Wrap an attention `forward` of `kind` for T-GATE. Its ModelCall comes in the call's
-    `transformer_options` keyword, or, for modules called without it, from `slot`. `tuple_output`:
-    0 where `forward` returns its output, n where it returns an n-tuple (output, None, ...)."""
+    """Wrap an attention `forward` of `kind` for T-GATE; its ModelCall comes from `slot`.
+    `tuple_output`: 0 where `forward` returns its output, n where it returns an n-tuple (output, None, ...)."""
     forward = getattr(forward, "tgate_original", forward)  # never wrap our own wrapper twice
 
     def tgate_forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if slot is None:
-            options = kwargs.get("transformer_options")
-            call = options.get(CALL_KEY) if options else None
-        else:
-            call = slot.call
+        call = slot.call
         if call is None:
             return forward(*args, **kwargs)
         n = call.calls.get(layer, 0)
@@ -86,11 +81,10 @@ def gated_attention(
                     return out  # it returned more than its output: never replaced, so nothing kept
                 kept = out[0]
             # Reduced here, layer by layer, so the full batched outputs are not all kept alive.
-            call.captured[key] = reduce_chunks(kept, call.plan)
+            call.captured[key] = reduce_chunks(kept, call.reduction)
         return out
 
     tgate_forward.tgate_original = forward
-    tgate_forward.tgate_layer = layer
     return tgate_forward
 
 

@@ -1,16 +1,22 @@
-"""What each step of a run does with each kind of attention: the official `tgate_scheduler`.
+"""What each step of a run does with each kind of attention and which CFG branches run.
 
-One pure function of plain numbers, tested without a model. Steps are the run's own indices
-(0-based; see schedule.py for how sigmas map to them), `gate_step` the first step after the gate.
+The one owner of that decision. `plan_steps` is the official `tgate_scheduler` (what every step
+does when every step is evaluated and every capture keeps something); `plan_step` is what one
+evaluation does, from that and the facts the run has seen (what it keeps). The run carries the
+answer out and never rewrites it. Pure functions of plain values, tested without a model. Steps
+are the run's own indices (0-based; see schedule.py for how sigmas map to them), `gate_step` the
+first step after the gate.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from .config import SelfAttentionReuse
-from .families import KINDS
+from .families import KINDS, SELF
+from .store import ChunkReduction
 
 
 class Action(enum.Enum):
@@ -26,6 +32,9 @@ class StepPlan:
     self_attention: Action
     both_branches: bool  # False: classifier-free guidance runs the fidelity branch alone
     mean_of_branches: bool = False  # captures keep the mean of the two branches (the last step before the gate)
+    # Kinds whose kept outputs no later step reads: freed after the evaluation. Not part of what a
+    # model call sees, so not of equality: plans that differ only here run (and compile) alike.
+    free_after: frozenset[str] = field(default=frozenset(), compare=False)
 
     def action(self, kind: str) -> Action:
         return getattr(self, kind)
@@ -37,6 +46,44 @@ class StepPlan:
     def is_plain(self) -> bool:
         """The model runs unchanged: nothing kept, nothing reused, both branches."""
         return self.both_branches and not self.kinds(Action.CAPTURE) and not self.kinds(Action.REUSE)
+
+    def reduction(self, branches: Sequence[int], fidelity: int) -> ChunkReduction | None:
+        """How a capture reduces one model call whose chunks belong to `branches` (ComfyUI's
+        cond_or_uncond), the run's fidelity branch being `fidelity`; None when nothing is kept."""
+        if not self.kinds(Action.CAPTURE):
+            return None
+        if not self.mean_of_branches:
+            return ChunkReduction(len(branches), tuple(range(len(branches))), (), False)
+        stored = tuple(i for i, b in enumerate(branches) if b == fidelity)
+        mixed_in = tuple(i for i, b in enumerate(branches) if b != fidelity)
+        return ChunkReduction(len(branches), stored, mixed_in, True)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What a run keeps when an evaluation starts, per kind: the run-time facts its plan depends on.
+
+    A capture can keep nothing: the sampler never evaluated its step (dpm_fast and dpm_adaptive pick
+    their own sigmas), EasyCache skipped the model call, or other packs' attn2 patches replace every
+    layer."""
+
+    cross_attention: bool = False
+    self_attention: bool = False
+
+
+def plan_step(plans: Sequence[StepPlan], step: int, kept: Kept) -> StepPlan:
+    """What an evaluation at `step` does: `plans[step]` (see plan_steps), unless what it reuses was
+    never kept:
+    - cross-attention to reuse but none kept: the gate's capture, late (and, until a capture keeps
+      something, evaluations past the gate keep both branches);
+    - self-attention to reuse but none kept: captured now.
+    """
+    plan = plans[step]
+    if plan.cross_attention is Action.REUSE and not kept.cross_attention:
+        plan = replace(next(p for p in plans if p.mean_of_branches), free_after=plan.free_after)
+    if plan.self_attention is Action.REUSE and not kept.self_attention:
+        plan = replace(plan, self_attention=Action.CAPTURE)
+    return plan
 
 
 def plan_steps(num_steps: int, gate_step: int, reuse: SelfAttentionReuse | None) -> tuple[StepPlan, ...]:
@@ -50,7 +97,8 @@ def plan_steps(num_steps: int, gate_step: int, reuse: SelfAttentionReuse | None)
     - after it: cross-attention reused, one branch; self-attention kept when step % fi_interval == 0
       and reused otherwise.
     A self-attention capture that no later step reads is only a compute, so sp_interval =
-    fi_interval = 1 costs what V1 costs and gives V1's output exactly.
+    fi_interval = 1 costs what V1 costs and gives V1's output exactly. Self-attention outputs are
+    freed from the last step that reuses them on (official SDXL: at the gate).
     """
     plans = [_official_step(step, gate_step, reuse) for step in range(num_steps)]
     read_later = False
@@ -62,7 +110,8 @@ def plan_steps(num_steps: int, gate_step: int, reuse: SelfAttentionReuse | None)
             if not read_later:
                 plans[step] = replace(plans[step], self_attention=Action.COMPUTE)
             read_later = False
-    return tuple(plans)
+    last_self_reuse = max((i for i, p in enumerate(plans) if p.self_attention is Action.REUSE), default=num_steps)
+    return tuple(replace(p, free_after=frozenset({SELF})) if i >= last_self_reuse else p for i, p in enumerate(plans))
 
 
 def _official_step(step: int, gate_step: int, reuse: SelfAttentionReuse | None) -> StepPlan:

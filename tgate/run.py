@@ -8,32 +8,33 @@ torch.compile'd region, hands the attention modules that call's ModelCall (forwa
 what they captured. These are plain functions of the arguments ComfyUI passes: the engine imports
 nothing from ComfyUI.
 
-transformer_options keys: CONFIG_KEY (the node's GatePatch, on the patched model), RUN_KEY (the
-run, for its duration) and CALL_KEY (one model call's tables, see forward.py).
+One transformer_options key, CONFIG_KEY, holds the node's GatePatch on the patched model; the
+run and each model call's tables travel in the patch's CallSlot (forward.py), which the patched
+forwards hold.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
 import torch
 
-from .branch import BRANCH_NAMES, FidelityBranch, fidelity_index, only_branch
+from .branch import BRANCH_NAMES, COND, FidelityBranch, fidelity_index, only_branch
 from .config import TGateConfig
 from .families import CROSS, SELF
-from .forward import CALL_KEY, CallSlot, ModelCall
-from .plan import Action, StepPlan, plan_steps
+from .forward import CallSlot, ModelCall
+from .plan import Action, Kept, StepPlan, plan_step, plan_steps
 from .schedule import GateSchedule
+from .stats import RunStats, announce
 from .store import AttentionStore
 
 log = logging.getLogger("tgate")
 
-CONFIG_KEY = "tgate"  # transformer_options key of the GatePatch a node put on the model
-RUN_KEY = "tgate_run"  # transformer_options key of the current GateRun
+CONFIG_KEY = "tgate"  # transformer_options key of the GatePatch a node put on the model, and its wrappers' key
 
 # The exceptions by which a run is cancelled rather than failed, by class name: ComfyUI's cancel
 # (comfy.model_management.InterruptProcessingException) and Ctrl-C. Names, since the engine imports
@@ -56,7 +57,7 @@ class GatePatch:
     family: str
     fidelity_branch: FidelityBranch  # uncond or cond: `auto` resolved for the family
     layer_kinds: Mapping[str, str]  # {patched attention module path: kind}
-    slot: CallSlot | None = None  # for families whose attention gets no transformer_options
+    slot: CallSlot = field(default_factory=CallSlot)  # the run and the model call in progress; the forwards hold it
 
 
 class GateRun:
@@ -66,13 +67,12 @@ class GateRun:
         self.patch = patch
         self.schedule = schedule
         self.plans = plan_steps(schedule.num_steps, schedule.gate_step, patch.config.self_attention)
-        # Self-attention outputs are freed once no later step reuses them (official SDXL: at the gate).
-        self._last_self_reuse = max((i for i, p in enumerate(self.plans) if p.self_attention is Action.REUSE), default=-1)
         self.store = AttentionStore(patch.layer_kinds, "cpu" if patch.config.cache_device == "cpu" else None)
         self.current: StepPlan | None = None  # the plan of the main CFG evaluation in progress
+        # The index in `conds` of the branch run after the gate, resolved at the run's first evaluation.
+        self.fidelity: int | None = None
         self._capture_sigmas: dict[str, float] = {}  # per kind, the sigma of its last capture
-        self.gate_captured = False
-        self.late_capture = False
+        self.late_capture = False  # whether a capture fell past the gate
         self.single_branch_evaluations = 0
         self.branch_evaluations = 0  # CFG branches the main evaluations would have run without T-GATE
         self.saved_branch_evaluations = 0  # of those, the ones T-GATE did not run
@@ -118,25 +118,21 @@ class GateRun:
         return self._step_seconds[after_gate] / n if n else None
 
     def evaluate(self, executor, model, conds, x_in, timestep, model_options) -> list:
-        """Run one CALC_COND_BATCH evaluation of the main CFG call as its step's plan says."""
+        """Run one CALC_COND_BATCH evaluation of the main CFG call as the plan says (plan.py): the
+        run records what it keeps and asks the plan, and carries the answer out unchanged."""
         sigma = _first_sigma(timestep)  # the evaluation's one host read
         step = self.schedule.step_of(sigma)
         self._clock(step)
         self.last_step = step
         branches = sum(1 for c in conds if c)
         self.branch_evaluations += branches
-        plan = self.plans[step]
-        if plan.cross_attention is Action.REUSE and not self.gate_captured:
-            # The sampler never evaluated the capture step (dpm_fast and dpm_adaptive pick their
-            # own sigmas; EasyCache may skip it): capture at the first evaluation past the gate.
-            plan = self.plans[self.schedule.gate_step - 1]
-            self.late_capture = True
-        if plan.self_attention is Action.REUSE and not self.store.holds(SELF):
-            plan = replace(plan, self_attention=Action.CAPTURE)  # its capture step was skipped too
+        if self.fidelity is None:
+            self.fidelity = fidelity_index(conds, self.patch.fidelity_branch)
+        plan = plan_step(self.plans, step, Kept(self.store.holds(CROSS), self.store.holds(SELF)))
         if plan.is_plain:
             return executor(model, conds, x_in, timestep, model_options)
-        fidelity = fidelity_index(conds, self.patch.fidelity_branch)
-        self.store.fidelity_index = fidelity
+        # The sampler never evaluated the capture step, or its capture kept nothing: this one captures.
+        self.late_capture |= plan.cross_attention is Action.CAPTURE and step >= self.schedule.gate_step
         captures = plan.kinds(Action.CAPTURE)
         for kind in captures:
             if self._capture_sigmas.get(kind) != sigma:
@@ -145,7 +141,8 @@ class GateRun:
                 self._capture_sigmas[kind] = sigma
         self.current = plan
         try:
-            out = executor(model, conds if plan.both_branches else only_branch(conds, fidelity), x_in, timestep, model_options)
+            run_conds = conds if plan.both_branches else only_branch(conds, self.fidelity)
+            out = executor(model, run_conds, x_in, timestep, model_options)
         finally:
             self.current = None
             if captures:
@@ -155,50 +152,47 @@ class GateRun:
         if captures:
             self.peak_bytes = max(self.peak_bytes, self.store.nbytes)
         if plan.cross_attention is Action.CAPTURE:
-            # A capture can store nothing: EasyCache may skip the model call, or other packs'
-            # attn2 patches replace every layer. Then the next evaluation captures again, and
-            # until one stores something, evaluations past the gate keep both branches.
-            self.gate_captured = self.store.holds(CROSS)
-            self.uncached_evaluations += not self.gate_captured and step >= self.schedule.gate_step
+            # A capture past the gate that kept nothing ran both branches in full.
+            self.uncached_evaluations += not self.store.holds(CROSS) and step >= self.schedule.gate_step
         self.self_attention_reuses += plan.self_attention is Action.REUSE
-        if 0 <= self._last_self_reuse <= step and self.store.holds(SELF):
-            self.store.clear((SELF,))
+        freed = [kind for kind in plan.free_after if self.store.holds(kind)]
+        if freed:
+            self.store.clear(freed)
         if plan.both_branches:
             return out
         self.single_branch_evaluations += 1
         self.saved_branch_evaluations += branches - 1
         # Both CFG inputs get the fidelity branch: cfg(u, u) == u whatever the scale.
-        return [out[fidelity]] * len(conds)
+        return [out[self.fidelity]] * len(conds)
 
     def model_call(self, plan: StepPlan, chunk_ids: list, branches: list[int], device: torch.device) -> ModelCall:
         """The tables one batched model call of an evaluation planned by `plan` hands its modules."""
         reuse_kinds = plan.kinds(Action.REUSE)
-        capture_kinds = plan.kinds(Action.CAPTURE)
         reuse = self.store.reuse_table(reuse_kinds, chunk_ids, device) if reuse_kinds else {}
-        chunk_plan = self.store.chunk_plan(branches, plan.mean_of_branches) if capture_kinds else None
-        return ModelCall(reuse, capture_kinds, chunk_plan, {}, {})
+        return ModelCall(reuse, plan.kinds(Action.CAPTURE), plan.reduction(branches, self.fidelity), {}, {})
 
-    def stats(self) -> dict:
-        """What the run did, for logs and benchmarks."""
-        return {
-            "family": self.patch.family,
-            "gate_step": self.schedule.gate_step,
-            "num_steps": self.schedule.num_steps,
-            "captured_layers": self.store.layers(CROSS),
-            "self_attention_layers": self.store.layers(SELF),
-            "cache_bytes": self.store.nbytes,
-            "peak_cache_bytes": self.peak_bytes,
-            "single_branch_evaluations": self.single_branch_evaluations,
-            "self_attention_reuses": self.self_attention_reuses,
-            "uncached_evaluations": self.uncached_evaluations,
-            "late_capture": self.late_capture,
-            "stopped_at_step": self.last_step if self.stopped else None,
-            "stop": self.stop,
-            "branch_evaluations": self.branch_evaluations,
-            "saved_branch_evaluations": self.saved_branch_evaluations,
-            "seconds_per_step_before_gate": self.seconds_per_step(False),
-            "seconds_per_step_after_gate": self.seconds_per_step(True),
-        }
+    def stats(self) -> RunStats:
+        """What the run did, for listeners (benchmarks, tests): see stats.py."""
+        return RunStats(
+            family=self.patch.family,
+            gate_step=self.schedule.gate_step,
+            num_steps=self.schedule.num_steps,
+            captured_layers=self.store.layers(CROSS),
+            self_attention_layers=self.store.layers(SELF),
+            cache_bytes=self.store.nbytes,
+            peak_cache_bytes=self.peak_bytes,
+            single_branch_evaluations=self.single_branch_evaluations,
+            self_attention_reuses=self.self_attention_reuses,
+            uncached_evaluations=self.uncached_evaluations,
+            late_capture=self.late_capture,
+            stopped_at_step=self.last_step if self.stopped else None,
+            stop=self.stop,
+            branch_evaluations=self.branch_evaluations,
+            saved_branch_evaluations=self.saved_branch_evaluations,
+            seconds_per_step_before_gate=self.seconds_per_step(False),
+            seconds_per_step_after_gate=self.seconds_per_step(True),
+            summary=self.summary(),
+        )
 
     def summary(self) -> str:
         s = self.schedule
@@ -212,7 +206,7 @@ class GateRun:
                 f"the gate being after step {s.gate_step}; until then "
             )
         text += (
-            f"{self.single_branch_evaluations} evaluations ran the {BRANCH_NAMES[self.store.fidelity_index]} branch "
+            f"{self.single_branch_evaluations} evaluations ran the {BRANCH_NAMES[self.fidelity or COND]} branch "
             f"alone on {self.store.layers(CROSS)} cached cross-attention layers ({self.store.nbytes / 2**20:.1f} MiB)"
         )
         if self.patch.config.self_attention is not None:
@@ -245,8 +239,7 @@ class GateRun:
 def sample_with_gate(executor, *args, **kwargs):
     """OUTER_SAMPLE wrapper: one GateRun per sampling run, freed however the run ends."""
     guider = executor.class_obj
-    original_options = guider.model_options
-    patch: GatePatch | None = original_options.get("transformer_options", {}).get(CONFIG_KEY)
+    patch: GatePatch | None = guider.model_options.get("transformer_options", {}).get(CONFIG_KEY)
     sigmas = kwargs["sigmas"] if "sigmas" in kwargs else args[3]
     if patch is None or sigmas is None or len(sigmas) < 2:
         return executor(*args, **kwargs)
@@ -264,17 +257,24 @@ def sample_with_gate(executor, *args, **kwargs):
         config.gate_at,
     )
     run = GateRun(patch, schedule)
-    guider.model_options = _with_option(original_options, RUN_KEY, run)
+    outer, patch.slot.run = patch.slot.run, run  # a run sampled inside another gets the slot back after it
     try:
         return executor(*args, **kwargs)
     except BaseException as error:
         run.stop = stop_reason(error)
         raise
     finally:
-        guider.model_options = original_options
-        level = logging.WARNING if run.uncached_evaluations or run.stopped else logging.INFO
-        log.log(level, run.summary(), extra={"tgate_run": run.stats()})
+        patch.slot.run = outer
+        stats = run.stats()
+        log.log(logging.WARNING if run.uncached_evaluations or run.stopped else logging.INFO, stats.summary)
         run.close()
+        announce(stats)
+
+
+def _run_of(options: Any) -> GateRun | None:
+    """The run in progress of the T-GATE'd model whose transformer_options are `options`."""
+    patch = options.get(CONFIG_KEY) if isinstance(options, dict) else None
+    return patch.slot.run if isinstance(patch, GatePatch) else None
 
 
 def calc_cond_batch_with_gate(executor, model, conds, x_in, timestep, model_options):
@@ -283,7 +283,7 @@ def calc_cond_batch_with_gate(executor, model, conds, x_in, timestep, model_opti
     Extra model calls made by PAG, SAG, PerpNeg or DualCFG pass one or three cond lists; they
     run untouched and never see what the run keeps.
     """
-    run: GateRun | None = model_options.get("transformer_options", {}).get(RUN_KEY)
+    run = _run_of(model_options.get("transformer_options"))
     if run is None or len(conds) != 2:
         return executor(model, conds, x_in, timestep, model_options)
     return run.evaluate(executor, model, conds, x_in, timestep, model_options)
@@ -295,9 +295,8 @@ def apply_model_with_gate(executor, *args, **kwargs):
     ComfyUI calls `_apply_model(x, t, c_concat, c_crossattn, control, transformer_options, ...)`;
     `transformer_options` carries the call's chunk layout (`cond_or_uncond`, `uuids`).
     """
-    position = 5 if len(args) > 5 else None
-    options = args[5] if position else kwargs.get("transformer_options")
-    run: GateRun | None = options.get(RUN_KEY) if isinstance(options, dict) else None
+    options = args[5] if len(args) > 5 else kwargs.get("transformer_options")
+    run = _run_of(options)
     plan = run.current if run is not None else None
     if plan is None or "uuids" not in options or "cond_or_uncond" not in options:
         # Outside the main CFG evaluation, or without the chunk layout nothing can be matched:
@@ -305,20 +304,14 @@ def apply_model_with_gate(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     chunk_ids = _chunk_ids(options)
     call = run.model_call(plan, chunk_ids, options["cond_or_uncond"], args[0].device)
-    options = {**options, CALL_KEY: call}
     slot = run.patch.slot
-    if slot is not None:
-        slot.call = call
+    slot.call = call
     try:
-        if position is None:
-            out = executor(*args, **{**kwargs, "transformer_options": options})
-        else:
-            out = executor(*args[:position], options, *args[position + 1 :], **kwargs)
+        out = executor(*args, **kwargs)
     finally:
-        if slot is not None:
-            slot.call = None
+        slot.call = None
     for layer in list(call.captured):
-        run.store.store(layer, call.captured.pop(layer), call.plan, chunk_ids)  # one layer's copy at a time
+        run.store.store(layer, call.captured.pop(layer), call.reduction, chunk_ids)  # one layer's copy at a time
     return out
 
 
@@ -336,10 +329,3 @@ def _first_sigma(timestep: Any) -> float:
     if isinstance(timestep, torch.Tensor):
         return float(timestep.reshape(-1)[0])
     return float(timestep)
-
-
-def _with_option(model_options: dict, key: str, value: Any) -> dict:
-    """A copy of `model_options` whose transformer_options carry `key`; the input is unchanged."""
-    options = dict(model_options)
-    options["transformer_options"] = {**model_options.get("transformer_options", {}), key: value}
-    return options

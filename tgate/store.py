@@ -34,9 +34,9 @@ def layer_of(key: str) -> str:
     return key.split(OCCURRENCE, 1)[0]
 
 
-class ChunkPlan(NamedTuple):
-    """Which chunks of one batched model call a capture keeps, and which are averaged into them.
-    Plain ints and bools, so a compiled model sees it as a constant."""
+class ChunkReduction(NamedTuple):
+    """Which chunks of one batched model call a capture keeps, and which are averaged into them
+    (made by StepPlan.reduction). Plain ints and bools, so a compiled model sees it as a constant."""
 
     n_chunks: int
     stored: tuple[int, ...]  # the chunks whose outputs are stored
@@ -44,7 +44,7 @@ class ChunkPlan(NamedTuple):
     mean_of_branches: bool
 
 
-def reduce_chunks(output: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
+def reduce_chunks(output: torch.Tensor, reduction: ChunkReduction) -> torch.Tensor:
     """What a capture keeps of one layer's batched output, as one tensor; runs inside the model.
 
     The stored chunks in call order, each averaged with the mean of the mixed-in chunks when there
@@ -52,23 +52,23 @@ def reduce_chunks(output: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
     A call with no chunk to store gives the float32 sum of its chunks, to pair with stored chunks
     from other calls.
     """
-    if not plan.mixed_in:
-        if len(plan.stored) == plan.n_chunks:
+    if not reduction.mixed_in:
+        if len(reduction.stored) == reduction.n_chunks:
             return output
-        chunks = output.chunk(plan.n_chunks)
-        return torch.cat([chunks[i] for i in plan.stored])
-    chunks = output.chunk(plan.n_chunks)
-    mixed_sum = chunks[plan.mixed_in[0]].float()
-    for i in plan.mixed_in[1:]:
+        chunks = output.chunk(reduction.n_chunks)
+        return torch.cat([chunks[i] for i in reduction.stored])
+    chunks = output.chunk(reduction.n_chunks)
+    mixed_sum = chunks[reduction.mixed_in[0]].float()
+    for i in reduction.mixed_in[1:]:
         mixed_sum = mixed_sum + chunks[i].float()
-    if not plan.stored:
+    if not reduction.stored:
         return mixed_sum
-    mixed_mean = mixed_sum / len(plan.mixed_in)
-    means = [((chunks[i].float() + mixed_mean) * 0.5).to(output.dtype) for i in plan.stored]
+    mixed_mean = mixed_sum / len(reduction.mixed_in)
+    means = [((chunks[i].float() + mixed_mean) * 0.5).to(output.dtype) for i in reduction.stored]
     return means[0] if len(means) == 1 else torch.cat(means)
 
 
-class Slot(NamedTuple):
+class Entry(NamedTuple):
     """Where one chunk's output is kept: chunk `index` of `count` equal chunks of `block`."""
 
     block: torch.Tensor
@@ -86,40 +86,31 @@ class AttentionStore:
         self.layer_kinds = dict(layer_kinds)  # {layer: kind}
         # None keeps entries where they were computed (the model's device).
         self.storage_device = torch.device(storage_device) if storage_device is not None else None
-        self.fidelity_index = 0  # the branch (0 cond, 1 uncond) run after the gate: a mean capture stores its chunks
-        self._slots: dict[str, dict[ChunkId, Slot]] = {}
+        self._entries: dict[str, dict[ChunkId, Entry]] = {}
         # Only used when ComfyUI runs the two branches in separate model calls (low memory): the
         # other branch's outputs are summed per layer and shape and mixed in when the capture ends.
         self._unpaired: dict[tuple[str, torch.Size], list[ChunkId]] = {}
         self._other_sums: dict[tuple[str, torch.Size], tuple[torch.Tensor, int]] = {}
         self._tables: dict[tuple, dict[str, torch.Tensor]] = {}
 
-    def chunk_plan(self, branches: Sequence[int], mean_of_branches: bool) -> ChunkPlan:
-        """How a capture reduces a call whose chunks belong to `branches` (ComfyUI's cond_or_uncond)."""
-        if not mean_of_branches:
-            return ChunkPlan(len(branches), tuple(range(len(branches))), (), False)
-        stored = tuple(i for i, b in enumerate(branches) if b == self.fidelity_index)
-        mixed_in = tuple(i for i, b in enumerate(branches) if b != self.fidelity_index)
-        return ChunkPlan(len(branches), stored, mixed_in, True)
-
-    def store(self, layer: str, reduced: torch.Tensor, plan: ChunkPlan, chunk_ids: Sequence[ChunkId]) -> None:
+    def store(self, layer: str, reduced: torch.Tensor, reduction: ChunkReduction, chunk_ids: Sequence[ChunkId]) -> None:
         """Keep what `reduce_chunks` gave for one layer of one model call.
 
         It is copied: what comes out of a compiled model may live in a CUDA graph's memory pool,
         which the next replay overwrites, and a view would keep a whole batch alive.
         """
-        if not plan.stored:
+        if not reduction.stored:
             key = (layer, reduced.shape)
             total, count = self._other_sums.get(key, (None, 0))
-            self._other_sums[key] = (reduced.clone() if total is None else total + reduced, count + len(plan.mixed_in))
+            self._other_sums[key] = (reduced.clone() if total is None else total + reduced, count + len(reduction.mixed_in))
             return
         block = reduced.clone()
-        slots = self._slots.setdefault(layer, {})
-        for index, position in enumerate(plan.stored):
-            slot = Slot(block, index, len(plan.stored))
-            slots[chunk_ids[position]] = slot
-            if plan.mean_of_branches and not plan.mixed_in:
-                self._unpaired.setdefault((layer, slot.view().shape), []).append(chunk_ids[position])
+        entries = self._entries.setdefault(layer, {})
+        for index, position in enumerate(reduction.stored):
+            entry = Entry(block, index, len(reduction.stored))
+            entries[chunk_ids[position]] = entry
+            if reduction.mean_of_branches and not reduction.mixed_in:
+                self._unpaired.setdefault((layer, entry.view().shape), []).append(chunk_ids[position])
 
     def finish_capture(self) -> None:
         """Mix in partners seen in other model calls, then move entries to the storage device."""
@@ -129,17 +120,18 @@ class AttentionStore:
                 continue
             total, count = partner
             for chunk_id in chunk_ids:
-                own = self._slots[layer][chunk_id].view()
-                self._slots[layer][chunk_id] = Slot(((own.float() + total / count) * 0.5).to(own.dtype), 0, 1)
+                own = self._entries[layer][chunk_id].view()
+                self._entries[layer][chunk_id] = Entry(((own.float() + total / count) * 0.5).to(own.dtype), 0, 1)
         self._unpaired.clear()
         self._other_sums.clear()
         self._tables.clear()
         if self.storage_device is not None:
-            moved: dict[int, torch.Tensor] = {}
-            for slots in self._slots.values():
-                for chunk_id, slot in slots.items():
-                    block = moved.setdefault(id(slot.block), _move(slot.block, self.storage_device))
-                    slots[chunk_id] = slot._replace(block=block)
+            moved: dict[int, torch.Tensor] = {}  # one copy per block, however many chunks share it
+            for entries in self._entries.values():
+                for chunk_id, entry in entries.items():
+                    if id(entry.block) not in moved:
+                        moved[id(entry.block)] = _move(entry.block, self.storage_device)
+                    entries[chunk_id] = entry._replace(block=moved[id(entry.block)])
 
     def reuse_table(self, kinds: Collection[str], chunk_ids: Sequence[ChunkId], device: torch.device) -> dict[str, torch.Tensor]:
         """{layer: kept output} of the layers of `kinds`, for a model call made of `chunk_ids`, on `device`.
@@ -154,10 +146,10 @@ class AttentionStore:
         if table is not None:
             return table
         table = {}
-        for layer, slots in self._slots.items():
+        for layer, entries in self._entries.items():
             if self.layer_kinds[layer_of(layer)] not in kinds:
                 continue
-            parts = [slots.get(chunk_id) for chunk_id in chunk_ids]
+            parts = [entries.get(chunk_id) for chunk_id in chunk_ids]
             if not parts or any(p is None for p in parts):
                 continue
             table[layer] = _join(parts).to(device, non_blocking=True)
@@ -166,29 +158,29 @@ class AttentionStore:
         return table
 
     def holds(self, kind: str) -> bool:
-        return any(slots and self.layer_kinds[layer_of(key)] == kind for key, slots in self._slots.items())
+        return any(entries and self.layer_kinds[layer_of(key)] == kind for key, entries in self._entries.items())
 
     def layers(self, kind: str) -> int:
-        kept = {layer_of(key) for key, slots in self._slots.items() if slots}
+        kept = {layer_of(key) for key, entries in self._entries.items() if entries}
         return sum(1 for layer in kept if self.layer_kinds[layer] == kind)
 
     @property
     def nbytes(self) -> int:
-        blocks = {id(s.block): s.block for slots in self._slots.values() for s in slots.values()}
+        blocks = {id(s.block): s.block for entries in self._entries.values() for s in entries.values()}
         return sum(b.numel() * b.element_size() for b in blocks.values())
 
     def __len__(self) -> int:
-        return sum(len(slots) for slots in self._slots.values())
+        return sum(len(entries) for entries in self._entries.values())
 
     def clear(self, kinds: Collection[str] = KINDS) -> None:
-        for layer in [key for key in self._slots if self.layer_kinds[layer_of(key)] in kinds]:
-            del self._slots[layer]
+        for layer in [key for key in self._entries if self.layer_kinds[layer_of(key)] in kinds]:
+            del self._entries[layer]
         self._tables.clear()
         self._unpaired.clear()
         self._other_sums.clear()
 
 
-def _join(parts: Sequence[Slot]) -> torch.Tensor:
+def _join(parts: Sequence[Entry]) -> torch.Tensor:
     first = parts[0]
     whole = len(parts) == first.count and all(p.block is first.block and p.index == i for i, p in enumerate(parts))
     if whole:

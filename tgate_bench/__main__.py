@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         load_pack(nodes, PACK_ROOT)
     tgate_node = nodes.NODE_CLASS_MAPPINGS["TGate"]
     advanced_node = nodes.NODE_CLASS_MAPPINGS["TGateAdvanced"]
-    stats = RunLog()
+    stats = RunLog()  # the runs' statistics, from the engine's run listener
     logging.getLogger("tgate").addHandler(stats)
     logging.getLogger("tgate").setLevel(logging.INFO)
 
@@ -153,6 +153,7 @@ def main(argv=None) -> int:
 
     # The pack's engine as ComfyUI loaded it; tgate_v2 runs the family's official self-attention schedule.
     engine = importlib.import_module(tgate_node.__module__.rpartition(".")[0] + ".tgate")
+    engine.add_run_listener(stats.add_run)
     reuse = engine.family_of(model.model.model_config).official[1]
 
     def tgate(gate_at):
@@ -362,7 +363,7 @@ def main(argv=None) -> int:
         payload = {
             "command": "python -m tgate_bench " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "comfyui": _comfyui_version(comfy_path),
+            "comfyui": _comfyui_version(),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"dtype": str(dtype)},
@@ -427,7 +428,7 @@ def _graph_counter():
     return lambda: counters["stats"]["unique_graphs"]
 
 
-def _comfyui_version(path: Path) -> str | None:
+def _comfyui_version() -> str | None:
     try:
         import comfyui_version
 

@@ -1,0 +1,68 @@
+"""What one sampling run did, handed to listeners when it ends.
+
+Every run under T-GATE ends with one log line on the `tgate` logger (INFO, or WARNING when it was
+cancelled, failed, or ran evaluations past the gate without a cache) and a RunStats handed to each
+listener added with `add_run_listener`, in the order they were added; benchmarks and tests read
+the numbers from there, never from the log record. A listener that raises is logged and skipped:
+it never stops sampling nor hides the run's own error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("tgate")
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """The statistics of one sampling run under T-GATE."""
+
+    family: str  # the model family, as users know it
+    gate_step: int  # the first step after the gate (steps count from 0)
+    num_steps: int  # the run's steps
+    captured_layers: int  # cross-attention layers kept at the end of the run
+    self_attention_layers: int  # self-attention layers kept at the end of the run (V2; freed after the last reuse)
+    cache_bytes: int  # bytes kept at the end of the run
+    peak_cache_bytes: int  # the most bytes kept after any capture
+    single_branch_evaluations: int  # evaluations that ran the fidelity branch alone
+    self_attention_reuses: int  # evaluations that reused self-attention
+    uncached_evaluations: int  # evaluations past the gate whose capture kept nothing, run in full
+    late_capture: bool  # whether a capture fell past the gate (the sampler skipped, or the model skipped, the capture step)
+    stopped_at_step: int | None  # the step of the last evaluation of a cancelled or failed run; None when it finished
+    stop: str | None  # "cancelled" or "failed (TypeName)"; None when it finished
+    branch_evaluations: int  # CFG branches the main evaluations would have run without T-GATE
+    saved_branch_evaluations: int  # of those, the ones T-GATE did not run
+    seconds_per_step_before_gate: float | None  # host wall-clock mean of the timed steps; None when none was timed
+    seconds_per_step_after_gate: float | None
+    summary: str  # the run's log line
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+RunListener = Callable[[RunStats], object]
+_listeners: list[RunListener] = []
+
+
+def add_run_listener(listener: RunListener) -> None:
+    """Call `listener(stats)` at the end of every sampling run under T-GATE."""
+    _listeners.append(listener)
+
+
+def remove_run_listener(listener: RunListener) -> None:
+    """Stop calling `listener`; nothing happens if it was not added."""
+    if listener in _listeners:
+        _listeners.remove(listener)
+
+
+def announce(stats: RunStats) -> None:
+    """Hand `stats` to every listener."""
+    for listener in list(_listeners):
+        try:
+            listener(stats)
+        except Exception:
+            log.exception("T-GATE: a run listener raised; the run itself is unaffected")
