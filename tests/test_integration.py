@@ -474,6 +474,39 @@ def test_5_composes_with_easycache(comfy, sd15):
         assert 0 < probe.to_q_calls == q_before_call[two] and probe.to_q_calls % layers == 0, order
 
 
+def test_5_token_merging_turns_self_attention_reuse_off_with_a_warning_and_keeps_gating(comfy, sd15):
+    """ToMe (and HyperTile) set attn1 patches that reorder self-attention's tokens at every call: a
+    kept output would come back in another step's layout. The advanced node then reuses no
+    self-attention, says so, and gates cross-attention as the simple node does, bit for bit."""
+    from comfy_extras.nodes_tomesd import TomePatchModel
+
+    pos, neg = conds(comfy, "sd15")
+    layers = len(attn2_modules(sd15))
+
+    def tome(model):
+        return TomePatchModel.execute(model, 0.5).result[0]
+
+    def sample(model):
+        torch.manual_seed(0)  # ToMe draws its token layout from the global generator
+        with ModelCalls().watch(sd15) as calls:
+            out = comfy.sample(model, pos, neg, steps=STEPS)
+        return out, calls
+
+    with RunLog().on() as log:
+        advanced, calls = sample(tome(comfy.tgate_advanced(sd15, sp_interval=2, fi_interval=2)))
+    (warning,) = log.messages(logging.WARNING)
+    assert "self-attention is not reused" in warning and "attn1_patch" in warning and "tomesd_m" in warning
+    assert calls.column("batch") == [2] * GATE_STEP + [1] * (STEPS - GATE_STEP)
+    assert calls.column("cross_q") == [layers] * GATE_STEP + [0] * (STEPS - GATE_STEP)
+    assert all(q == calls.column("self_q")[0] > 0 for q in calls.column("self_q"))  # computed at every step
+    simple, _ = sample(tome(comfy.tgate(sd15)))
+    assert torch.equal(advanced, simple)
+    # Without ToMe the same settings do reuse self-attention (the test above would see it).
+    with ModelCalls().watch(sd15) as plain_calls:
+        comfy.sample(comfy.tgate_advanced(sd15, sp_interval=2, fi_interval=2), pos, neg, steps=STEPS)
+    assert 0 in plain_calls.column("self_q")
+
+
 def test_5_applying_tgate_twice_warns_with_both_settings(comfy, sd15):
     with RunLog().on() as log:
         once = comfy.tgate(sd15, gate_at=0.4)

@@ -83,7 +83,7 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options, seen=None):
 def run_options(config=None, gate_sigma=3.5, sigmas=SIGMAS, slot=None):
     """A run in progress, as OUTER_SAMPLE starts it, and the model options its evaluations get."""
     patch = gate_patch(config, slot)
-    run = patch.slot.run = GateRun(patch, GateSchedule.from_sigmas(sigmas, gate_sigma))
+    run = patch.slot.run = GateRun(patch, GateSchedule.from_sigmas(sigmas, gate_sigma), patch.config.self_attention)
     return run, {"transformer_options": {CONFIG_KEY: patch}}
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .branch import BRANCH_NAMES, COND, FidelityBranch, fidelity_index, only_branch
-from .config import TGateConfig
+from .config import SelfAttentionReuse, TGateConfig
 from .families import CROSS, SELF
 from .forward import CallSlot, ModelCall
 from .plan import Action, Kept, StepPlan, plan_step, plan_steps
@@ -60,13 +60,30 @@ class GatePatch:
     slot: CallSlot = field(default_factory=CallSlot)  # the run and the model call in progress; the forwards hold it
 
 
-class GateRun:
-    """The state of one sampling run: its schedule and plan, what it keeps, and what happened."""
+# Patches ComfyUI applies around every self-attention module (comfy/ldm/modules/attention.py): ToMe
+# merges tokens and HyperTile tiles them with a layout drawn anew at every call, so an output kept at
+# one step comes back in another step's layout. Self-attention is not reused where one is set.
+LAYOUT_PATCHES = ("attn1_patch", "attn1_output_patch")
 
-    def __init__(self, patch: GatePatch, schedule: GateSchedule):
+
+def layout_patches(transformer_options: Mapping) -> list[str]:
+    """The self-attention patches on a model that make reusing self-attention inexact, named."""
+    patches = transformer_options.get("patches", {}) if isinstance(transformer_options, Mapping) else {}
+    return [f"{kind} {getattr(f, '__qualname__', type(f).__name__)}" for kind in LAYOUT_PATCHES for f in patches.get(kind, ())]
+
+
+class GateRun:
+    """The state of one sampling run: its schedule and plan, what it keeps, and what happened.
+
+    `self_attention`: the self-attention reuse the run plans with; None where the node asked for none
+    or where self-attention patches make reuse inexact (layout_patches).
+    """
+
+    def __init__(self, patch: GatePatch, schedule: GateSchedule, self_attention: SelfAttentionReuse | None = None):
         self.patch = patch
         self.schedule = schedule
-        self.plans = plan_steps(schedule.num_steps, schedule.gate_step, patch.config.self_attention)
+        self.self_attention = self_attention
+        self.plans = plan_steps(schedule.num_steps, schedule.gate_step, self_attention)
         self.store = AttentionStore(patch.layer_kinds, "cpu" if patch.config.cache_device == "cpu" else None)
         self.current: StepPlan | None = None  # the plan of the main CFG evaluation in progress
         # The index in `conds` of the branch run after the gate, resolved at the run's first evaluation.
@@ -209,11 +226,13 @@ class GateRun:
             f"{self.single_branch_evaluations} evaluations ran the {BRANCH_NAMES[self.fidelity or COND]} branch "
             f"alone on {self.store.layers(CROSS)} cached cross-attention layers ({self.store.nbytes / 2**20:.1f} MiB)"
         )
-        if self.patch.config.self_attention is not None:
+        if self.self_attention is not None:
             text += (
                 f"; self-attention was reused in {self.self_attention_reuses} evaluations "
                 f"(peak cache {self.peak_bytes / 2**20:.1f} MiB)"
             )
+        elif self.patch.config.self_attention is not None:
+            text += "; self-attention was not reused (self-attention patches on the model)"
         text += f"; {self.saved_branch_evaluations} of {self.branch_evaluations} CFG branch evaluations saved"
         timing = [
             f"{seconds:.3g} s per step {where} the gate"
@@ -256,7 +275,16 @@ def sample_with_gate(executor, *args, **kwargs):
         schedule.num_steps,
         config.gate_at,
     )
-    run = GateRun(patch, schedule)
+    self_attention = config.self_attention
+    refused = layout_patches(guider.model_options.get("transformer_options", {})) if self_attention is not None else []
+    if refused:
+        log.warning(
+            "T-GATE: self-attention is not reused in this run: %s change its tokens at every step (token merging "
+            "or tiling), so a kept output would not fit a later step; cross-attention is gated as usual",
+            ", ".join(refused),
+        )
+        self_attention = None
+    run = GateRun(patch, schedule, self_attention)
     outer, patch.slot.run = patch.slot.run, run  # a run sampled inside another gets the slot back after it
     try:
         return executor(*args, **kwargs)
