@@ -394,6 +394,8 @@ def test_4_extra_model_calls_do_not_corrupt_the_cache(comfy, sd15):
         gated = perp_neg(comfy.tgate(sd15))
     assert torch.equal(gated, perp_neg(sd15))
     assert [run["single_branch_evaluations"] for run in log.runs] == [0]
+    (warning,) = log.messages(logging.WARNING)  # a run T-GATE did not act on says why
+    assert "no evaluation ran one branch alone" in warning and "more than two cond lists (PerpNegGuider" in warning
 
 
 # -- 5. only chainable hooks; composes with other patches and EasyCache -------------------------------
@@ -505,6 +507,31 @@ def test_5_token_merging_turns_self_attention_reuse_off_with_a_warning_and_keeps
     with ModelCalls().watch(sd15) as plain_calls:
         comfy.sample(comfy.tgate_advanced(sd15, sp_interval=2, fi_interval=2), pos, neg, steps=STEPS)
     assert 0 in plain_calls.column("self_q")
+
+
+def test_5_a_model_wrapper_that_drops_rows_runs_without_the_cache_and_says_so(comfy, sd15):
+    """A unet function wrapper that hands the model fewer rows than the call's chunks (here: the first
+    chunk's rows only, its output repeated) leaves no output to match to a chunk: T-GATE neither
+    captures nor reuses in such calls, warns, and the run is the wrapper's own, bit for bit."""
+    pos, neg = conds(comfy, "sd15")
+
+    def first_rows(apply_model, args):
+        x, c, n = args["input"], args["c"], len(args["cond_or_uncond"])
+        rows = x.shape[0] // n
+        c = {k: v[:rows] if torch.is_tensor(v) and v.shape[0] == x.shape[0] else v for k, v in c.items()}
+        return apply_model(x[:rows], args["timestep"][:rows], **c).repeat(n, 1, 1, 1)
+
+    def wrapped(model):
+        model = model.clone()
+        model.set_model_unet_function_wrapper(first_rows)
+        return model
+
+    with RunLog().on() as log:
+        gated = comfy.sample(wrapped(comfy.tgate(sd15)), pos, neg, steps=STEPS)
+    assert torch.equal(gated, comfy.sample(wrapped(sd15), pos, neg, steps=STEPS))
+    first, summary = log.messages(logging.WARNING)
+    assert "1 input rows for 2 conditioning chunks" in first
+    assert "no evaluation ran one branch alone" in summary and "fewer input rows than conditioning chunks" in summary
 
 
 def test_5_applying_tgate_twice_warns_with_both_settings(comfy, sd15):

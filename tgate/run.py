@@ -94,6 +94,8 @@ class GateRun:
         self.branch_evaluations = 0  # CFG branches the main evaluations would have run without T-GATE
         self.saved_branch_evaluations = 0  # of those, the ones T-GATE did not run
         self.uncached_evaluations = 0
+        self.unmatched_calls = 0  # model calls whose rows did not match their chunks (see apply_model_with_gate)
+        self.many_cond_evaluations = 0  # evaluations of more than two cond lists (guiders T-GATE does not gate)
         self.self_attention_reuses = 0
         self.peak_bytes = 0
         self.last_step: int | None = None  # the step of the last evaluation
@@ -222,10 +224,13 @@ class GateRun:
                 f"T-GATE: the run {self._ended()} at step {self.last_step + 1} of {s.num_steps}, "
                 f"the gate being after step {s.gate_step}; until then "
             )
-        text += (
-            f"{self.single_branch_evaluations} evaluations ran the {BRANCH_NAMES[self.fidelity or COND]} branch "
-            f"alone on {self.store.layers(CROSS)} cached cross-attention layers ({self.store.nbytes / 2**20:.1f} MiB)"
-        )
+        if self.single_branch_evaluations:
+            text += (
+                f"{self.single_branch_evaluations} evaluations ran the {BRANCH_NAMES[self.fidelity or COND]} branch "
+                f"alone on {self.store.layers(CROSS)} cached cross-attention layers ({self.store.nbytes / 2**20:.1f} MiB)"
+            )
+        else:
+            text += f"no evaluation ran one branch alone ({self.store.layers(CROSS)} cached cross-attention layers)"
         if self.self_attention is not None:
             text += (
                 f"; self-attention was reused in {self.self_attention_reuses} evaluations "
@@ -241,7 +246,17 @@ class GateRun:
         ]
         if timing:
             text += "; " + " and ".join(timing)
-        if self.late_capture:
+        if self.many_cond_evaluations:
+            text += (
+                f"; {self.many_cond_evaluations} evaluations passed more than two cond lists (PerpNegGuider, "
+                "DualCFGGuider), which T-GATE leaves as they are"
+            )
+        if self.unmatched_calls:
+            text += (
+                f"; {self.unmatched_calls} model calls had fewer input rows than conditioning chunks (a model "
+                "wrapper changed the batch) and ran without the cache"
+            )
+        elif self.late_capture:
             text += "; the sampler skipped the capture step, so the first evaluation past the gate captured"
         if self.uncached_evaluations:
             text += f"; {self.uncached_evaluations} evaluations after the gate found no cache and ran in full"
@@ -294,7 +309,11 @@ def sample_with_gate(executor, *args, **kwargs):
     finally:
         patch.slot.run = outer
         stats = run.stats()
-        log.log(logging.WARNING if run.uncached_evaluations or run.stopped else logging.INFO, stats.summary)
+        # Anything that kept T-GATE from acting is a warning: a run that stopped, evaluations past the
+        # gate without a cache, or a finished run that never ran one branch alone.
+        acted = run.single_branch_evaluations or run.stopped
+        level = logging.WARNING if run.uncached_evaluations or run.stopped or not acted else logging.INFO
+        log.log(level, stats.summary)
         run.close()
         announce(stats)
 
@@ -312,6 +331,8 @@ def calc_cond_batch_with_gate(executor, model, conds, x_in, timestep, model_opti
     run untouched and never see what the run keeps.
     """
     run = _run_of(model_options.get("transformer_options"))
+    if run is not None and len(conds) > 2:
+        run.many_cond_evaluations += 1  # PerpNegGuider, DualCFGGuider: not gated (yet)
     if run is None or len(conds) != 2:
         return executor(model, conds, x_in, timestep, model_options)
     return run.evaluate(executor, model, conds, x_in, timestep, model_options)
@@ -329,6 +350,19 @@ def apply_model_with_gate(executor, *args, **kwargs):
     if plan is None or "uuids" not in options or "cond_or_uncond" not in options:
         # Outside the main CFG evaluation, or without the chunk layout nothing can be matched:
         # this call runs as usual.
+        return executor(*args, **kwargs)
+    rows, chunks = args[0].shape[0], len(options["cond_or_uncond"])
+    if rows < chunks or rows % chunks:
+        # A model wrapper handed the model fewer rows than the chunks its options list: no output
+        # can be matched to a chunk, so this call neither captures nor reuses.
+        if not run.unmatched_calls:
+            log.warning(
+                "T-GATE: a model call got %d input rows for %d conditioning chunks (a model wrapper changed the "
+                "batch); such calls run without T-GATE's cache",
+                rows,
+                chunks,
+            )
+        run.unmatched_calls += 1
         return executor(*args, **kwargs)
     chunk_ids = _chunk_ids(options)
     call = run.model_call(plan, chunk_ids, options["cond_or_uncond"], args[0].device)
