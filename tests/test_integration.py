@@ -420,11 +420,11 @@ def test_5_the_node_uses_object_patches_and_keyed_wrappers_only(comfy, sd15):
     assert (attention.CrossAttention.forward, samplers.calc_cond_batch, samplers.sampling_function) == globals_before
 
 
-def test_5_an_attn2_replace_patch_still_runs_where_it_applies(comfy, sd15):
+def test_5_an_attn2_replace_patch_is_captured_at_the_gate_and_reused(comfy, sd15):
     calls = []
 
     def replace(q, k, v, extra_options):
-        calls.append(extra_options["cond_or_uncond"][:])
+        calls.append(sorted(extra_options["cond_or_uncond"]))
         return (
             torch.nn.functional.scaled_dot_product_attention(
                 *(t.view(t.shape[0], -1, 2, t.shape[-1] // 2).transpose(1, 2) for t in (q, k, v))
@@ -443,10 +443,12 @@ def test_5_an_attn2_replace_patch_still_runs_where_it_applies(comfy, sd15):
             model.set_model_attn2_replace(replace, "input", 1)
         calls.clear()
         pos, neg = conds(comfy, "sd15")
-        out = comfy.sample(model, pos, neg, steps=STEPS)
+        out, probe = probed(comfy, sd15, model, pos, neg, steps=STEPS)
         assert torch.isfinite(out).all()
-        assert len(calls) == STEPS  # every step, after the gate on the one remaining branch
-        assert calls[-1] == [1]
+        # A replaced layer is cross-attention: its replacement runs on both branches until the
+        # gate, is kept there, and does not run after it (tests/test_composition.py).
+        assert calls == [[0, 1]] * GATE_STEP, order
+        assert probe.batch_sizes == [2] * GATE_STEP + [1] * (STEPS - GATE_STEP), order
 
 
 def test_5_composes_with_easycache(comfy, sd15):

@@ -15,7 +15,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .families import CROSS
 from .store import ChunkReduction, occurrence_key, reduce_chunks
+
+# Where a replaced cross-attention layer's outputs are kept: this prefix, then the block and the
+# transformer index ComfyUI hands the replacement (`input.1.0`). Never a module path.
+REPLACED_CROSS = "patches_replace.attn2."
 
 
 class ModelCall(NamedTuple):
@@ -64,13 +69,8 @@ def gated_attention(
         call = slot.call
         if call is None:
             return forward(*args, **kwargs)
-        n = call.calls.get(layer, 0)
-        call.calls[layer] = n + 1
-        key = occurrence_key(layer, n)
-        reused = call.reuse.get(key)
-        # An attention output has its query's shape; a call of another shape (a new resolution,
-        # another chunk grouping) computes instead.
-        if reused is not None and reused.shape == _query(args, kwargs).shape:
+        key, reused = _reusable(call, layer, _query(args, kwargs))
+        if reused is not None:
             # No projections, no attention.
             return (reused,) + (None,) * (tuple_output - 1) if tuple_output else reused
         out = forward(*args, **kwargs)
@@ -86,6 +86,51 @@ def gated_attention(
 
     tgate_forward.tgate_original = forward
     return tgate_forward
+
+
+def gated_replacement(
+    replacement: Callable[..., torch.Tensor], slot: CallSlot, made: dict[int, tuple[Callable, Callable]]
+) -> Callable[..., torch.Tensor]:
+    """Wrap an attn2 replace patch (`patches_replace["attn2"]`, IPAdapter-style) for T-GATE: a
+    replaced cross-attention layer is cross-attention. ComfyUI's BasicTransformerBlock calls
+    `replacement(q, k, v, extra_options)` between `attn2.to_q/to_k/to_v` and `attn2.to_out`
+    instead of `attn2.forward`; its output (before `to_out`) is captured and reused as a patched
+    layer's is, under REPLACED_CROSS + the block it serves. `to_out` being linear, the mean of the
+    replacement's outputs passed through it is the mean of the layer's outputs.
+    `made`: {id(replacement): (replacement, wrapper)}, the wrappers made so far (one run's), so each
+    replacement gets one wrapper and a compiled model sees the same function at every call."""
+    known = made.get(id(replacement))
+    if known is not None and known[0] is replacement:
+        return known[1]
+
+    def tgate_attn2_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        call = slot.call
+        if call is None:
+            return replacement(q, k, v, extra_options)
+        block = extra_options.get("block") or ()
+        layer = REPLACED_CROSS + ".".join(str(part) for part in (*block, extra_options.get("block_index", 0)))
+        key, reused = _reusable(call, layer, q)
+        if reused is not None:
+            return reused  # the replacement does not run
+        out = replacement(q, k, v, extra_options)
+        if CROSS in call.capture_kinds:
+            call.captured[key] = reduce_chunks(out, call.reduction)
+        return out
+
+    tgate_attn2_replace.tgate_original = replacement
+    made[id(replacement)] = (replacement, tgate_attn2_replace)
+    return tgate_attn2_replace
+
+
+def _reusable(call: ModelCall, layer: str, query: torch.Tensor) -> tuple[str, torch.Tensor | None]:
+    """The key this run of `layer` is kept under in `call`, and the output to return instead of
+    computing, if any. An attention output has its query's shape; a call of another shape (a new
+    resolution, another chunk grouping) computes instead."""
+    n = call.calls.get(layer, 0)
+    call.calls[layer] = n + 1
+    key = occurrence_key(layer, n)
+    reused = call.reuse.get(key)
+    return key, reused if reused is not None and reused.shape == query.shape else None
 
 
 def _query(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -26,11 +26,11 @@ import torch
 from .branch import BRANCH_NAMES, COND, FidelityBranch, fidelity_index, only_branch
 from .config import SelfAttentionReuse, TGateConfig
 from .families import CROSS, SELF
-from .forward import CallSlot, ModelCall
+from .forward import REPLACED_CROSS, CallSlot, ModelCall, gated_replacement
 from .plan import Action, Kept, StepPlan, plan_step, plan_steps
 from .schedule import GateSchedule
 from .stats import RunStats, announce
-from .store import AttentionStore
+from .store import AttentionStore, layer_of
 
 log = logging.getLogger("tgate")
 
@@ -104,6 +104,8 @@ class GateRun:
         self._step_seconds = {False: 0.0, True: 0.0}
         self._steps_timed = {False: 0, True: 0}
         self._step_start: tuple[int, float] | None = None  # (step, perf_counter) of its first evaluation
+        # The run's wrappers of attn2 replace patches (forward.gated_replacement), made at first use.
+        self.replacements: dict[int, tuple] = {}
 
     @property
     def stopped(self) -> bool:
@@ -268,6 +270,7 @@ class GateRun:
 
     def close(self) -> None:
         self.store.clear()
+        self.replacements.clear()
 
 
 def sample_with_gate(executor, *args, **kwargs):
@@ -290,8 +293,17 @@ def sample_with_gate(executor, *args, **kwargs):
         schedule.num_steps,
         config.gate_at,
     )
+    options = guider.model_options.get("transformer_options", {})
+    patches = attention_patches(options)
+    if patches:
+        log.warning(
+            "T-GATE: the model has %s: what they add to cross-attention is captured at the gate with the text "
+            "(the mean of both branches) and reused after it; a patch that changes its behaviour after the gate "
+            "(an image prompt that starts or ends later) is not seen",
+            " and ".join(patches),
+        )
     self_attention = config.self_attention
-    refused = layout_patches(guider.model_options.get("transformer_options", {})) if self_attention is not None else []
+    refused = layout_patches(options) if self_attention is not None else []
     if refused:
         log.warning(
             "T-GATE: self-attention is not reused in this run: %s change its tokens at every step (token merging "
@@ -367,14 +379,46 @@ def apply_model_with_gate(executor, *args, **kwargs):
     chunk_ids = _chunk_ids(options)
     call = run.model_call(plan, chunk_ids, options["cond_or_uncond"], args[0].device)
     slot = run.patch.slot
+    gated = _with_gated_replacements(options, run)
+    if gated is not options:
+        if len(args) > 5:
+            args = (*args[:5], gated, *args[6:])
+        else:
+            kwargs = {**kwargs, "transformer_options": gated}
     slot.call = call
     try:
         out = executor(*args, **kwargs)
     finally:
         slot.call = None
     for layer in list(call.captured):
+        if layer.startswith(REPLACED_CROSS):
+            run.store.layer_kinds.setdefault(layer_of(layer), CROSS)  # a replaced layer is cross-attention
         run.store.store(layer, call.captured.pop(layer), call.reduction, chunk_ids)  # one layer's copy at a time
     return out
+
+
+def _with_gated_replacements(options: dict, run: GateRun) -> dict:
+    """`options` with each attn2 replace patch wrapped for T-GATE (forward.gated_replacement), as a
+    new dict: the model's own options, and the replacements, are left unchanged. Done per model
+    call, so replacements added after the T-GATE node in the chain are served too."""
+    replace = options.get("patches_replace")
+    attn2 = replace.get("attn2") if isinstance(replace, dict) else None
+    if not attn2:
+        return options
+    wrapped = {block: gated_replacement(patch, run.patch.slot, run.replacements) for block, patch in attn2.items()}
+    return {**options, "patches_replace": {**replace, "attn2": wrapped}}
+
+
+def attention_patches(transformer_options: Any) -> list[str]:
+    """The patches in `transformer_options` that act on cross-attention from outside it, by kind."""
+    if not isinstance(transformer_options, dict):
+        return []
+    found = []
+    if (transformer_options.get("patches_replace") or {}).get("attn2"):
+        found.append("attn2 replace patches (IPAdapter-style)")
+    if (transformer_options.get("patches") or {}).get("attn2_patch"):
+        found.append("attn2_patch")
+    return found
 
 
 def _chunk_ids(options: dict) -> list:

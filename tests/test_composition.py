@@ -1,0 +1,197 @@
+"""T-GATE with other add-ons that reach cross-attention from outside it.
+
+An image prompt in the style of IPAdapter, written here (no third-party code): an attn2 replace
+patch (ComfyUI's `set_model_attn2_replace`) that adds, to the text attention, attention over image
+tokens projected by its own k/v weights from per-cond image embeds (random for the positive, zeros
+for the negative, picked by `cond_or_uncond` as IPAdapter does). A replaced cross-attention layer
+is cross-attention: T-GATE captures the replacement's output at the gate as the mean of the
+branches and reuses it after, so the image prompt keeps acting at the text's averaged strength.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+
+from tgate_testkit.logs import RunLog
+from tgate_testkit.recorders import ModelCalls
+
+STEPS = 12  # gate_at 0.4 gates after 5 of 12 steps with the normal scheduler
+GATE_STEP = 5
+IMAGE_TOKENS, IMAGE_EMBED = 4, 24
+COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond values
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, inner = q.shape
+    split = [t.reshape(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v)]
+    return torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).reshape(b, n, inner)
+
+
+class ImagePrompt:
+    """An IPAdapter-style attn2 replacement: text attention plus `weight` times attention over the
+    image tokens of each chunk's cond (positive: random embeds, negative: zeros)."""
+
+    def __init__(self, seed: int = 7, weight: float = 1.0):
+        g = torch.Generator().manual_seed(seed)
+        self.embeds = {
+            COND: torch.randn(1, IMAGE_TOKENS, IMAGE_EMBED, generator=g),
+            UNCOND: torch.zeros(1, IMAGE_TOKENS, IMAGE_EMBED),
+        }
+        self.seed, self.weight = seed, weight
+        self.projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # {inner dim: (k, v) weights}
+        self.calls: list[list[int]] = []  # cond_or_uncond of each call
+
+    def __deepcopy__(self, memo):  # ComfyUI deep-copies model options when it clones a model
+        return self
+
+    def _projection(self, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if inner not in self.projections:
+            g = torch.Generator().manual_seed(self.seed * 1000 + inner)
+            self.projections[inner] = tuple(torch.randn(inner, IMAGE_EMBED, generator=g) / IMAGE_EMBED**0.5 for _ in "kv")
+        return self.projections[inner]
+
+    def __call__(self, q, k, v, extra_options):
+        layout = list(extra_options["cond_or_uncond"])
+        self.calls.append(layout)
+        per_chunk = q.shape[0] // len(layout)
+        image = torch.cat([self.embeds[c].expand(per_chunk, -1, -1) for c in layout]).to(q)
+        wk, wv = (w.to(q) for w in self._projection(q.shape[-1]))
+        heads = extra_options["n_heads"]
+        return _attention(q, k, v, heads) + self.weight * _attention(q, image @ wk.T, image @ wv.T, heads)
+
+
+def replace_keys(model) -> dict[tuple, str]:
+    """{(block name, number, transformer index): attn2 module path} of every cross-attention layer."""
+    keys = {}
+    for name, _ in model.model.diffusion_model.named_modules():
+        m = re.fullmatch(r"(input_blocks|output_blocks)\.(\d+)\.1\.transformer_blocks\.(\d+)\.attn2", name)
+        if m:
+            keys[(m[1].split("_")[0], int(m[2]), int(m[3]))] = name
+        m = re.fullmatch(r"middle_block\.1\.transformer_blocks\.(\d+)\.attn2", name)
+        if m:
+            keys[("middle", 0, int(m[1]))] = name
+    assert keys and len(keys) == sum(1 for n, _ in model.model.diffusion_model.named_modules() if n.endswith("attn2"))
+    return keys
+
+
+def with_image_prompt(model, prompt: ImagePrompt, keys):
+    patched = model.clone()
+    for key in keys:
+        patched.set_model_attn2_replace(prompt, *key)
+    return patched
+
+
+def reference(comfy, patcher, positive, negative, prompt, replaced, gate_at, seed, cfg, keep_replaced=True):
+    """T-GATE from the paper with its own euler loop and torch hooks (as tests/test_reference.py),
+    the image prompt given to the model as ComfyUI's replace patches. Each cross-attention layer's
+    output is its `attn2.to_out` output (ComfyUI runs `to_out` after a replacement): at the last
+    step before the gate it is kept as the mean of the two branches, after the gate the hook
+    returns it and only the uncond branch runs. keep_replaced=False: the replaced layers are not
+    kept but run their replacement on the uncond branch after the gate (the behaviour before
+    T-GATE served replacements)."""
+    import comfy.sample as sample
+    import comfy.samplers as samplers
+
+    base = patcher.model
+    model_sampling = patcher.get_model_object("model_sampling")
+    sigmas = samplers.calculate_sigmas(model_sampling, "normal", STEPS)
+    gate = max(1, sum(1 for s in sigmas[:-1].tolist() if s >= model_sampling.percent_to_sigma(gate_at)))
+    assert gate == GATE_STEP
+    latent = torch.zeros(1, 4, 16, 16)
+    x = model_sampling.noise_scaling(sigmas[0], sample.prepare_noise(latent, seed), latent, max_denoise=True)
+    outs = {n: m.to_out for n, m in base.diffusion_model.named_modules() if n.endswith("attn2")}
+    if not keep_replaced:
+        outs = {n: m for n, m in outs.items() if n not in replaced.values()}
+    patches = {"patches_replace": {"attn2": {key: prompt for key in replaced}}}
+    cond_ctx, uncond_ctx = positive[0][0], negative[0][0]
+    cached = {}
+    for i in range(STEPS):
+        sigma = sigmas[i : i + 1]
+        if i < gate:
+            handles = []
+            if i == gate - 1:
+                for name, module in outs.items():
+                    handles.append(module.register_forward_hook(lambda m, a, o, name=name: cached.__setitem__(name, o.chunk(2))))
+            options = {**patches, "cond_or_uncond": [UNCOND, COND]}
+            out = base.apply_model(
+                torch.cat([x, x]), sigma.repeat(2), c_crossattn=torch.cat([uncond_ctx, cond_ctx]), transformer_options=options
+            )
+            for h in handles:
+                h.remove()
+            uncond, cond = out.chunk(2)
+            denoised = uncond + (cond - uncond) * cfg
+        else:
+            handles = [
+                m.register_forward_hook(lambda m, a, o, name=name: (cached[name][0] + cached[name][1]) / 2)
+                for name, m in outs.items()
+            ]
+            options = {**patches, "cond_or_uncond": [UNCOND]}
+            denoised = base.apply_model(x, sigma, c_crossattn=uncond_ctx, transformer_options=options)
+            for h in handles:
+                h.remove()
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])  # euler
+    return base.process_latent_out(x)
+
+
+@pytest.mark.parametrize("where", ["one_layer", "all_layers"])
+def test_an_image_prompt_is_captured_at_the_gate_and_reused(comfy, where):
+    patcher = comfy.sd15(seed=3)
+    keys = replace_keys(patcher)
+    replaced = dict([next(iter(keys.items()))]) if where == "one_layer" else keys
+    positive, negative = comfy.cond(1), comfy.cond(2)
+    settings = {"steps": STEPS, "cfg": 6.0, "seed": 5}
+
+    prompt = ImagePrompt()
+    expected = reference(comfy, patcher, positive, negative, prompt, replaced, 0.4, seed=5, cfg=6.0)
+    before_gate = reference(comfy, patcher, positive, negative, prompt, replaced, 0.4, seed=5, cfg=6.0, keep_replaced=False)
+
+    for order in ("image_prompt_first", "tgate_first"):
+        prompt = ImagePrompt()
+        if order == "image_prompt_first":
+            model = comfy.tgate(with_image_prompt(patcher, prompt, replaced))
+        else:
+            model = with_image_prompt(comfy.tgate(patcher), prompt, replaced)
+        probe = ModelCalls()
+        with probe.watch(patcher):
+            got = comfy.sample(model, positive, negative, **settings)
+        # T-GATE acts: two branches until the gate, then one; after it no replaced layer runs its
+        # replacement and the other layers' patched attn2 return their kept output, projecting
+        # nothing (attn2.to_q still runs where a layer is replaced: ComfyUI's block projects the
+        # query before calling the replacement, and never calls that layer's attn2).
+        assert probe.batch_sizes == [2] * GATE_STEP + [1] * (STEPS - GATE_STEP), order
+        assert [sorted(c) for c in prompt.calls] == [[COND, UNCOND]] * (GATE_STEP * len(replaced)), order
+        assert probe.column("cross_q")[:GATE_STEP] == [len(keys)] * GATE_STEP, order
+        assert probe.column("cross_q")[GATE_STEP:] == [len(replaced)] * (STEPS - GATE_STEP), order
+        assert probe.column("cross_calls")[GATE_STEP:] == [len(keys) - len(replaced)] * (STEPS - GATE_STEP), order
+        # The replaced layers' output after the gate is the capture-step mean (through to_out,
+        # which is linear: equal up to float rounding).
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+    # The image prompt still acts after the gate, at the mean's strength: not as the negative's
+    # (zero) image, which is what running the replacement on the uncond branch alone gave...
+    assert (got - before_gate).abs().max() > 100 * 1e-3
+    # ... and it acts at all.
+    plain = comfy.sample(comfy.tgate(patcher), positive, negative, **settings)
+    assert (got - plain).abs().max() > 100 * 1e-3
+
+
+def test_a_gated_run_with_attention_patches_warns_once_at_its_start(comfy):
+    patcher = comfy.sd15(seed=3)
+    positive, negative = comfy.cond(1), comfy.cond(2)
+    key = next(iter(replace_keys(patcher)))
+    replaced = with_image_prompt(comfy.tgate(patcher), ImagePrompt(), [key])
+    patched = comfy.tgate(patcher).clone()
+    patched.set_model_attn2_patch(lambda n, context, value, extra_options: (n, context, value))
+    for model, what in ((replaced, "attn2 replace"), (patched, "attn2_patch")):
+        with RunLog().on() as log:
+            comfy.sample(model, positive, negative, steps=STEPS)
+        warnings = [r.getMessage() for r in log.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and what in warnings[0] and "captured at the gate" in warnings[0], warnings
+    with RunLog().on() as log:  # none without such patches, nor when the run does not gate
+        comfy.sample(comfy.tgate(patcher), positive, negative, steps=STEPS)
+        comfy.sample(comfy.tgate(patcher, gate_at=1.0).clone(), positive, negative, steps=STEPS)
+        comfy.sample(with_image_prompt(comfy.tgate(patcher, gate_at=1.0), ImagePrompt(), [key]), positive, negative, steps=STEPS)
+    assert not [r for r in log.records if r.levelno >= logging.WARNING]
