@@ -3,6 +3,7 @@
 import pytest
 
 from tgate import Action, Kept, SelfAttentionReuse, plan_step, plan_steps
+from tgate.plan import extra_evaluation_plan
 
 LETTERS = {Action.COMPUTE: "c", Action.CAPTURE: "k", Action.REUSE: "r"}
 
@@ -100,3 +101,12 @@ def test_self_attention_is_freed_from_its_last_reuse_on():
     assert [bool(p.free_after) for p in plans] == [False] * 8 + [True] * 17  # last reuse at step 8
     assert not any(p.free_after for p in plan_steps(8, 4, None))
     assert plan_step(plans, 12, Kept()).free_after == plans[12].free_after  # a late capture frees as its step
+
+
+def test_extra_evaluations_reuse_kept_cross_attention_after_the_gate_and_nothing_else():
+    plans = plan_steps(6, 3, SelfAttentionReuse(warm_up=0, sp_interval=1, fi_interval=2))
+    kept = Kept(cross_attention=True, self_attention=True)
+    assert [extra_evaluation_plan(p, kept) is None for p in plans] == [True, True, True, False, False, False]
+    extra = extra_evaluation_plan(plans[4], kept)
+    assert extra.cross_attention is Action.REUSE and extra.self_attention is Action.COMPUTE and not extra.kinds(Action.CAPTURE)
+    assert extra_evaluation_plan(plans[4], Kept(cross_attention=False)) is None  # nothing kept: it computes

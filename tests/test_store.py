@@ -188,3 +188,17 @@ def test_cpu_storage_copies_a_block_once_however_many_chunks_share_it(monkeypatc
     monkeypatch.setattr(tgate.store, "_move", lambda t, d: moves.append(t) or move(t, d))
     captured(COND, ("l0", torch.randn(3, 3, 4), [COND, COND, COND], [P, A, N]), storage="cpu", mean=False)
     assert len(moves) == 1
+
+
+def test_the_dropped_branch_finds_the_mean_it_was_averaged_into_only_when_asked():
+    """Extra evaluations (PAG's positive-only call) ask for the other branch's chunk: the mean serves it."""
+    cond, uncond = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    for calls in (
+        [("l0", torch.cat([uncond, cond]), [UNCOND, COND], [N, P])],  # one call
+        [("l0", cond, [COND], [P]), ("l0", uncond, [UNCOND], [N])],  # the branches in calls of their own
+    ):
+        cache = captured(UNCOND, *calls)
+        assert cache.reuse_table([CROSS], [P], CPU) == {}  # the main evaluation never gets it
+        torch.testing.assert_close(cache.reuse_table([CROSS], [P], CPU, partners=True)["l0"], (cond + uncond) / 2)
+        begin_capture(cache, UNCOND)
+        assert cache.reuse_table([CROSS], [P], CPU, partners=True) == {}  # gone with the capture

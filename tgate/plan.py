@@ -86,6 +86,18 @@ def plan_step(plans: Sequence[StepPlan], step: int, kept: Kept) -> StepPlan:
     return plan
 
 
+def extra_evaluation_plan(plan: StepPlan, kept: Kept) -> StepPlan | None:
+    """What an evaluation other than the main CFG one does (PAG's perturbed call, SAG's blurred call,
+    SLG's: one cond list) at a step whose main evaluation was planned `plan`: where that one reuses
+    cross-attention, this one gets the same kept output, the mean of the two branches, which is the
+    same for either of them; it captures nothing and computes self-attention (what these guidances
+    perturb). None: it runs as usual.
+    """
+    if plan.cross_attention is Action.REUSE and kept.cross_attention:
+        return StepPlan(Action.REUSE, Action.COMPUTE, both_branches=True)
+    return None
+
+
 def plan_steps(num_steps: int, gate_step: int, reuse: SelfAttentionReuse | None) -> tuple[StepPlan, ...]:
     """The plan of every step of a run; `reuse` None leaves self-attention alone (T-GATE V1).
 

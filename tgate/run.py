@@ -27,7 +27,7 @@ from .branch import BRANCH_NAMES, COND, FidelityBranch, fidelity_index, only_bra
 from .config import SelfAttentionReuse, TGateConfig
 from .families import CROSS, SELF
 from .forward import REPLACED_CROSS, CallSlot, ModelCall, gated_replacement
-from .plan import Action, Kept, StepPlan, plan_step, plan_steps
+from .plan import Action, Kept, StepPlan, extra_evaluation_plan, plan_step, plan_steps
 from .schedule import GateSchedule
 from .stats import RunStats, announce
 from .store import AttentionStore, layer_of
@@ -85,7 +85,8 @@ class GateRun:
         self.self_attention = self_attention
         self.plans = plan_steps(schedule.num_steps, schedule.gate_step, self_attention)
         self.store = AttentionStore(patch.layer_kinds, "cpu" if patch.config.cache_device == "cpu" else None)
-        self.current: StepPlan | None = None  # the plan of the main CFG evaluation in progress
+        self.current: StepPlan | None = None  # the plan of the evaluation in progress
+        self.extra = False  # whether that evaluation is an extra one (evaluate_extra)
         # The index in `conds` of the branch run after the gate, resolved at the run's first evaluation.
         self.fidelity: int | None = None
         self._capture_sigmas: dict[str, float] = {}  # per kind, the sigma of its last capture
@@ -186,10 +187,24 @@ class GateRun:
         # Both CFG inputs get the fidelity branch: cfg(u, u) == u whatever the scale.
         return [out[self.fidelity]] * len(conds)
 
+    def evaluate_extra(self, executor, model, conds, x_in, timestep, model_options) -> list:
+        """Run an evaluation other than the main CFG one (PAG, SAG, SLG: one cond list; guiders with
+        three) as plan.extra_evaluation_plan says for the step of the last main evaluation: these
+        guidance nodes evaluate right after it, at the same sigma, so no sigma is read here."""
+        main = self.plans[self.last_step] if self.last_step is not None else None
+        plan = extra_evaluation_plan(main, Kept(self.store.holds(CROSS), self.store.holds(SELF))) if main else None
+        if plan is None:
+            return executor(model, conds, x_in, timestep, model_options)
+        self.current, self.extra = plan, True
+        try:
+            return executor(model, conds, x_in, timestep, model_options)
+        finally:
+            self.current, self.extra = None, False
+
     def model_call(self, plan: StepPlan, chunk_ids: list, branches: list[int], device: torch.device) -> ModelCall:
         """The tables one batched model call of an evaluation planned by `plan` hands its modules."""
         reuse_kinds = plan.kinds(Action.REUSE)
-        reuse = self.store.reuse_table(reuse_kinds, chunk_ids, device) if reuse_kinds else {}
+        reuse = self.store.reuse_table(reuse_kinds, chunk_ids, device, partners=self.extra) if reuse_kinds else {}
         return ModelCall(reuse, plan.kinds(Action.CAPTURE), plan.reduction(branches, self.fidelity), {}, {})
 
     def stats(self) -> RunStats:
@@ -343,10 +358,11 @@ def calc_cond_batch_with_gate(executor, model, conds, x_in, timestep, model_opti
     run untouched and never see what the run keeps.
     """
     run = _run_of(model_options.get("transformer_options"))
-    if run is not None and len(conds) > 2:
-        run.many_cond_evaluations += 1  # PerpNegGuider, DualCFGGuider: not gated (yet)
-    if run is None or len(conds) != 2:
+    if run is None:
         return executor(model, conds, x_in, timestep, model_options)
+    if len(conds) != 2:
+        run.many_cond_evaluations += len(conds) > 2  # PerpNegGuider, DualCFGGuider: not gated (yet)
+        return run.evaluate_extra(executor, model, conds, x_in, timestep, model_options)
     return run.evaluate(executor, model, conds, x_in, timestep, model_options)
 
 

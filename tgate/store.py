@@ -92,6 +92,10 @@ class AttentionStore:
         self._unpaired: dict[tuple[str, torch.Size], list[ChunkId]] = {}
         self._other_sums: dict[tuple[str, torch.Size], tuple[torch.Tensor, int]] = {}
         self._tables: dict[tuple, dict[str, torch.Tensor]] = {}
+        # {layer: {chunk of the other branch: the kept chunk it was averaged into}}: where a mean
+        # capture kept one chunk, its mean serves the other branch's chunk as well (extra evaluations).
+        self._partners: dict[str, dict[ChunkId, ChunkId]] = {}
+        self._unpaired_partners: dict[tuple[str, torch.Size], list[ChunkId]] = {}
 
     def store(self, layer: str, reduced: torch.Tensor, reduction: ChunkReduction, chunk_ids: Sequence[ChunkId]) -> None:
         """Keep what `reduce_chunks` gave for one layer of one model call.
@@ -103,7 +107,11 @@ class AttentionStore:
             key = (layer, reduced.shape)
             total, count = self._other_sums.get(key, (None, 0))
             self._other_sums[key] = (reduced.clone() if total is None else total + reduced, count + len(reduction.mixed_in))
+            self._unpaired_partners.setdefault(key, []).extend(chunk_ids[i] for i in reduction.mixed_in)
             return
+        if reduction.mean_of_branches and len(reduction.stored) == 1:
+            kept = chunk_ids[reduction.stored[0]]
+            self._partners.setdefault(layer, {}).update({chunk_ids[i]: kept for i in reduction.mixed_in})
         block = reduced.clone()
         entries = self._entries.setdefault(layer, {})
         for index, position in enumerate(reduction.stored):
@@ -122,8 +130,12 @@ class AttentionStore:
             for chunk_id in chunk_ids:
                 own = self._entries[layer][chunk_id].view()
                 self._entries[layer][chunk_id] = Entry(((own.float() + total / count) * 0.5).to(own.dtype), 0, 1)
+            if len(chunk_ids) == 1:
+                partners = self._partners.setdefault(layer, {})
+                partners.update({other: chunk_ids[0] for other in self._unpaired_partners.get((layer, shape), ())})
         self._unpaired.clear()
         self._other_sums.clear()
+        self._unpaired_partners.clear()
         self._tables.clear()
         if self.storage_device is not None:
             moved: dict[int, torch.Tensor] = {}  # one copy per block, however many chunks share it
@@ -133,15 +145,18 @@ class AttentionStore:
                         moved[id(entry.block)] = _move(entry.block, self.storage_device)
                     entries[chunk_id] = entry._replace(block=moved[id(entry.block)])
 
-    def reuse_table(self, kinds: Collection[str], chunk_ids: Sequence[ChunkId], device: torch.device) -> dict[str, torch.Tensor]:
+    def reuse_table(
+        self, kinds: Collection[str], chunk_ids: Sequence[ChunkId], device: torch.device, partners: bool = False
+    ) -> dict[str, torch.Tensor]:
         """{layer: kept output} of the layers of `kinds`, for a model call made of `chunk_ids`, on `device`.
 
         Layers missing an entry for any of the chunks are left out (they compute normally). A call
         made of the chunks of one capture, in its order, gets the kept tensor itself; tables are
         built once per combination until the next capture, so reusing allocates nothing, except
-        with CPU storage, where each call gets its own copies.
+        with CPU storage, where each call gets its own copies. `partners`: a chunk of the branch a
+        mean capture dropped gets the mean it was averaged into (for extra evaluations).
         """
-        key = (tuple(sorted(kinds)), tuple(chunk_ids), device)
+        key = (tuple(sorted(kinds)), tuple(chunk_ids), device, partners)
         table = self._tables.get(key)
         if table is not None:
             return table
@@ -149,7 +164,8 @@ class AttentionStore:
         for layer, entries in self._entries.items():
             if self.layer_kinds[layer_of(layer)] not in kinds:
                 continue
-            parts = [entries.get(chunk_id) for chunk_id in chunk_ids]
+            aliases = self._partners.get(layer, {}) if partners else {}
+            parts = [entries.get(chunk_id) or entries.get(aliases.get(chunk_id)) for chunk_id in chunk_ids]
             if not parts or any(p is None for p in parts):
                 continue
             table[layer] = _join(parts).to(device, non_blocking=True)
@@ -175,7 +191,9 @@ class AttentionStore:
     def clear(self, kinds: Collection[str] = KINDS) -> None:
         for layer in [key for key in self._entries if self.layer_kinds[layer_of(key)] in kinds]:
             del self._entries[layer]
+            self._partners.pop(layer, None)
         self._tables.clear()
+        self._unpaired_partners.clear()
         self._unpaired.clear()
         self._other_sums.clear()
 
