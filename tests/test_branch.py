@@ -19,3 +19,9 @@ def test_cond_is_kept_when_there_is_no_uncond():
 def test_only_branch_blanks_the_other():
     assert only_branch([POSITIVE, NEGATIVE], UNCOND) == [None, NEGATIVE]
     assert only_branch([POSITIVE, NEGATIVE], COND) == [POSITIVE, None]
+
+
+def test_the_branch_an_evaluation_has_is_kept_when_it_lacks_the_preferred_one():
+    # Guidance nodes that evaluate the branches in separate calls: [cond, None], then [None, uncond].
+    assert fidelity_index([None, NEGATIVE], FidelityBranch.COND) == UNCOND
+    assert fidelity_index([POSITIVE, None], FidelityBranch.UNCOND) == COND

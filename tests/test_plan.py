@@ -110,3 +110,7 @@ def test_extra_evaluations_reuse_kept_cross_attention_after_the_gate_and_nothing
     extra = extra_evaluation_plan(plans[4], kept)
     assert extra.cross_attention is Action.REUSE and extra.self_attention is Action.COMPUTE and not extra.kinds(Action.CAPTURE)
     assert extra_evaluation_plan(plans[4], Kept(cross_attention=False)) is None  # nothing kept: it computes
+    # After a late capture (the main evaluation captured past the gate with text) the extra one computes
+    # too, although the capture has just filled the cache: it follows what the main evaluation did.
+    late = plan_step(plans, 4, Kept(cross_attention=False, self_attention=True))
+    assert extra_evaluation_plan(late, kept) is None

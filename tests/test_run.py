@@ -420,3 +420,25 @@ def test_listeners_get_each_runs_stats_and_one_that_raises_is_skipped():
     (stats,) = got
     assert isinstance(stats, RunStats) and stats.num_steps == 5 and stats.gate_step == 3 and stats.stop is None
     assert stats.summary.startswith("T-GATE: 3 of 5 steps planned with text") and stats.as_dict()["num_steps"] == 5
+
+
+@pytest.mark.parametrize("branch", [FidelityBranch.UNCOND, FidelityBranch.COND])
+def test_evaluations_that_run_one_branch_each_never_come_back_empty(branch):
+    """A guidance node that evaluates [cond, None] and then [None, uncond] at every step: after the
+    gate each call runs the branch it has (never nothing, which ComfyUI would return as zeros)."""
+    model, x = patched_denoiser(), torch.randn(1, 4, 8)
+    pos, neg = make_cond(1), make_cond(2)
+    run, options = run_options(TGateConfig(gate_at=0.5, fidelity_branch=branch))
+
+    def executor(model, conds, x_in, timestep, model_options):
+        return calc_cond_batch(model, conds, x_in, timestep, model_options)
+
+    try:
+        for sigma in SIGMAS[:-1]:
+            t = torch.tensor([sigma])
+            cond_out = calc_cond_batch_with_gate(executor, model, [pos, None], x, t, options)[0]
+            uncond_out = calc_cond_batch_with_gate(executor, model, [None, neg], x, t, options)[1]
+            assert cond_out.abs().sum() > 0 and uncond_out.abs().sum() > 0, sigma
+    finally:
+        run.close()
+    assert run.single_branch_evaluations > 0

@@ -24,10 +24,11 @@ class FidelityBranch(str, enum.Enum):
 
 def fidelity_index(conds: Sequence[Any], fidelity_branch: FidelityBranch) -> int:
     """The index in `conds` of the branch run after the gate: `fidelity_branch` (uncond or cond), or
-    the only one that exists."""
-    if fidelity_branch is FidelityBranch.UNCOND and conds[UNCOND]:
-        return UNCOND
-    return COND
+    the only one this evaluation has (CFG 1.0 passes no uncond; some guidance nodes evaluate the
+    branches in separate calls, `[cond, None]` then `[None, uncond]`). Decided per evaluation: a
+    branch the evaluation lacks would run nothing."""
+    preferred = UNCOND if fidelity_branch is FidelityBranch.UNCOND else COND
+    return preferred if conds[preferred] else 1 - preferred
 
 
 def only_branch(conds: Sequence[Any], index: int) -> list[Any]:

@@ -87,8 +87,9 @@ class GateRun:
         self.store = AttentionStore(patch.layer_kinds, "cpu" if patch.config.cache_device == "cpu" else None)
         self.current: StepPlan | None = None  # the plan of the evaluation in progress
         self.extra = False  # whether that evaluation is an extra one (evaluate_extra)
-        # The index in `conds` of the branch run after the gate, resolved at the run's first evaluation.
+        # The index in `conds` of the branch the evaluation in progress (or the last) runs after the gate.
         self.fidelity: int | None = None
+        self.last_plan: StepPlan | None = None  # what the last main evaluation did (extra evaluations follow it)
         self._capture_sigmas: dict[str, float] = {}  # per kind, the sigma of its last capture
         self.late_capture = False  # whether a capture fell past the gate
         self.single_branch_evaluations = 0
@@ -148,9 +149,8 @@ class GateRun:
         self.last_step = step
         branches = sum(1 for c in conds if c)
         self.branch_evaluations += branches
-        if self.fidelity is None:
-            self.fidelity = fidelity_index(conds, self.patch.fidelity_branch)
-        plan = plan_step(self.plans, step, Kept(self.store.holds(CROSS), self.store.holds(SELF)))
+        self.fidelity = fidelity_index(conds, self.patch.fidelity_branch)
+        plan = self.last_plan = plan_step(self.plans, step, Kept(self.store.holds(CROSS), self.store.holds(SELF)))
         if plan.is_plain:
             return executor(model, conds, x_in, timestep, model_options)
         # The sampler never evaluated the capture step, or its capture kept nothing: this one captures.
@@ -189,9 +189,10 @@ class GateRun:
 
     def evaluate_extra(self, executor, model, conds, x_in, timestep, model_options) -> list:
         """Run an evaluation other than the main CFG one (PAG, SAG, SLG: one cond list; guiders with
-        three) as plan.extra_evaluation_plan says for the step of the last main evaluation: these
-        guidance nodes evaluate right after it, at the same sigma, so no sigma is read here."""
-        main = self.plans[self.last_step] if self.last_step is not None else None
+        three) as plan.extra_evaluation_plan says for what the last main evaluation did (a late capture
+        reuses nothing): these guidance nodes evaluate right after it, at the same sigma, so no sigma
+        is read here."""
+        main = self.last_plan
         plan = extra_evaluation_plan(main, Kept(self.store.holds(CROSS), self.store.holds(SELF))) if main else None
         if plan is None:
             return executor(model, conds, x_in, timestep, model_options)
