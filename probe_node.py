@@ -10,6 +10,7 @@ import comfy.patcher_extension
 import comfy.samplers
 from comfy_api.latest import io
 
+from .nodes import ValidatedCombo
 from .probe_plot import HEIGHT, WIDTH, Marks, blank_image, plot_probe
 from .tgate import CONFIG_KEY, CROSS, KINDS, SELF, attention_layers, family_of, supported_families
 from .tgate.probe import ProbeRecorder, ProbeResult, gate_at_for_step, gate_step_of, suggest_gate_step
@@ -26,13 +27,6 @@ RULE = (
     "sigmas (ComfyUI's percent convention), so T-GATE fed this value gates at that step on the same "
     "steps, sampler and scheduler. 1.0 (never gate) when the mean never stays below it."
 )
-
-
-class _ValidatedCombo(io.Combo.Input):
-    """A combo ComfyUI checks when a prompt is queued, as it checks KSampler's (see nodes.ValidatedCombo)."""
-
-    def get_io_type(self):
-        return self.options
 
 
 def record_run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0):
@@ -114,8 +108,8 @@ class TGateProbe(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Int.Input("steps", default=20, min=1, max=10000),
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                _ValidatedCombo("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS)),
-                _ValidatedCombo("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS)),
+                ValidatedCombo("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS)),
+                ValidatedCombo("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS)),
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image"),

@@ -292,7 +292,8 @@ class GateRun:
 def sample_with_gate(executor, *args, **kwargs):
     """OUTER_SAMPLE wrapper: one GateRun per sampling run, freed however the run ends."""
     guider = executor.class_obj
-    patch: GatePatch | None = guider.model_options.get("transformer_options", {}).get(CONFIG_KEY)
+    options = guider.model_options.get("transformer_options", {})
+    patch: GatePatch | None = options.get(CONFIG_KEY)
     sigmas = kwargs["sigmas"] if "sigmas" in kwargs else args[3]
     if patch is None or sigmas is None or len(sigmas) < 2:
         return executor(*args, **kwargs)
@@ -309,7 +310,6 @@ def sample_with_gate(executor, *args, **kwargs):
         schedule.num_steps,
         config.gate_at,
     )
-    options = guider.model_options.get("transformer_options", {})
     patches = attention_patches(options)
     if patches:
         log.warning(
