@@ -23,6 +23,7 @@ from .tgate import (
     calc_cond_batch_with_gate,
     family_of,
     gated_attention,
+    guided_by_stand_in,
     sample_with_gate,
     supported_families,
 )
@@ -67,6 +68,10 @@ def apply_tgate(model, config: TGateConfig):
     for wrapper_type, wrapper in WRAPPERS.items():
         patched.remove_wrappers_with_key(wrapper_type, CONFIG_KEY)
         patched.add_wrapper_with_key(wrapper_type, CONFIG_KEY, wrapper)
+    # First of the post-CFG functions, so that those added before or after T-GATE in the chain see
+    # the guided result it gives (see guided_by_stand_in).
+    post_cfg = [f for f in patched.model_options.get("sampler_post_cfg_function", []) if f is not guided_by_stand_in]
+    patched.model_options["sampler_post_cfg_function"] = [guided_by_stand_in, *post_cfg]
     options[CONFIG_KEY] = GatePatch(config, family.name, fidelity_branch, layers, slot)
     if config.fidelity_branch is FidelityBranch.AUTO:
         log.info("T-GATE: %s model; fidelity_branch auto keeps the %s branch", family.name, fidelity_branch.value)

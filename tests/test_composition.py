@@ -195,3 +195,106 @@ def test_a_gated_run_with_attention_patches_warns_once_at_its_start(comfy):
         comfy.sample(comfy.tgate(patcher, gate_at=1.0).clone(), positive, negative, steps=STEPS)
         comfy.sample(with_image_prompt(comfy.tgate(patcher, gate_at=1.0), ImagePrompt(), [key]), positive, negative, steps=STEPS)
     assert not [r for r in log.records if r.levelno >= logging.WARNING]
+
+
+# -- guiders with three cond lists (PerpNegGuider, DualCFGGuider) ------------------------------------
+GUIDERS = ("perp_neg", "dual_cfg", "dual_cfg_nested")
+
+
+def three_list_guider(comfy, kind, model, pooled=False):
+    """The guider node `kind` on `model` with three different prompts, as a user wires it."""
+    from comfy_extras.nodes_custom_sampler import DualCFGGuider
+    from comfy_extras.nodes_perpneg import PerpNegGuider
+
+    first, second, third = (comfy.cond(seed, pooled=pooled) for seed in (1, 2, 9))
+    if kind == "perp_neg":
+        return PerpNegGuider.execute(model, first, second, third, 6.0, 1.0).result[0]
+    style = "nested" if kind == "dual_cfg_nested" else "regular"
+    return DualCFGGuider().get_guider(model, first, second, third, 6.0, 4.0, style)[0]
+
+
+def guided(guider, patcher, steps=STEPS, seed=0):
+    import comfy.samplers as samplers
+
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    sigmas = samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", steps)
+    return guider.sample(noise, torch.zeros(1, 4, 16, 16), samplers.sampler_object("euler"), sigmas, seed=seed)
+
+
+def list_mean_reference(comfy, kind, patcher, pooled=False, gate_step=GATE_STEP):
+    """T-GATE for a guider of several cond lists, with torch hooks alone on the unpatched model: every
+    list evaluated at every step (the guider's own batches), each attn2 output at the last step before
+    the gate kept as the mean of all its chunks (one per list) and returned after the gate."""
+    modules = {n: m for n, m in patcher.model.diffusion_model.named_modules() if n.endswith("attn2")}
+    state = {"step": -1, "batches": []}
+    kept = {}
+
+    def count_step(module, args):
+        state["step"] += 1  # euler: one model call per step, the three lists batched together
+        state["batches"].append(args[0].shape[0])
+
+    def hook(name):
+        def apply(module, args, output):
+            if state["step"] == gate_step - 1:
+                kept[name] = output.float().mean(0, keepdim=True).to(output.dtype)
+            elif state["step"] >= gate_step:
+                return kept[name].expand_as(output)
+            return None
+
+        return apply
+
+    def limit(args):
+        # After the gate every list gets the same attention, so every difference the guider takes
+        # is zero where the lists' other inputs agree: the guided result is the model's output, the
+        # limit of PerpNeg's formula (which divides zero by zero there).
+        same = torch.equal(args["cond_denoised"], args["uncond_denoised"])
+        return args["cond_denoised"] if state["step"] >= gate_step and same else args["denoised"]
+
+    if kind == "perp_neg":
+        patcher = patcher.clone()
+        patcher.set_model_sampler_post_cfg_function(limit)
+    handles = [patcher.model.diffusion_model.register_forward_pre_hook(count_step)]
+    handles += [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        out = guided(three_list_guider(comfy, kind, patcher, pooled), patcher)
+    finally:
+        for h in handles:
+            h.remove()
+    assert state["batches"] == [3] * STEPS  # the assumption `count_step` rests on
+    return out
+
+
+@pytest.mark.parametrize("kind", GUIDERS)
+def test_a_three_list_guider_evaluates_one_list_after_the_gate(comfy, kind):
+    patcher = comfy.sd15(seed=3)
+    expected = list_mean_reference(comfy, kind, patcher)
+    with RunLog().on() as log:
+        probe = ModelCalls()
+        with probe.watch(patcher):
+            got = guided(three_list_guider(comfy, kind, comfy.tgate(patcher)), patcher)
+    # The three lists differ only in their text: after the gate one evaluation serves all three.
+    assert probe.batch_sizes == [3] * GATE_STEP + [1] * (STEPS - GATE_STEP)
+    assert probe.column("cross_q")[GATE_STEP:] == [0] * (STEPS - GATE_STEP)  # attn2 computes nothing
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # ... which is not the guider's own result (the cache acts).
+    assert (got - guided(three_list_guider(comfy, kind, patcher), patcher)).abs().max() > 1e-2
+    (run,) = log.runs
+    assert run["single_branch_evaluations"] == STEPS - GATE_STEP
+    assert run["saved_branch_evaluations"] == 2 * (STEPS - GATE_STEP)
+    assert not log.messages(logging.WARNING)
+
+
+def test_a_three_list_guider_whose_lists_differ_runs_them_all_on_the_cache_and_warns(comfy):
+    # SDXL's pooled text vector enters the model outside cross-attention: PerpNeg's three prompts
+    # give three different model inputs, so no list can stand for another.
+    patcher = comfy.sdxl(seed=3)
+    expected = list_mean_reference(comfy, "perp_neg", patcher, pooled=True)
+    with RunLog().on() as log:
+        probe = ModelCalls()
+        with probe.watch(patcher):
+            got = guided(three_list_guider(comfy, "perp_neg", comfy.tgate(patcher), pooled=True), patcher)
+    assert probe.batch_sizes == [3] * STEPS
+    assert probe.column("cross_q")[GATE_STEP:] == [0] * (STEPS - GATE_STEP)  # still no attn2 work
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    (warning,) = log.messages(logging.WARNING)
+    assert "Guider_PerpNeg" in warning and "differ" in warning, warning

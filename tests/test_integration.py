@@ -353,7 +353,6 @@ def test_4_cfg_one_still_caches_cross_attention(comfy, family, request):
 
 def test_4_extra_model_calls_do_not_corrupt_the_cache(comfy, sd15):
     from comfy_extras.nodes_pag import PerturbedAttentionGuidance
-    from comfy_extras.nodes_perpneg import PerpNegGuider
     from comfy_extras.nodes_sag import SelfAttentionGuidance
     from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
 
@@ -381,23 +380,7 @@ def test_4_extra_model_calls_do_not_corrupt_the_cache(comfy, sd15):
                 # The extra call sees the same cached cross-attention (the mean serves either branch),
                 # so the guidance term holds nothing of cached against uncached cross-attention.
                 torch.testing.assert_close(extra_call, mean, rtol=0, atol=0, msg=f"{label} {order} extra, step {step}")
-
-    import comfy.samplers as samplers
-
-    # PerpNegGuider evaluates three cond lists; T-GATE gates two-list (CFG) evaluations only, so under
-    # it the run is PerpNeg's own, bit for bit, and the summary says that nothing ran on one branch.
-    def perp_neg(model):
-        guider = PerpNegGuider.execute(model, pos, neg, comfy.cond(9), 7.0, 1.0).result[0]
-        noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-        sigmas = samplers.calculate_sigmas(sd15.get_model_object("model_sampling"), "normal", STEPS)
-        return guider.sample(noise, torch.zeros(1, 4, 16, 16), samplers.sampler_object("euler"), sigmas, seed=0)
-
-    with RunLog().on() as log:
-        gated = perp_neg(comfy.tgate(sd15))
-    assert torch.equal(gated, perp_neg(sd15))
-    assert [run["single_branch_evaluations"] for run in log.runs] == [0]
-    (warning,) = log.messages(logging.WARNING)  # a run T-GATE did not act on says why
-    assert "no evaluation ran one branch alone" in warning and "more than two cond lists (PerpNegGuider" in warning
+    # PerpNegGuider and DualCFGGuider: tests/test_composition.py.
 
 
 # -- 5. only chainable hooks; composes with other patches and EasyCache -------------------------------

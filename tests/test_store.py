@@ -13,14 +13,16 @@ LAYERS = {"l0": CROSS, "other-layer": CROSS, "s0": SELF}
 FIDELITY = {}  # {store: the fidelity branch of its capture}, which the run holds in the engine
 
 
-def reduction(branches, keep, mean):
-    """How a capture step's plan (the gate's: mean=True) reduces a call, `keep` being the fidelity branch."""
-    return StepPlan(Action.CAPTURE, Action.COMPUTE, both_branches=True, mean_of_branches=mean).reduction(branches, keep)
+def reduction(branches, keep, mean, lists=2):
+    """How a capture step's plan (the gate's: mean=True) reduces a call, `keep` being the fidelity
+    branch, in an evaluation of `lists` cond lists."""
+    plan = StepPlan(Action.CAPTURE, Action.COMPUTE, both_branches=True, mean_of_branches=mean)
+    return plan.reduction(branches, keep, lists)
 
 
-def capture(cache, layer, output, branches, chunk_ids, mean=True):
+def capture(cache, layer, output, branches, chunk_ids, mean=True, lists=2):
     """What T-GATE does with one layer of one model call at a capture step (the gate's: mean=True)."""
-    plan = reduction(branches, FIDELITY[cache], mean)
+    plan = reduction(branches, FIDELITY[cache], mean, lists)
     cache.store(layer, reduce_chunks(output, plan), plan, chunk_ids)
 
 
@@ -130,9 +132,28 @@ def test_cpu_storage_and_clear_free_everything():
 
 
 def test_the_plan_places_each_branch():
-    assert reduction([UNCOND, COND, COND], UNCOND, True) == (3, (0,), (1, 2), True)
-    assert reduction([COND], UNCOND, True) == (1, (), (0,), True)
-    assert reduction([UNCOND, COND], UNCOND, False) == (2, (0, 1), (), False)  # a whole capture keeps every chunk
+    assert reduction([UNCOND, COND, COND], UNCOND, True) == (3, (0,), (1, 2), True, False)
+    assert reduction([COND], UNCOND, True) == (1, (), (0,), True, False)
+    assert reduction([UNCOND, COND], UNCOND, False) == (2, (0, 1), (), False, False)  # a whole capture keeps every chunk
+    # A guider's three lists (PerpNeg, DualCFG): every chunk weighs the same.
+    assert reduction([COND, UNCOND, 2], UNCOND, True, lists=3) == (3, (1,), (0, 2), True, True)
+
+
+def test_three_lists_keep_the_mean_of_every_chunk_in_one_call_or_several():
+    pos, neg, empty = torch.randn(1, 3, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    one_call = AttentionStore(LAYERS)
+    begin_capture(one_call, UNCOND)
+    capture(one_call, "l0", torch.cat([pos, neg, empty]), [COND, UNCOND, 2], [P, N, A], lists=3)
+    one_call.finish_capture()
+    several = AttentionStore(LAYERS)
+    begin_capture(several, UNCOND)
+    capture(several, "l0", neg, [UNCOND], [N], lists=3)
+    capture(several, "l0", torch.cat([pos, empty]), [COND, 2], [P, A], lists=3)
+    several.finish_capture()
+    for cache in (one_call, several):
+        torch.testing.assert_close(lookup(cache, "l0", [N]), (pos + neg + empty) / 3)
+        # The mean is every list's: the other lists' chunks get it too where asked (their partners).
+        torch.testing.assert_close(cache.reuse_table((CROSS,), [P], CPU, partners=True)["l0"], (pos + neg + empty) / 3)
 
 
 def test_a_new_capture_starts_empty_and_keeps_its_own_branch():

@@ -4,7 +4,7 @@ wrapper functions that carry the plan out.
 Nothing here imports ComfyUI; `nodes.py` connects it to a ComfyUI MODEL.
 """
 
-from .branch import COND, UNCOND, FidelityBranch, fidelity_index, only_branch
+from .branch import COND, UNCOND, FidelityBranch, fidelity_index, only_branch, only_lists, stand_ins
 from .config import CACHE_DEVICES, SelfAttentionReuse, TGateConfig
 from .families import (
     CROSS,
@@ -26,6 +26,7 @@ from .run import (
     GateRun,
     apply_model_with_gate,
     calc_cond_batch_with_gate,
+    guided_by_stand_in,
     sample_with_gate,
 )
 from .schedule import GateSchedule
@@ -66,10 +67,13 @@ __all__ = [
     "gated_attention",
     "fidelity_index",
     "only_branch",
+    "only_lists",
+    "stand_ins",
     "plan_step",
     "plan_steps",
     "reduce_chunks",
     "remove_run_listener",
+    "guided_by_stand_in",
     "sample_with_gate",
     "supported_families",
 ]

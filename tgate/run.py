@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .branch import BRANCH_NAMES, COND, FidelityBranch, fidelity_index, only_branch
+from .branch import BRANCH_NAMES, COND, FidelityBranch, fidelity_index, only_lists, stand_ins
 from .config import SelfAttentionReuse, TGateConfig
 from .families import CROSS, SELF
 from .forward import REPLACED_CROSS, CallSlot, ModelCall, gated_replacement
@@ -79,8 +79,15 @@ class GateRun:
     or where self-attention patches make reuse inexact (layout_patches).
     """
 
-    def __init__(self, patch: GatePatch, schedule: GateSchedule, self_attention: SelfAttentionReuse | None = None):
+    def __init__(
+        self,
+        patch: GatePatch,
+        schedule: GateSchedule,
+        self_attention: SelfAttentionReuse | None = None,
+        guider: str = "CFGGuider",
+    ):
         self.patch = patch
+        self.guider = guider  # the class name of the run's guider, for what the summary says
         self.schedule = schedule
         self.self_attention = self_attention
         self.plans = plan_steps(schedule.num_steps, schedule.gate_step, self_attention)
@@ -89,6 +96,9 @@ class GateRun:
         self.extra = False  # whether that evaluation is an extra one (evaluate_extra)
         # The index in `conds` of the branch the evaluation in progress (or the last) runs after the gate.
         self.fidelity: int | None = None
+        self.lists = 2  # how many cond lists that evaluation has (PerpNeg and DualCFG guiders: three)
+        # {the cond lists' ids: stand_ins of them}: worked out once per run and layout (it reads tensors).
+        self._stand_ins: dict[tuple, tuple[int, ...]] = {}
         self.last_plan: StepPlan | None = None  # what the last main evaluation did (extra evaluations follow it)
         self._capture_sigmas: dict[str, float] = {}  # per kind, the sigma of its last capture
         self.late_capture = False  # whether a capture fell past the gate
@@ -97,7 +107,12 @@ class GateRun:
         self.saved_branch_evaluations = 0  # of those, the ones T-GATE did not run
         self.uncached_evaluations = 0
         self.unmatched_calls = 0  # model calls whose rows did not match their chunks (see apply_model_with_gate)
-        self.many_cond_evaluations = 0  # evaluations of more than two cond lists (guiders T-GATE does not gate)
+        # Evaluations past the gate that ran several cond lists: a guider's lists whose inputs other
+        # than the text differ (branch.stand_ins).
+        self.several_list_evaluations = 0
+        # Whether the last main evaluation was one list evaluated for all of a guider's three or more
+        # (guided_by_stand_in reads it).
+        self.one_for_all = False
         self.self_attention_reuses = 0
         self.peak_bytes = 0
         self.last_step: int | None = None  # the step of the last evaluation
@@ -150,6 +165,8 @@ class GateRun:
         branches = sum(1 for c in conds if c)
         self.branch_evaluations += branches
         self.fidelity = fidelity_index(conds, self.patch.fidelity_branch)
+        self.lists = len(conds)
+        self.one_for_all = False
         plan = self.last_plan = plan_step(self.plans, step, Kept(self.store.holds(CROSS), self.store.holds(SELF)))
         if plan.is_plain:
             return executor(model, conds, x_in, timestep, model_options)
@@ -162,8 +179,9 @@ class GateRun:
                 self.store.clear((kind,))
                 self._capture_sigmas[kind] = sigma
         self.current = plan
+        evaluated_for = None if plan.both_branches else self.stand_ins(conds)
         try:
-            run_conds = conds if plan.both_branches else only_branch(conds, self.fidelity)
+            run_conds = conds if evaluated_for is None else only_lists(conds, evaluated_for)
             out = executor(model, run_conds, x_in, timestep, model_options)
         finally:
             self.current = None
@@ -180,12 +198,24 @@ class GateRun:
         freed = [kind for kind in plan.free_after if self.store.holds(kind)]
         if freed:
             self.store.clear(freed)
-        if plan.both_branches:
+        if evaluated_for is None:
             return out
-        self.single_branch_evaluations += 1
-        self.saved_branch_evaluations += branches - 1
-        # Both CFG inputs get the fidelity branch: cfg(u, u) == u whatever the scale.
-        return [out[self.fidelity]] * len(conds)
+        evaluated = sum(1 for i in set(evaluated_for) if conds[i])
+        self.single_branch_evaluations += evaluated == 1
+        self.several_list_evaluations += evaluated > 1
+        self.saved_branch_evaluations += branches - evaluated
+        self.one_for_all = evaluated == 1 and len(conds) > 2
+        # Every list gets the output of the list evaluated for it: cfg(u, u) == u whatever the scale,
+        # and so do PerpNeg's and DualCFG's formulas.
+        return [out[i] for i in evaluated_for]
+
+    def stand_ins(self, conds: list) -> tuple[int, ...]:
+        """branch.stand_ins of `conds`, worked out once per run and cond layout."""
+        key = (self.fidelity, *(id(c) if c else None for c in conds))
+        found = self._stand_ins.get(key)
+        if found is None:
+            found = self._stand_ins[key] = stand_ins(conds, self.fidelity)
+        return found
 
     def evaluate_extra(self, executor, model, conds, x_in, timestep, model_options) -> list:
         """Run an evaluation other than the main CFG one (PAG, SAG, SLG: one cond list; guiders with
@@ -205,8 +235,10 @@ class GateRun:
     def model_call(self, plan: StepPlan, chunk_ids: list, branches: list[int], device: torch.device) -> ModelCall:
         """The tables one batched model call of an evaluation planned by `plan` hands its modules."""
         reuse_kinds = plan.kinds(Action.REUSE)
-        reuse = self.store.reuse_table(reuse_kinds, chunk_ids, device, partners=self.extra) if reuse_kinds else {}
-        return ModelCall(reuse, plan.kinds(Action.CAPTURE), plan.reduction(branches, self.fidelity), {}, {})
+        # A chunk of a list the mean capture dropped gets the mean it was averaged into (the mean is
+        # the same for every list): extra evaluations, a guider's lists that run apart.
+        reuse = self.store.reuse_table(reuse_kinds, chunk_ids, device, partners=True) if reuse_kinds else {}
+        return ModelCall(reuse, plan.kinds(Action.CAPTURE), plan.reduction(branches, self.fidelity, self.lists), {}, {})
 
     def stats(self) -> RunStats:
         """What the run did, for listeners (benchmarks, tests): see stats.py."""
@@ -243,8 +275,10 @@ class GateRun:
                 f"the gate being after step {s.gate_step}; until then "
             )
         if self.single_branch_evaluations:
+            branch = BRANCH_NAMES[self.fidelity or COND]
+            alone = f"the {branch} branch" if self.lists <= 2 else f"one of {self.guider}'s cond lists"
             text += (
-                f"{self.single_branch_evaluations} evaluations ran the {BRANCH_NAMES[self.fidelity or COND]} branch "
+                f"{self.single_branch_evaluations} evaluations ran {alone} "
                 f"alone on {self.store.layers(CROSS)} cached cross-attention layers ({self.store.nbytes / 2**20:.1f} MiB)"
             )
         else:
@@ -264,10 +298,11 @@ class GateRun:
         ]
         if timing:
             text += "; " + " and ".join(timing)
-        if self.many_cond_evaluations:
+        if self.several_list_evaluations:
             text += (
-                f"; {self.many_cond_evaluations} evaluations passed more than two cond lists (PerpNegGuider, "
-                "DualCFGGuider), which T-GATE leaves as they are"
+                f"; {self.several_list_evaluations} evaluations after the gate ran several of {self.guider}'s cond lists "
+                "on the cache, since their inputs other than the text differ (area, mask, ControlNet, or a pooled "
+                "text vector such as SDXL's): one list stands for another only where they agree"
             )
         if self.unmatched_calls:
             text += (
@@ -327,7 +362,7 @@ def sample_with_gate(executor, *args, **kwargs):
             ", ".join(refused),
         )
         self_attention = None
-    run = GateRun(patch, schedule, self_attention)
+    run = GateRun(patch, schedule, self_attention, guider=type(guider).__name__)
     outer, patch.slot.run = patch.slot.run, run  # a run sampled inside another gets the slot back after it
     try:
         return executor(*args, **kwargs)
@@ -340,7 +375,8 @@ def sample_with_gate(executor, *args, **kwargs):
         # Anything that kept T-GATE from acting is a warning: a run that stopped, evaluations past the
         # gate without a cache, or a finished run that never ran one branch alone.
         acted = run.single_branch_evaluations or run.stopped
-        level = logging.WARNING if run.uncached_evaluations or run.stopped or not acted else logging.INFO
+        warn = run.uncached_evaluations or run.several_list_evaluations or run.stopped or not acted
+        level = logging.WARNING if warn else logging.INFO
         log.log(level, stats.summary)
         run.close()
         announce(stats)
@@ -353,18 +389,29 @@ def _run_of(options: Any) -> GateRun | None:
 
 
 def calc_cond_batch_with_gate(executor, model, conds, x_in, timestep, model_options):
-    """CALC_COND_BATCH wrapper: carry out the step's plan in the main CFG call only.
+    """CALC_COND_BATCH wrapper: carry out the step's plan.
 
-    Extra model calls made by PAG, SAG, PerpNeg or DualCFG pass one or three cond lists; they
-    run untouched and never see what the run keeps.
+    The guider's own evaluation passes two cond lists (CFG) or three (PerpNegGuider,
+    DualCFGGuider); the extra calls of PAG, SAG and SLG pass one (evaluate_extra).
     """
     run = _run_of(model_options.get("transformer_options"))
     if run is None:
         return executor(model, conds, x_in, timestep, model_options)
-    if len(conds) != 2:
-        run.many_cond_evaluations += len(conds) > 2  # PerpNegGuider, DualCFGGuider: not gated (yet)
+    if len(conds) < 2:
         return run.evaluate_extra(executor, model, conds, x_in, timestep, model_options)
     return run.evaluate(executor, model, conds, x_in, timestep, model_options)
+
+
+def guided_by_stand_in(args: dict):
+    """A sampler_post_cfg_function, first of the model's: where one evaluation stood for all the cond
+    lists of a guider with three (PerpNegGuider, DualCFGGuider), the guided result is its output.
+    Every difference the guider's formula takes is then zero; DualCFG's formula gives the output
+    itself, PerpNeg's divides zero by zero (NaN), and its limit is the output. Otherwise the result
+    passes unchanged, so later post-CFG functions (PAG, SAG, RescaleCFG) act on it as usual."""
+    run = _run_of((args.get("model_options") or {}).get("transformer_options"))
+    if run is None or not run.one_for_all:
+        return args["denoised"]
+    return args["cond_denoised"]
 
 
 def apply_model_with_gate(executor, *args, **kwargs):

@@ -5,7 +5,8 @@ their cond), since ComfyUI groups chunks into model calls by free memory and may
 differently from one step to the next. A capture keeps either each chunk's own output (self-
 attention before and after the gate) or, at the last step before the gate, for each chunk of the
 branch run after it (the fidelity branch), the mean of that chunk and the other branch's chunks of the same shape (the
-paper's rule); a chunk with no partner (cfg 1.0) keeps its own output.
+paper's rule); a chunk with no partner (cfg 1.0) keeps its own output. Guiders with more than two
+cond lists (PerpNeg, DualCFG) keep the mean of every chunk of that shape, each weighing the same.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class ChunkReduction(NamedTuple):
     stored: tuple[int, ...]  # the chunks whose outputs are stored
     mixed_in: tuple[int, ...]  # the other branch's chunks, averaged into each stored chunk (the gate's rule)
     mean_of_branches: bool
+    # More than two cond lists: the stored chunk and every mixed-in chunk weigh the same. Two lists:
+    # the stored chunk and the mean of the mixed-in ones weigh half each (the paper's two branches).
+    chunk_mean: bool = False
 
 
 def reduce_chunks(output: torch.Tensor, reduction: ChunkReduction) -> torch.Tensor:
@@ -63,6 +67,10 @@ def reduce_chunks(output: torch.Tensor, reduction: ChunkReduction) -> torch.Tens
         mixed_sum = mixed_sum + chunks[i].float()
     if not reduction.stored:
         return mixed_sum
+    if reduction.chunk_mean:
+        share = 1.0 / (1 + len(reduction.mixed_in))
+        means = [((chunks[i].float() + mixed_sum) * share).to(output.dtype) for i in reduction.stored]
+        return means[0] if len(means) == 1 else torch.cat(means)
     mixed_mean = mixed_sum / len(reduction.mixed_in)
     means = [((chunks[i].float() + mixed_mean) * 0.5).to(output.dtype) for i in reduction.stored]
     return means[0] if len(means) == 1 else torch.cat(means)
@@ -96,6 +104,7 @@ class AttentionStore:
         # capture kept one chunk, its mean serves the other branch's chunk as well (extra evaluations).
         self._partners: dict[str, dict[ChunkId, ChunkId]] = {}
         self._unpaired_partners: dict[tuple[str, torch.Size], list[ChunkId]] = {}
+        self._chunk_mean = False  # the capture in progress weighs every chunk the same (ChunkReduction.chunk_mean)
 
     def store(self, layer: str, reduced: torch.Tensor, reduction: ChunkReduction, chunk_ids: Sequence[ChunkId]) -> None:
         """Keep what `reduce_chunks` gave for one layer of one model call.
@@ -119,6 +128,7 @@ class AttentionStore:
             entries[chunk_ids[position]] = entry
             if reduction.mean_of_branches and not reduction.mixed_in:
                 self._unpaired.setdefault((layer, entry.view().shape), []).append(chunk_ids[position])
+                self._chunk_mean = reduction.chunk_mean
 
     def finish_capture(self) -> None:
         """Mix in partners seen in other model calls, then move entries to the storage device."""
@@ -129,7 +139,8 @@ class AttentionStore:
             total, count = partner
             for chunk_id in chunk_ids:
                 own = self._entries[layer][chunk_id].view()
-                self._entries[layer][chunk_id] = Entry(((own.float() + total / count) * 0.5).to(own.dtype), 0, 1)
+                mean = (own.float() + total) / (1 + count) if self._chunk_mean else (own.float() + total / count) * 0.5
+                self._entries[layer][chunk_id] = Entry(mean.to(own.dtype), 0, 1)
             if len(chunk_ids) == 1:
                 partners = self._partners.setdefault(layer, {})
                 partners.update({other: chunk_ids[0] for other in self._unpaired_partners.get((layer, shape), ())})
