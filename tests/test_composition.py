@@ -298,3 +298,84 @@ def test_a_three_list_guider_whose_lists_differ_runs_them_all_on_the_cache_and_w
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     (warning,) = log.messages(logging.WARNING)
     assert "Guider_PerpNeg" in warning and "differ" in warning, warning
+
+
+# -- conditioning that changes after the gate ----------------------------------------------------------
+def timed(cond, start, end):
+    from nodes import ConditioningSetTimestepRange
+
+    return ConditioningSetTimestepRange().set_range(cond, start, end)[0]
+
+
+def combined(*conds):
+    from nodes import ConditioningCombine
+
+    out = conds[0]
+    for c in conds[1:]:
+        out = ConditioningCombine().combine(out, c)[0]
+    return out
+
+
+def in_area(cond):
+    from nodes import ConditioningSetArea
+
+    return ConditioningSetArea().append(cond, 64, 128, 64, 0, 1.0)[0]  # the right half of a 128 px image
+
+
+def gate_at_for(patcher, steps, gate_step):
+    """A gate_at at which T-GATE gates after `gate_step` steps of a `steps`-step normal schedule."""
+    import comfy.samplers as samplers
+
+    engine_schedule = __import__("tgate").GateSchedule
+    model_sampling = patcher.get_model_object("model_sampling")
+    sigmas = samplers.calculate_sigmas(model_sampling, "normal", steps).tolist()
+    for percent in range(1, 100):
+        gate_sigma = float(model_sampling.percent_to_sigma(percent / 100))
+        if engine_schedule.from_sigmas(sigmas, gate_sigma).gate_step == gate_step:
+            return percent / 100
+    raise AssertionError(f"no gate_at gates after {gate_step} steps")
+
+
+@pytest.mark.parametrize("change", ["prompt_switch", "late_area"])
+def test_conditioning_that_changes_after_the_gate_moves_the_gate(comfy, change):
+    patcher = comfy.sd15(seed=3)
+    a, b, negative = comfy.cond(1), comfy.cond(4), comfy.cond(2)
+    if change == "prompt_switch":  # ConditioningSetTimestepRange: prompt a, then prompt b from 50 %
+        positive = combined(timed(a, 0.0, 0.5), timed(b, 0.5, 1.0))
+        without_change = timed(a, 0.0, 0.5)
+    else:  # an area prompt that starts at 50 %
+        positive = combined(a, timed(in_area(b), 0.5, 1.0))
+        without_change = a
+    with RunLog().on() as log:
+        got = comfy.sample(comfy.tgate(patcher, gate_at=0.4), positive, negative, steps=STEPS)
+    (warning,) = log.messages(logging.WARNING)
+    moved_to = int(re.search(r"capture moves to step (\d+)", warning).group(1))  # 1-based: gate after it
+    assert moved_to > GATE_STEP and "positive's cond 2 (start_percent 0.5, end_percent 1)" in warning, warning
+    assert log.runs[0]["gate_step"] == moved_to
+    # The result is T-GATE's with the gate there, bit for bit (at that gate nothing moves) ...
+    with RunLog().on() as log:
+        expected = comfy.sample(
+            comfy.tgate(patcher, gate_at=gate_at_for(patcher, STEPS, moved_to)), positive, negative, steps=STEPS
+        )
+    assert not log.messages(logging.WARNING)
+    assert torch.equal(got, expected)
+    # ... in which the late prompt acts.
+    assert (got - comfy.sample(comfy.tgate(patcher, gate_at=0.4), without_change, negative, steps=STEPS)).abs().max() > 1e-2
+
+
+def test_conditioning_that_changes_at_the_last_step_turns_gating_off_for_the_run(comfy):
+    import comfy.samplers as samplers
+
+    patcher = comfy.sd15(seed=3)
+    model_sampling = patcher.get_model_object("model_sampling")
+    sigmas = samplers.calculate_sigmas(model_sampling, "normal", STEPS).tolist()
+    # A percent whose sigma falls between the last two steps' sigmas: the cond starts at the last step.
+    start = next(p / 1000 for p in range(500, 1000) if sigmas[-2] < float(model_sampling.percent_to_sigma(p / 1000)) < sigmas[-3])
+    positive = combined(comfy.cond(1), timed(comfy.cond(4), start, 1.0))
+    negative = comfy.cond(2)
+    with RunLog().on() as log:
+        got = comfy.sample(comfy.tgate(patcher), positive, negative, steps=STEPS)
+    (warning,) = log.messages(logging.WARNING)
+    assert "no step is left to gate" in warning and "positive's cond 2 (start_percent" in warning, warning
+    assert not log.runs  # the run went on without T-GATE
+    assert torch.equal(got, comfy.sample(patcher, positive, negative, steps=STEPS))

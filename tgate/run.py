@@ -336,6 +336,8 @@ def sample_with_gate(executor, *args, **kwargs):
     model_sampling = guider.model_patcher.get_model_object("model_sampling")
     gate_sigma = float(model_sampling.percent_to_sigma(config.gate_at))
     schedule = GateSchedule.from_sigmas(sigmas.tolist(), gate_sigma)
+    if schedule.gates:
+        schedule = _settled(schedule, getattr(guider, "conds", None) or {}, model_sampling)
     if not schedule.gates:
         log.info("T-GATE: gate_at %.2f is past the last of %d steps; sampling unchanged", config.gate_at, schedule.num_steps)
         return executor(*args, **kwargs)
@@ -380,6 +382,56 @@ def sample_with_gate(executor, *args, **kwargs):
         log.log(level, stats.summary)
         run.close()
         announce(stats)
+
+
+def _settled(schedule: GateSchedule, conds: Mapping[str, list], model_sampling) -> GateSchedule:
+    """`schedule` with the gate moved past the last change in the guider's active conds
+    (GateSchedule.settled), with a WARNING naming the step and the cond where it moves."""
+    named = [(name, i, c) for name, cond_list in conds.items() for i, c in enumerate(cond_list or ()) if isinstance(c, dict)]
+    ranges = [_sigma_range(c, model_sampling) for _, _, c in named]
+    if not any(r != (None, None) for r in ranges):
+        return schedule
+    settled, changed = schedule.settled(ranges)
+    if not changed:
+        return settled
+    conds_named = " and ".join(_cond_name(*named[j]) for j in changed)
+    where = (
+        f"the capture moves to step {settled.gate_step} and the gate to after it"
+        if settled.gates
+        else "no step is left to gate, so this run samples without T-GATE"
+    )
+    log.warning(
+        "T-GATE: the active conditioning changes at step %d of %d, after the gate (after step %d), where %s: "
+        "what the gate captures stands for every later step, so %s",
+        settled.gate_step,
+        schedule.num_steps,
+        schedule.gate_step,
+        conds_named,
+        where,
+    )
+    return settled
+
+
+_PERCENT_KEYS = ("start_percent", "end_percent", "clip_start_percent", "clip_end_percent")
+
+
+def _cond_name(name: str, index: int, cond: dict) -> str:
+    """`the positive's cond 2 (start_percent 0.5, end_percent 1)`: a cond as a user finds it."""
+    percents = ", ".join(f"{k} {cond[k]:g}" for k in _PERCENT_KEYS if k in cond)
+    return f"the {name}'s cond {index + 1} ({percents}) starts or ends"
+
+
+def _sigma_range(cond: dict, model_sampling) -> tuple[float | None, float | None]:
+    """The (start, end) sigmas of a cond, as comfy.samplers.calculate_start_end_timesteps sets them."""
+    if "clip_start_percent" in cond:
+        start = max(cond["clip_start_percent"], cond.get("start_percent", 0.0))
+        end = min(cond["clip_end_percent"], cond.get("end_percent", 1.0))
+    else:
+        start, end = cond.get("start_percent"), cond.get("end_percent")
+    return (
+        None if start is None else float(model_sampling.percent_to_sigma(start)),
+        None if end is None else float(model_sampling.percent_to_sigma(end)),
+    )
 
 
 def _run_of(options: Any) -> GateRun | None:
