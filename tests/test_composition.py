@@ -379,3 +379,103 @@ def test_conditioning_that_changes_at_the_last_step_turns_gating_off_for_the_run
     assert "no step is left to gate" in warning and "positive's cond 2 (start_percent" in warning, warning
     assert not log.runs  # the run went on without T-GATE
     assert torch.equal(got, comfy.sample(patcher, positive, negative, steps=STEPS))
+
+
+# -- Deep Shrink: a patch that changes layers' shapes during the run ------------------------------------
+def deep_shrink(model, end_percent=0.35):
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    return PatchModelAddDownscale.execute(model, 3, 2.0, 0.0, end_percent, True, "bicubic", "bicubic").result[0]
+
+
+# The node's default (at 10 steps the capture step before gate_at 0.4 is still downscaled, the first
+# step after it is not), and a change a step past the gate.
+DEEP_SHRINK_CASES = [(0.35, 10), (0.5, STEPS)]
+
+
+@pytest.mark.parametrize(("end_percent", "steps"), DEEP_SHRINK_CASES)
+def test_deep_shrink_moves_the_capture_past_its_end(comfy, end_percent, steps):
+    patcher = comfy.sd15(seed=3)
+    positive, negative = comfy.cond(1), comfy.cond(2)
+    settings = dict(steps=steps, size=32)
+    for order in ("tgate_first", "deep_shrink_first"):
+        if order == "tgate_first":
+            model = deep_shrink(comfy.tgate(patcher, gate_at=0.4), end_percent)
+        else:
+            model = comfy.tgate(deep_shrink(patcher, end_percent), gate_at=0.4)
+        with RunLog().on() as log:
+            probe = ModelCalls()
+            with probe.watch(patcher):
+                got = comfy.sample(model, positive, negative, **settings)
+        (warning,) = log.messages(logging.WARNING)
+        assert "Deep Shrink" in warning and "capture moves to step" in warning, warning
+        gate = log.runs[0]["gate_step"]
+        assert gate > gate_at_steps(patcher, steps, 0.4) and log.runs[0]["recaptures"] == 0
+        # Two branches up to the capture, one after it, and no cross-attention computes after it.
+        assert probe.batch_sizes == [2] * gate + [1] * (steps - gate), order
+        assert probe.column("cross_q")[gate:] == [0] * (steps - gate), order
+        # The result is T-GATE's with the gate there, bit for bit (at that gate nothing moves).
+        with RunLog().on() as log:
+            expected = comfy.sample(
+                deep_shrink(comfy.tgate(patcher, gate_at=gate_at_for(patcher, steps, gate)), end_percent),
+                positive,
+                negative,
+                **settings,
+            )
+        assert not log.messages(logging.WARNING)
+        assert torch.equal(got, expected), order
+
+
+def gate_at_steps(patcher, steps, gate_at):
+    """After how many steps of a `steps`-step normal schedule T-GATE gates at `gate_at`."""
+    import comfy.samplers as samplers
+
+    model_sampling = patcher.get_model_object("model_sampling")
+    sigmas = samplers.calculate_sigmas(model_sampling, "normal", steps).tolist()
+    return __import__("tgate").GateSchedule.from_sigmas(sigmas, float(model_sampling.percent_to_sigma(gate_at))).gate_step
+
+
+def unannounced(model):
+    """`model` with its Deep Shrink patch hidden from T-GATE's look ahead: the patch also reads a key
+    the look-ahead does not give (as a pack's own resizing patch might), so T-GATE meets the new
+    shape only when a step runs."""
+    patched = model.clone()
+    patches = patched.model_options["transformer_options"]["patches"]
+    (downscale,) = patches.pop("input_block_patch_after_skip")
+
+    def resize(h, transformer_options):
+        transformer_options["cond_or_uncond"]  # noqa: B018 (raises where it is missing)
+        return downscale(h, transformer_options)
+
+    patched.set_model_input_block_patch_after_skip(resize)
+    return patched
+
+
+@pytest.mark.parametrize(("end_percent", "steps"), DEEP_SHRINK_CASES)
+def test_a_shape_change_met_at_a_step_recaptures_there(comfy, end_percent, steps):
+    patcher = comfy.sd15(seed=3)
+    positive, negative = comfy.cond(1), comfy.cond(2)
+    settings = dict(steps=steps, size=32)
+    model = unannounced(deep_shrink(comfy.tgate(patcher, gate_at=0.4), end_percent))
+    with RunLog().on() as log:
+        probe = ModelCalls()
+        with probe.watch(patcher):
+            got = comfy.sample(model, positive, negative, **settings)
+    (warning,) = log.messages(logging.WARNING)  # once per run
+    assert "no longer fits" in warning and "Deep Shrink" in warning, warning
+    changed = int(re.search(r"at step (\d+) of", warning).group(1)) - 1  # the first step of the new shape
+    gate = log.runs[0]["gate_step"]
+    assert changed >= gate and log.runs[0]["recaptures"] == 1
+    # Steps past the gate before the change reuse the capture of their own shape; the evaluation
+    # that finds kept outputs of another shape runs again on both branches and captures; no
+    # cross-attention layer computes on one branch.
+    assert probe.batch_sizes == [2] * gate + [1] * (changed - gate) + [1, 2] + [1] * (steps - changed - 1)
+    assert probe.column("cross_q")[changed + 2 :] == [0] * (steps - changed - 1)
+    assert probe.column("cross_q")[gate:changed] == [0] * (changed - gate)
+    if changed == gate:
+        # The result is T-GATE's with the capture at that step, bit for bit.
+        at_change = gate_at_for(patcher, steps, changed + 1)
+        expected = comfy.sample(
+            unannounced(deep_shrink(comfy.tgate(patcher, gate_at=at_change), end_percent)), positive, negative, **settings
+        )
+        assert torch.equal(got, expected)

@@ -20,7 +20,7 @@ def setup():
 
 def call_options(reuse=None, capture_kinds=frozenset(), reduction=None, captured=None):
     """One model call's ModelCall, put in the slot as APPLY_MODEL does; the transformer_options the call gets."""
-    SLOT.call = ModelCall(reuse or {}, frozenset(capture_kinds), reduction, {} if captured is None else captured, {})
+    SLOT.call = ModelCall(reuse or {}, frozenset(capture_kinds), reduction, {} if captured is None else captured, {}, [])
     return {}
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tgate import Action, GateSchedule, plan_steps
+from tgate import Action, GateSchedule, active_conds, plan_steps
 
 PLAN, CAPTURE, FIDELITY = Action.COMPUTE, Action.CAPTURE, Action.REUSE  # the stages, as cross-attention sees them
 
@@ -71,18 +71,21 @@ def test_the_gate_moves_past_the_last_change_in_the_active_conds():
     sigmas = [10.0, 8.0, 6.0, 4.0, 2.0, 1.0, 0.0]
     schedule = GateSchedule.from_sigmas(sigmas, 7.0)
     assert schedule.gate_step == 2
-    always, early = (None, None), (None, 9.0)  # `early` ends at sigma 9: active at step 0 alone
-    # Changes up to the capture step (step 1) leave the gate where it is ...
-    assert schedule.settled([always, early]) == (schedule, ())
-    # ... one after it does not: a cond active at the capture (steps 0 and 1) but not after it.
-    moved, changed = schedule.settled([always, (None, 7.0)])
-    assert (moved.gate_step, changed) == (3, (1,))
+
+    def settled(*ranges):
+        return schedule.settled([active_conds(ranges, sigma) for sigma in schedule.sigmas]).gate_step
+
+    always = (None, None)
+    # A cond that ends at sigma 9 (active at step 0 alone) changes before the capture (step 1): the
+    # gate stays ...
+    assert settled(always, (None, 9.0)) == 2
+    # ... one active at the capture (steps 0 and 1) but not after it moves it past its end.
+    assert settled(always, (None, 7.0)) == 3
     # A prompt that starts at sigma 5 (step 3 on): the capture moves to step 3, the gate after it.
-    moved, changed = schedule.settled([always, (5.0, None)])
-    assert (moved.gate_step, changed) == (4, (1,))
-    # An area that is active from step 2 to step 3 only: the last change is at step 4.
-    moved, changed = schedule.settled([(6.0, 3.0), always])
-    assert (moved.gate_step, changed) == (5, (0,))
+    assert settled(always, (5.0, None)) == 4
+    # An area active from step 2 to step 3 only: the last change is at step 4.
+    assert settled((6.0, 3.0), always) == 5
     # A cond that starts at the last step: no step is left to gate.
-    moved, changed = schedule.settled([always, (1.5, None)])
-    assert (moved.gates, changed) == (False, (1,))
+    assert settled(always, (1.5, None)) == schedule.num_steps
+    # Facts of any kind: a layer shape that a patch changes until step 2.
+    assert schedule.settled([(8, 8), (8, 8), (16, 16), (16, 16), (16, 16), (16, 16)]).gate_step == 3

@@ -29,7 +29,7 @@ from .run import (
     guided_by_stand_in,
     sample_with_gate,
 )
-from .schedule import GateSchedule
+from .schedule import GateSchedule, active_conds
 from .stats import RunStats, add_run_listener, remove_run_listener
 from .store import AttentionStore, ChunkReduction, reduce_chunks
 
@@ -52,6 +52,7 @@ __all__ = [
     "GatePatch",
     "GateRun",
     "GateSchedule",
+    "active_conds",
     "Kept",
     "ModelCall",
     "RunStats",

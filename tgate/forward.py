@@ -32,6 +32,9 @@ class ModelCall(NamedTuple):
     # model call (VACE runs each vace block once per control) keeps and reuses one entry per run,
     # keyed by occurrence_key.
     calls: dict[str, int]
+    # Filled during the call: the layers whose kept output did not fit (another shape: a patch such as
+    # Deep Shrink resized the layer since the capture). They computed; the run then recaptures.
+    misfits: list[str]
 
 
 class CallSlot:
@@ -124,13 +127,18 @@ def gated_replacement(
 
 def _reusable(call: ModelCall, layer: str, query: torch.Tensor) -> tuple[str, torch.Tensor | None]:
     """The key this run of `layer` is kept under in `call`, and the output to return instead of
-    computing, if any. An attention output has its query's shape; a call of another shape (a new
-    resolution, another chunk grouping) computes instead."""
+    computing, if any. An attention output has its query's shape: a kept output of another shape
+    does not fit, and the layer computes (the run sees the misfit and recaptures)."""
     n = call.calls.get(layer, 0)
     call.calls[layer] = n + 1
     key = occurrence_key(layer, n)
     reused = call.reuse.get(key)
-    return key, reused if reused is not None and reused.shape == query.shape else None
+    if reused is None:
+        return key, None
+    if reused.shape != query.shape:
+        call.misfits.append(key)
+        return key, None
+    return key, reused
 
 
 def _query(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -28,7 +28,7 @@ from .config import SelfAttentionReuse, TGateConfig
 from .families import CROSS, SELF
 from .forward import REPLACED_CROSS, CallSlot, ModelCall, gated_replacement
 from .plan import Action, Kept, StepPlan, extra_evaluation_plan, plan_step, plan_steps
-from .schedule import GateSchedule
+from .schedule import GateSchedule, active_conds
 from .stats import RunStats, announce
 from .store import AttentionStore, layer_of
 
@@ -113,6 +113,8 @@ class GateRun:
         # Whether the last main evaluation was one list evaluated for all of a guider's three or more
         # (guided_by_stand_in reads it).
         self.one_for_all = False
+        self.misfits: list[str] = []  # layers whose kept output did not fit, in the evaluation in progress
+        self.recaptures = 0  # captures taken again after a layer's shape changed
         self.self_attention_reuses = 0
         self.peak_bytes = 0
         self.last_step: int | None = None  # the step of the last evaluation
@@ -171,7 +173,37 @@ class GateRun:
         if plan.is_plain:
             return executor(model, conds, x_in, timestep, model_options)
         # The sampler never evaluated the capture step, or its capture kept nothing: this one captures.
-        self.late_capture |= plan.cross_attention is Action.CAPTURE and step >= self.schedule.gate_step
+        self.late_capture |= plan.cross_attention is Action.CAPTURE and step >= self.schedule.gate_step and not self.recaptures
+        out = self._carry_out(plan, step, sigma, branches, executor, model, conds, x_in, timestep, model_options)
+        if self.misfits:
+            # Kept outputs did not fit some layers: a patch (Deep Shrink) changed their shape since
+            # the capture, so what ran is not T-GATE's and is dropped. Nothing kept fits any more:
+            # the plan makes this evaluation a capture, as it does for one that finds nothing kept.
+            self._recapture(step)
+            plan = self.last_plan = plan_step(self.plans, step, Kept())
+            out = self._carry_out(plan, step, sigma, branches, executor, model, conds, x_in, timestep, model_options)
+        return out
+
+    def _recapture(self, step: int) -> None:
+        """Drop everything kept after a misfit at `step`, saying so once per run."""
+        if not self.recaptures:
+            log.warning(
+                "T-GATE: at step %d of %d the kept output of %s no longer fits it: a patch such as Deep Shrink "
+                "(PatchModelAddDownscale) changed the layer's shape since the capture. The step runs both branches "
+                "and captures again, and so does any later step where a shape changes (no layer runs one branch on "
+                "outputs of another shape)",
+                step + 1,
+                self.schedule.num_steps,
+                self.misfits[0],
+            )
+        self.recaptures += 1
+        self.misfits.clear()
+        self.store.clear()
+        self._capture_sigmas.clear()
+
+    def _carry_out(self, plan, step, sigma, branches, executor, model, conds, x_in, timestep, model_options) -> list:
+        """Carry out one evaluation's plan and record what it did (evaluate); an evaluation whose
+        kept outputs did not fit (misfits) is left unrecorded, since it runs again."""
         captures = plan.kinds(Action.CAPTURE)
         for kind in captures:
             if self._capture_sigmas.get(kind) != sigma:
@@ -189,6 +221,8 @@ class GateRun:
                 # Only a capture changes what is kept: evaluations that just reuse keep the
                 # store's tables, so steps after the gate build nothing.
                 self.store.finish_capture()
+        if self.misfits:
+            return out
         if captures:
             self.peak_bytes = max(self.peak_bytes, self.store.nbytes)
         if plan.cross_attention is Action.CAPTURE:
@@ -238,7 +272,7 @@ class GateRun:
         # A chunk of a list the mean capture dropped gets the mean it was averaged into (the mean is
         # the same for every list): extra evaluations, a guider's lists that run apart.
         reuse = self.store.reuse_table(reuse_kinds, chunk_ids, device, partners=True) if reuse_kinds else {}
-        return ModelCall(reuse, plan.kinds(Action.CAPTURE), plan.reduction(branches, self.fidelity, self.lists), {}, {})
+        return ModelCall(reuse, plan.kinds(Action.CAPTURE), plan.reduction(branches, self.fidelity, self.lists), {}, {}, [])
 
     def stats(self) -> RunStats:
         """What the run did, for listeners (benchmarks, tests): see stats.py."""
@@ -256,6 +290,7 @@ class GateRun:
             late_capture=self.late_capture,
             stopped_at_step=self.last_step if self.stopped else None,
             stop=self.stop,
+            recaptures=self.recaptures,
             branch_evaluations=self.branch_evaluations,
             saved_branch_evaluations=self.saved_branch_evaluations,
             seconds_per_step_before_gate=self.seconds_per_step(False),
@@ -311,6 +346,8 @@ class GateRun:
             )
         elif self.late_capture:
             text += "; the sampler skipped the capture step, so the first evaluation past the gate captured"
+        if self.recaptures:
+            text += f"; {self.recaptures} captures were taken again after a layer's shape changed (Deep Shrink)"
         if self.uncached_evaluations:
             text += f"; {self.uncached_evaluations} evaluations after the gate found no cache and ran in full"
         return text
@@ -337,7 +374,7 @@ def sample_with_gate(executor, *args, **kwargs):
     gate_sigma = float(model_sampling.percent_to_sigma(config.gate_at))
     schedule = GateSchedule.from_sigmas(sigmas.tolist(), gate_sigma)
     if schedule.gates:
-        schedule = _settled(schedule, getattr(guider, "conds", None) or {}, model_sampling)
+        schedule = _settled(schedule, guider)
     if not schedule.gates:
         log.info("T-GATE: gate_at %.2f is past the last of %d steps; sampling unchanged", config.gate_at, schedule.num_steps)
         return executor(*args, **kwargs)
@@ -384,39 +421,78 @@ def sample_with_gate(executor, *args, **kwargs):
         announce(stats)
 
 
-def _settled(schedule: GateSchedule, conds: Mapping[str, list], model_sampling) -> GateSchedule:
-    """`schedule` with the gate moved past the last change in the guider's active conds
-    (GateSchedule.settled), with a WARNING naming the step and the cond where it moves."""
+def _settled(schedule: GateSchedule, guider) -> GateSchedule:
+    """`schedule` with the gate moved past the last change in what the capture cannot stand for
+    (GateSchedule.settled): the guider's active conds and the layers a block patch resizes, with a
+    WARNING naming the step and what changes there."""
+    conds = getattr(guider, "conds", None) or {}
     named = [(name, i, c) for name, cond_list in conds.items() for i, c in enumerate(cond_list or ()) if isinstance(c, dict)]
+    model_sampling = guider.model_patcher.get_model_object("model_sampling")
     ranges = [_sigma_range(c, model_sampling) for _, _, c in named]
-    if not any(r != (None, None) for r in ranges):
+    resizes = _resizing_patches(guider)
+    if not resizes and all(r == (None, None) for r in ranges):
         return schedule
-    settled, changed = schedule.settled(ranges)
-    if not changed:
+    facts = [(active_conds(ranges, sigma), tuple(resized(sigma) for resized in resizes)) for sigma in schedule.sigmas]
+    settled = schedule.settled(facts)
+    if settled.gate_step == schedule.gate_step:
         return settled
-    conds_named = " and ".join(_cond_name(*named[j]) for j in changed)
+    step = settled.gate_step - 1  # the first step of the settled facts (0-based)
+    (conds_now, sizes_now), (conds_before, sizes_before) = facts[step], facts[step - 1]
+    changes = [_cond_name(*named[j]) for j in range(len(named)) if conds_now[j] != conds_before[j]]
+    if sizes_now != sizes_before:
+        changes.append("a block patch (Deep Shrink, PatchModelAddDownscale) resizes the model's inner layers or stops")
     where = (
         f"the capture moves to step {settled.gate_step} and the gate to after it"
         if settled.gates
         else "no step is left to gate, so this run samples without T-GATE"
     )
     log.warning(
-        "T-GATE: the active conditioning changes at step %d of %d, after the gate (after step %d), where %s: "
-        "what the gate captures stands for every later step, so %s",
+        "T-GATE: what the model is given changes at step %d of %d, after the gate (after step %d): %s. What the gate "
+        "captures stands for every later step, so %s",
         settled.gate_step,
         schedule.num_steps,
         schedule.gate_step,
-        conds_named,
+        "; ".join(changes),
         where,
     )
     return settled
+
+
+def _resizing_patches(guider) -> list:
+    """For each of the model's input block patches (Deep Shrink's downscale), a function of a sigma
+    giving the blocks at which it resizes a dummy latent there: the patch is asked, as the UNet
+    would ask it, with each input block's index and the sigma. Patches that cannot answer a dummy
+    (they read more than `block` and `sigmas`) are left to the run's check (GateRun.misfits)."""
+    patches = guider.model_options.get("transformer_options", {}).get("patches", {})
+    found = [p for kind in ("input_block_patch", "input_block_patch_after_skip") for p in patches.get(kind, ())]
+    blocks = len(getattr(guider.model_patcher.get_model_object("diffusion_model"), "input_blocks", ()))
+    if not found or not blocks:
+        return []
+    dummy = torch.zeros(1, 1, 16, 16)
+
+    def resizer(patch):
+        def resized(sigma: float) -> tuple[int, ...]:
+            sigmas = torch.tensor([sigma])
+            out = []
+            for block in range(blocks):
+                try:
+                    shape = patch(dummy, {"block": ("input", block), "sigmas": sigmas}).shape
+                except Exception:
+                    return ()
+                if shape != dummy.shape:
+                    out.append(block)
+            return tuple(out)
+
+        return resized
+
+    return [resizer(p) for p in found]
 
 
 _PERCENT_KEYS = ("start_percent", "end_percent", "clip_start_percent", "clip_end_percent")
 
 
 def _cond_name(name: str, index: int, cond: dict) -> str:
-    """`the positive's cond 2 (start_percent 0.5, end_percent 1)`: a cond as a user finds it."""
+    """`the positive's cond 2 (start_percent 0.5, end_percent 1) starts or ends`: a cond as a user finds it."""
     percents = ", ".join(f"{k} {cond[k]:g}" for k in _PERCENT_KEYS if k in cond)
     return f"the {name}'s cond {index + 1} ({percents}) starts or ends"
 
@@ -506,6 +582,8 @@ def apply_model_with_gate(executor, *args, **kwargs):
         out = executor(*args, **kwargs)
     finally:
         slot.call = None
+    if call.misfits and not run.extra:
+        run.misfits.extend(call.misfits)
     for layer in list(call.captured):
         if layer.startswith(REPLACED_CROSS):
             run.store.layer_kinds.setdefault(layer_of(layer), CROSS)  # a replaced layer is cross-attention

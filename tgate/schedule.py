@@ -10,13 +10,20 @@ semantics, the rest improve fidelity.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
 # Samplers evaluate at sigmas read back from device tensors, and uni_pc rewrites the last one in
 # place: a sigma is matched to its step with a relative tolerance, never by exact equality.
 SIGMA_RTOL = 1e-4
+
+
+def active_conds(ranges: Sequence[tuple[float | None, float | None]], sigma: float) -> tuple[bool, ...]:
+    """Which of the conds with sigma `ranges` are active at `sigma`. A range is (start, end) with None
+    for open, as ComfyUI turns start_percent/end_percent into timestep_start/timestep_end; a cond is
+    active unless sigma > start or sigma < end (comfy.samplers.get_area_and_mult)."""
+    return tuple(not ((start is not None and sigma > start) or (end is not None and sigma < end)) for start, end in ranges)
 
 
 @dataclass(frozen=True)
@@ -41,29 +48,17 @@ class GateSchedule:
             planning += 1
         return cls(sigmas=steps, gate_step=max(1, planning) if steps else 0)
 
-    def settled(self, ranges: Sequence[tuple[float | None, float | None]]) -> tuple[GateSchedule, tuple[int, ...]]:
-        """This schedule with the gate moved past the last change in which conds are active, and
-        the indices in `ranges` of the conds that change there (none when the gate stays).
+    def settled(self, facts: Sequence[Hashable]) -> GateSchedule:
+        """This schedule with the gate moved past the last step at which `facts` change.
 
-        `ranges`: each cond's (sigma it starts at, sigma it ends at), None for open, as ComfyUI
-        turns start_percent/end_percent into timestep_start/timestep_end: a cond is active at sigma
-        s unless s > start or s < end. What the gate captures stands for every later step, so the
-        capture must see the conds those steps see: it moves to the first step from which the set
-        of active conds no longer changes, the gate right after it. A change at the last step
-        leaves no step to gate.
+        `facts`: one per step, what the model is given there besides the latent and the text that
+        the run cannot take from the capture: which conds are active (active_conds), which layers a
+        patch resizes (Deep Shrink). What the gate captures stands for every later step, so the
+        capture must see what those steps see: it moves to the first step from which the facts no
+        longer change, the gate right after it. A change at the last step leaves no step to gate.
         """
-
-        def active(sigma: float) -> tuple[bool, ...]:
-            return tuple(
-                not ((start is not None and sigma > start) or (end is not None and sigma < end)) for start, end in ranges
-            )
-
-        sets = [active(sigma) for sigma in self.sigmas]
-        last_change = max((i for i in range(1, len(sets)) if sets[i] != sets[i - 1]), default=0)
-        if last_change < self.gate_step:
-            return self, ()
-        changed = tuple(j for j in range(len(ranges)) if sets[last_change][j] != sets[last_change - 1][j])
-        return replace(self, gate_step=last_change + 1), changed
+        last_change = max((i for i in range(1, len(facts)) if facts[i] != facts[i - 1]), default=0)
+        return self if last_change < self.gate_step else replace(self, gate_step=last_change + 1)
 
     @property
     def num_steps(self) -> int:

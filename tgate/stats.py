@@ -34,6 +34,7 @@ class RunStats:
     late_capture: bool  # whether a capture fell past the gate (the sampler skipped, or the model skipped, the capture step)
     stopped_at_step: int | None  # the step of the last evaluation of a cancelled or failed run; None when it finished
     stop: str | None  # "cancelled" or "failed (TypeName)"; None when it finished
+    recaptures: int  # captures taken again after a layer's shape changed (Deep Shrink)
     branch_evaluations: int  # CFG branches the main evaluations would have run without T-GATE
     saved_branch_evaluations: int  # of those, the ones T-GATE did not run
     seconds_per_step_before_gate: float | None  # host wall-clock mean of the timed steps; None when none was timed
