@@ -479,3 +479,77 @@ def test_a_shape_change_met_at_a_step_recaptures_there(comfy, end_percent, steps
             unannounced(deep_shrink(comfy.tgate(patcher, gate_at=at_change), end_percent)), positive, negative, **settings
         )
         assert torch.equal(got, expected)
+
+
+# -- sliding context windows through sampler_calc_cond_batch_function (AnimateDiff-Evolved style) -----------
+class SlidingWindows:
+    """Context windows as AnimateDiff-Evolved runs them, written here: a sampler_calc_cond_batch_function
+    that calls ComfyUI's calc_cond_batch once per window of frames (the latent's batch entries) with the
+    same conds, so the same cond uuids, and names the window in its own transformer_options
+    (`ad_params["sub_idxs"]`) unless `named` is False; each frame's output is its window's."""
+
+    def __init__(self, windows, named=True):
+        self.windows, self.named = windows, named
+
+    def __call__(self, args):
+        import comfy.samplers as samplers
+
+        x, timestep, conds, options = args["input"], args["sigma"], args["conds"], args["model_options"]
+        out = [torch.zeros_like(x) if c else None for c in conds]
+        for frames in self.windows:
+            window_options = options
+            if self.named:
+                ad_params = {"sub_idxs": list(frames), "context_length": len(frames)}
+                window_options = {**options, "transformer_options": {**options["transformer_options"], "ad_params": ad_params}}
+            window = samplers.calc_cond_batch(args["model"], conds, x[list(frames)], timestep[list(frames)], window_options)
+            for i, part in enumerate(window):
+                if out[i] is not None:
+                    out[i][list(frames)] = part
+        return out
+
+
+def with_windows(model, windows):
+    patched = model.clone()
+    patched.set_model_sampler_calc_cond_batch_function(windows)
+    return patched
+
+
+WINDOWS = ((0, 1), (2, 3))  # frames apart: on an image model no window sees another's frames
+
+
+def test_sliding_windows_named_in_ad_params_get_their_own_cache(comfy):
+    patcher = comfy.sd15(seed=3)
+    positive, negative = comfy.cond(1), comfy.cond(2)
+    settings = dict(steps=STEPS, batch=4)
+    unwindowed = comfy.sample(comfy.tgate(patcher), positive, negative, **settings)
+    for order in ("tgate_first", "windows_first"):
+        if order == "tgate_first":
+            model = with_windows(comfy.tgate(patcher), SlidingWindows(WINDOWS))
+        else:
+            model = comfy.tgate(with_windows(patcher, SlidingWindows(WINDOWS)))
+        with RunLog().on() as log:
+            probe = ModelCalls()
+            with probe.watch(patcher):
+                got = comfy.sample(model, positive, negative, **settings)
+        # Each window gated: two branches of two frames until the gate, then one.
+        assert probe.batch_sizes == [4] * (2 * GATE_STEP) + [2] * (2 * (STEPS - GATE_STEP)), order
+        assert not log.messages(logging.WARNING), order
+        # Windows of frames that cannot see each other give T-GATE's unwindowed result: each window
+        # reuses its own frames' attention, not the last window's.
+        torch.testing.assert_close(got, unwindowed, rtol=1e-5, atol=1e-5, msg=order)
+
+
+def test_sliding_windows_that_cannot_be_told_apart_turn_gating_off_with_a_warning(comfy):
+    patcher = comfy.sd15(seed=3)
+    positive, negative = comfy.cond(1), comfy.cond(2)
+    settings = dict(steps=STEPS, batch=4)
+    windows = SlidingWindows(WINDOWS, named=False)
+    with RunLog().on() as log:
+        probe = ModelCalls()
+        with probe.watch(patcher):
+            got = comfy.sample(with_windows(comfy.tgate(patcher), windows), positive, negative, **settings)
+    warnings = log.messages(logging.WARNING)
+    assert "captured twice" in warnings[0] and "AnimateDiff-Evolved" in warnings[0], warnings
+    assert "gating was turned off part way" in warnings[-1], warnings  # the run's summary
+    assert probe.batch_sizes == [4] * (2 * STEPS)  # both branches at every step
+    assert torch.equal(got, comfy.sample(with_windows(patcher, windows), positive, negative, **settings))

@@ -115,6 +115,7 @@ class GateRun:
         self.one_for_all = False
         self.misfits: list[str] = []  # layers whose kept output did not fit, in the evaluation in progress
         self.recaptures = 0  # captures taken again after a layer's shape changed
+        self.refused: str | None = None  # why the run stopped gating part way (_refuse_windows)
         self.self_attention_reuses = 0
         self.peak_bytes = 0
         self.last_step: int | None = None  # the step of the last evaluation
@@ -201,6 +202,23 @@ class GateRun:
         self.store.clear()
         self._capture_sigmas.clear()
 
+    def _refuse_windows(self, step: int) -> None:
+        """One chunk was captured twice at `step`: a sampler wrapper evaluates windows of the latent
+        with the same conds without naming them (see _chunk_ids), and a window would reuse another's
+        attention. The evaluation computed everything (a capture changes no output); the rest of the
+        run is planned without a gate."""
+        log.warning(
+            "T-GATE: at step %d of %d the same conditioning was captured twice: a sampler wrapper (sliding "
+            "context windows such as AnimateDiff-Evolved's) evaluates parts of the latent one after another "
+            "without naming them in transformer_options ('context_window' or 'ad_params' 'sub_idxs'), so one "
+            "part would reuse another's attention. T-GATE is off for the rest of this run",
+            step + 1,
+            self.schedule.num_steps,
+        )
+        self.refused = "sliding windows T-GATE cannot tell apart"
+        self.plans = plan_steps(self.schedule.num_steps, self.schedule.num_steps, None)
+        self.store.clear()
+
     def _carry_out(self, plan, step, sigma, branches, executor, model, conds, x_in, timestep, model_options) -> list:
         """Carry out one evaluation's plan and record what it did (evaluate); an evaluation whose
         kept outputs did not fit (misfits) is left unrecorded, since it runs again."""
@@ -222,6 +240,9 @@ class GateRun:
                 # store's tables, so steps after the gate build nothing.
                 self.store.finish_capture()
         if self.misfits:
+            return out
+        if self.store.repeated is not None:
+            self._refuse_windows(step)
             return out
         if captures:
             self.peak_bytes = max(self.peak_bytes, self.store.nbytes)
@@ -348,6 +369,8 @@ class GateRun:
             text += "; the sampler skipped the capture step, so the first evaluation past the gate captured"
         if self.recaptures:
             text += f"; {self.recaptures} captures were taken again after a layer's shape changed (Deep Shrink)"
+        if self.refused:
+            text += f"; gating was turned off part way: {self.refused}"
         if self.uncached_evaluations:
             text += f"; {self.uncached_evaluations} evaluations after the gate found no cache and ran in full"
         return text
@@ -616,12 +639,20 @@ def attention_patches(transformer_options: Any) -> list[str]:
 
 
 def _chunk_ids(options: dict) -> list:
-    """What identifies a chunk's kept output: its cond's uuid, and its context window if any
-    (ComfyUI's context windows run the same conds on several slices of the latent)."""
+    """What identifies a chunk's kept output: its cond's uuid, and its context window if any.
+    Context windows run the same conds on several slices of the latent: ComfyUI's own name theirs
+    in `context_window`, AnimateDiff-Evolved's (through sampler_calc_cond_batch_function) in
+    `ad_params["sub_idxs"]`. Windows named otherwise are found by the store (a chunk captured twice
+    at one step) and the run is left ungated."""
     window = options.get("context_window")
-    if window is None:
-        return options["uuids"]
-    span = tuple(getattr(window, "index_list", ()) or ())
+    if window is not None:
+        span = tuple(getattr(window, "index_list", ()) or ())
+    else:
+        ad_params = options.get("ad_params")
+        sub_idxs = ad_params.get("sub_idxs") if isinstance(ad_params, dict) else None
+        if sub_idxs is None:
+            return options["uuids"]
+        span = tuple(sub_idxs.tolist() if hasattr(sub_idxs, "tolist") else sub_idxs)
     return [(uuid, span) for uuid in options["uuids"]]
 
 

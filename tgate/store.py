@@ -105,6 +105,9 @@ class AttentionStore:
         self._partners: dict[str, dict[ChunkId, ChunkId]] = {}
         self._unpaired_partners: dict[tuple[str, torch.Size], list[ChunkId]] = {}
         self._chunk_mean = False  # the capture in progress weighs every chunk the same (ChunkReduction.chunk_mean)
+        # A chunk one capture stored twice for a layer: the same cond evaluated twice at one step on
+        # different inputs (unnamed context windows), which one entry per chunk cannot serve.
+        self.repeated: ChunkId | None = None
 
     def store(self, layer: str, reduced: torch.Tensor, reduction: ChunkReduction, chunk_ids: Sequence[ChunkId]) -> None:
         """Keep what `reduce_chunks` gave for one layer of one model call.
@@ -124,6 +127,8 @@ class AttentionStore:
         block = reduced.clone()
         entries = self._entries.setdefault(layer, {})
         for index, position in enumerate(reduction.stored):
+            if chunk_ids[position] in entries:
+                self.repeated = chunk_ids[position]
             entry = Entry(block, index, len(reduction.stored))
             entries[chunk_ids[position]] = entry
             if reduction.mean_of_branches and not reduction.mixed_in:
@@ -200,6 +205,7 @@ class AttentionStore:
         return sum(len(entries) for entries in self._entries.values())
 
     def clear(self, kinds: Collection[str] = KINDS) -> None:
+        self.repeated = None
         for layer in [key for key in self._entries if self.layer_kinds[layer_of(key)] in kinds]:
             del self._entries[layer]
             self._partners.pop(layer, None)
