@@ -553,3 +553,123 @@ def test_sliding_windows_that_cannot_be_told_apart_turn_gating_off_with_a_warnin
     assert "gating was turned off part way" in warnings[-1], warnings  # the run's summary
     assert probe.batch_sizes == [4] * (2 * STEPS)  # both branches at every step
     assert torch.equal(got, comfy.sample(with_windows(patcher, windows), positive, negative, **settings))
+
+
+# -- the composition suite: every add-on users combine T-GATE with, on SD1.5 and SDXL -------------------
+def _lora(comfy, model, positive, negative):
+    """Weight patches as LoRA loaders add them (ModelPatcher.add_patches), on a cross-attention
+    projection and a convolution."""
+    patched = model.clone()
+    keys = [k for k in patched.model_state_dict() if k.endswith("attn2.to_k.weight") or k.endswith("in_layers.2.weight")]
+    g = torch.Generator().manual_seed(13)
+    patches = {k: (0.2 * torch.randn(patched.get_model_object(k).shape, generator=g),) for k in keys[:2] + keys[-2:]}
+    patched.add_patches(patches, 1.0)
+    return patched, positive, negative
+
+
+def _controlnet(comfy, model, positive, negative):
+    """A random-weight ControlNet of the model's own shape, applied with ControlNetApplyAdvanced."""
+    import comfy.cldm.cldm as cldm
+    import comfy.controlnet as controlnet
+    import comfy.model_management as mm
+
+    from tgate_testkit.models import randomize
+
+    dropped = ("out_channels", "transformer_depth_output", "use_temporal_resblock", "use_temporal_attention")
+    unet = {k: v for k, v in model.model.model_config.unet_config.items() if k not in dropped}
+    control_model = cldm.ControlNet(hint_channels=3, **unet, device="cpu", dtype=torch.float32)
+    randomize(control_model, 11)
+    control = controlnet.ControlNet(control_model, load_device=mm.get_torch_device(), manual_cast_dtype=None)
+    image = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(2))
+    positive, negative = comfy.nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, image, 1.0, 0.0, 1.0)
+    return model, positive, negative
+
+
+def _node(build):
+    """An add-on that patches the model alone."""
+    return lambda comfy, model, positive, negative: (build(model), positive, negative)
+
+
+def _addons():
+    from comfy_extras.nodes_apg import APG
+    from comfy_extras.nodes_cfg import CFGZeroStar
+    from comfy_extras.nodes_easycache import EasyCache, LazyCache
+    from comfy_extras.nodes_freelunch import FreeU_V2
+    from comfy_extras.nodes_hypertile import HyperTile
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+    from comfy_extras.nodes_sag import SelfAttentionGuidance
+    from comfy_extras.nodes_tomesd import TomePatchModel
+
+    return {
+        "FreeU_V2": _node(lambda m: FreeU_V2().patch(m, 1.3, 1.4, 0.9, 0.2)[0]),
+        "LoRA": _lora,
+        "ControlNet": _controlnet,
+        "EasyCache": _node(lambda m: EasyCache.execute(m, 0.2, 0.15, 0.95, False).result[0]),
+        "LazyCache": _node(lambda m: LazyCache.execute(m, 0.2, 0.15, 0.95, False).result[0]),
+        "RescaleCFG": _node(lambda m: RescaleCFG().patch(m, 0.7)[0]),
+        "CFGZeroStar": _node(lambda m: CFGZeroStar.execute(m).result[0]),
+        "APG": _node(lambda m: APG.execute(m, 1.0, 5.0, 0.5).result[0]),
+        "PAG": _node(lambda m: PerturbedAttentionGuidance.execute(m, 3.0).result[0]),
+        "SAG": _node(lambda m: SelfAttentionGuidance.execute(m, 0.5, 2.0).result[0]),
+        "HyperTile": _node(lambda m: HyperTile.execute(m, 32, 2, 1, False).result[0]),
+        "ToMe": _node(lambda m: TomePatchModel.execute(m, 0.5).result[0]),
+    }
+
+
+ADDONS = (
+    "FreeU_V2",
+    "LoRA",
+    "ControlNet",
+    "EasyCache",
+    "LazyCache",
+    "RescaleCFG",
+    "CFGZeroStar",
+    "APG",
+    "PAG",
+    "SAG",
+    "HyperTile",
+    "ToMe",
+)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("addon", ADDONS)
+def test_composition(comfy, addon, family):
+    patcher = comfy.sd15(seed=3) if family == "sd15" else comfy.sdxl(seed=3)
+    pooled = family == "sdxl"
+    positive, negative = comfy.cond(1, pooled=pooled), comfy.cond(2, pooled=pooled)
+    apply = _addons()[addon]
+    settings = dict(steps=STEPS, size=32)
+
+    def sample(model):
+        model, pos, neg = apply(comfy, model, positive, negative)
+        return comfy.sample(model, pos, neg, **settings)
+
+    plain = (
+        comfy.sample(patcher, *_controlnet(comfy, patcher, positive, negative)[1:], **settings) if addon == "ControlNet" else None
+    )
+    plain = comfy.sample(patcher, positive, negative, **settings) if plain is None else plain
+    addon_alone = sample(patcher)
+    tgate_alone = comfy.sample(comfy.tgate(patcher), positive, negative, **settings)
+    with RunLog().on() as log:
+        probe = ModelCalls()
+        with probe.watch(patcher):
+            both = sample(comfy.tgate(patcher))
+    # T-GATE acted: after the gate every model call runs one branch and no cross-attention.
+    (run,) = log.runs
+    assert run["single_branch_evaluations"] > 0
+    gate_sigma = probe.sample_sigmas[run["gate_step"]].item() * (1 + 1e-4)
+    after = [i for i, sigma in enumerate(probe.sigmas) if sigma <= gate_sigma]
+    assert after and all(probe.batch_sizes[i] == 1 for i in after), probe.batch_sizes
+    assert all(probe.column("cross_q")[i] == 0 for i in after)
+    # The add-on's effect persists under T-GATE, at about its own size.
+    effect = (both - tgate_alone).norm() / (addon_alone - plain).norm()
+    low, high = EFFECT_BOUNDS.get(addon, (0.7, 1.3))
+    assert low < effect < high, f"{addon}: effect ratio {effect:.3f}"
+    # With the gate past the last step, T-GATE changes nothing.
+    assert torch.equal(sample(comfy.tgate(patcher, gate_at=1.0)), addon_alone)
+
+
+# Where the ratio ||both - T-GATE alone|| / ||add-on alone - plain|| is not about 1, and why.
+EFFECT_BOUNDS = {}

@@ -30,7 +30,7 @@ from .forward import REPLACED_CROSS, CallSlot, ModelCall, gated_replacement
 from .plan import Action, Kept, StepPlan, extra_evaluation_plan, plan_step, plan_steps
 from .schedule import GateSchedule, active_conds
 from .stats import RunStats, announce
-from .store import AttentionStore, layer_of
+from .store import AttentionStore
 
 log = logging.getLogger("tgate")
 
@@ -608,9 +608,8 @@ def apply_model_with_gate(executor, *args, **kwargs):
     if call.misfits and not run.extra:
         run.misfits.extend(call.misfits)
     for layer in list(call.captured):
-        if layer.startswith(REPLACED_CROSS):
-            run.store.layer_kinds.setdefault(layer_of(layer), CROSS)  # a replaced layer is cross-attention
-        run.store.store(layer, call.captured.pop(layer), call.reduction, chunk_ids)  # one layer's copy at a time
+        kind = CROSS if layer.startswith(REPLACED_CROSS) else None  # a replaced layer is cross-attention
+        run.store.store(layer, call.captured.pop(layer), call.reduction, chunk_ids, kind)  # one layer's copy at a time
     return out
 
 

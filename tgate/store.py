@@ -109,12 +109,22 @@ class AttentionStore:
         # different inputs (unnamed context windows), which one entry per chunk cannot serve.
         self.repeated: ChunkId | None = None
 
-    def store(self, layer: str, reduced: torch.Tensor, reduction: ChunkReduction, chunk_ids: Sequence[ChunkId]) -> None:
-        """Keep what `reduce_chunks` gave for one layer of one model call.
+    def store(
+        self,
+        layer: str,
+        reduced: torch.Tensor,
+        reduction: ChunkReduction,
+        chunk_ids: Sequence[ChunkId],
+        kind: str | None = None,
+    ) -> None:
+        """Keep what `reduce_chunks` gave for one layer of one model call. `kind`: the layer's kind
+        where the store was not given it (a layer other packs' patches add, found at run time).
 
         It is copied: what comes out of a compiled model may live in a CUDA graph's memory pool,
         which the next replay overwrites, and a view would keep a whole batch alive.
         """
+        if kind is not None:
+            self.layer_kinds.setdefault(layer_of(layer), kind)
         if not reduction.stored:
             key = (layer, reduced.shape)
             total, count = self._other_sums.get(key, (None, 0))
