@@ -377,24 +377,33 @@ def test_self_attention_reuse_on_top_follows_v2_on_the_steps_a_block_runs(comfy,
 
 
 def test_compiled_model_gives_the_eager_result_and_compiles_nothing_on_the_next_run(comfy, sd15_two):
-    """ComfyUI's own compile wrapper (TorchCompileModel) after the node: at most one graph per distinct
-    kind of step (official: refresh and reuse before the gate, the gate's capture, refresh and
-    reuse after it: 5), none on the second run."""
+    """ComfyUI's own compile wrapper (TorchCompileModel) after the node. ComfyUI's UNet breaks into
+    several graphs under dynamo (on this torch, at its attention's `open`), so the bound is per
+    graph of the plain model: each of the official combination's 5 kinds of model call (refresh and
+    reuse before the gate, the gate's capture, refresh and reuse after it) compiles each graph at
+    most once, and the second run compiles nothing."""
     import torch._dynamo
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from torch._dynamo.utils import counters
 
     positive, negative = comfy.cond(1), comfy.cond(2)
+
+    def compiled(model):
+        torch._dynamo.reset()
+        counters.clear()
+        model = model.clone()
+        set_torch_compile_wrapper(model, backend="aot_eager")
+        return model
+
+    comfy.sample(compiled(sd15_two), positive, negative, steps=2)
+    plain_graphs = counters["stats"]["unique_graphs"]
     eager = comfy.sample(deepcache(comfy, sd15_two, **SETTINGS["official"]), positive, negative, steps=STEPS)
-    torch._dynamo.reset()
-    counters.clear()
-    model = deepcache(comfy, sd15_two, **SETTINGS["official"]).clone()
-    set_torch_compile_wrapper(model, backend="aot_eager")
+    model = compiled(deepcache(comfy, sd15_two, **SETTINGS["official"]))
     first = comfy.sample(model, positive, negative, steps=STEPS)
     graphs = counters["stats"]["unique_graphs"]
     second = comfy.sample(model, positive, negative, steps=STEPS)
     assert rel(first, eager) < 1e-3
-    assert 0 < graphs <= 5, graphs
+    assert 0 < graphs <= 5 * plain_graphs, (graphs, plain_graphs)
     assert counters["stats"]["unique_graphs"] == graphs, "the second run recompiled"
     torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
 
