@@ -25,7 +25,7 @@ import weakref
 
 import pytest
 import torch
-from test_reference_v2 import CFG, MEAN, REUSE, AttentionHooks, attention_modules, cross_attention_action, rel, schedule
+from test_reference_v2 import CFG, AttentionHooks, attention_modules, cross_attention_action, rel, schedule
 
 from tgate import Action, plan_steps
 from tgate_testkit.logs import RunLog
@@ -114,9 +114,7 @@ def reference_tgate_deepcache(patcher, positive, negative, *, steps, gate_at, in
             sigma = sigmas[i : i + 1]
             if i < gate_step:
                 extra = {"y": torch.cat([pooled_y(negative), pooled_y(positive)])} if pooled else {}
-                out = base.apply_model(
-                    torch.cat([x, x]), sigma.repeat(2), c_crossattn=torch.cat([uncond_ctx, cond_ctx]), **extra
-                )
+                out = base.apply_model(torch.cat([x, x]), sigma.repeat(2), c_crossattn=torch.cat([uncond_ctx, cond_ctx]), **extra)
                 uncond, cond = out.chunk(2)
                 denoised = uncond + (cond - uncond) * CFG
             else:
