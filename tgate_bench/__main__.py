@@ -38,8 +38,9 @@ from tgate_testkit.logs import RunLog
 from tgate_testkit.models import ARCHITECTURES
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+# A failure of one of these stops the benchmark.
 OWN_VARIANTS = ("baseline", "cfg1", "tgate", "tgate_v2", "deepcache", "tgate_deepcache")
-DEEPCACHE_OFFICIAL = {"deepcache_interval": 3, "deepcache_branch": 0}  # cache_interval, cache_branch_id  # a failure here stops the benchmark
+DEEPCACHE_OFFICIAL = {"deepcache_interval": 3, "deepcache_branch": 0}  # cache_interval, cache_branch_id
 MAX_SPREAD_PCT = 10.0  # above this spread of a variant's timed runs, the figures are noise
 
 
