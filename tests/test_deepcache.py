@@ -406,6 +406,63 @@ def test_compiled_model_gives_the_eager_result_and_compiles_nothing_on_the_next_
     torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
 
 
+def test_controlnet_residuals_of_skipped_blocks_are_dropped_quietly(comfy, sd15_two, caplog):
+    """A ControlNet keeps acting on the blocks that run; on reuse steps the residuals meant for the
+    skipped blocks are dropped before the UNet sees them (ComfyUI would otherwise try to add them to
+    the empty tensor and log a warning per block)."""
+    import comfy.cldm.cldm as cldm
+    import comfy.controlnet as controlnet
+    import comfy.model_management as mm
+
+    from tgate_testkit.models import ARCHITECTURES, randomize
+
+    unet = {**ARCHITECTURES["tiny-sd15"].unet, **TINY_SD15_TWO_RES_BLOCKS}
+    dropped = ("out_channels", "transformer_depth_output", "use_temporal_resblock", "use_temporal_attention")
+    control_model = cldm.ControlNet(hint_channels=3, **{k: v for k, v in unet.items() if k not in dropped}, device="cpu")
+    randomize(control_model, 11)
+    control = controlnet.ControlNet(control_model, load_device=mm.get_torch_device(), manual_cast_dtype=None)
+    positive, negative = comfy.cond(1), comfy.cond(2)
+    image = torch.rand(1, 128, 128, 3)
+    pos_c, neg_c = comfy.nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, image, 1.0, 0.0, 1.0)
+    model = deepcache(comfy, sd15_two, **SETTINGS["official"])
+    base = comfy.sample(model, positive, negative, steps=12)
+    record, handles = firing(sd15_two, [inside(sd15_two.model.diffusion_model, "middle_block")])
+    try:
+        with caplog.at_level(logging.WARNING):
+            out = comfy.sample(model, pos_c, neg_c, steps=12)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.isfinite(out).all() and rel(out, base) > 1e-4  # the control acted
+    assert not [r for r in caplog.records if "control could not be applied" in r.getMessage()]
+    assert record[inside(sd15_two.model.diffusion_model, "middle_block")] == refreshes(12, 5, 3)
+
+
+def test_area_conds_are_kept_per_chunk_and_skip_in_every_call(comfy, sd15_two):
+    """Several positive conds, one of them on an area (a chunk of another size, in its own model call):
+    every model call of a reuse step skips the deep blocks, with the kept output of its own chunks."""
+    from tgate_testkit.recorders import ModelCalls
+
+    positive, negative = comfy.cond(1), comfy.cond(2)
+    area = comfy.cond(3)
+    area[0][1].update(area=(8, 8, 4, 4), strength=0.8)
+    several = positive + comfy.cond(5) + area
+    dm = sd15_two.model.diffusion_model
+    middle = inside(dm, "middle_block")
+    record, handles = firing(sd15_two, [middle])
+    try:
+        with ModelCalls().watch(sd15_two) as calls:
+            out = comfy.sample(deepcache(comfy, sd15_two, **SETTINGS["official"]), several, negative, steps=12)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.isfinite(out).all()
+    steps = sorted(set(calls.sigmas()), reverse=True)
+    step_of_call = [steps.index(sigma) for sigma in calls.sigmas()]
+    assert len(step_of_call) > 12  # the area chunk goes in a model call of its own
+    assert record[middle] == [refreshes(12, 5, 3)[step] for step in step_of_call]
+
+
 # -- families and bad input ----------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["tiny-sd2", "tiny-sdxl-refiner"])
 def test_sd2_and_the_sdxl_refiner_skip_their_deep_blocks(comfy, arch):
