@@ -14,6 +14,8 @@ from .tgate import (
     FAMILIES,
     KINDS,
     CallSlot,
+    DeepCache,
+    DeepCacheError,
     FidelityBranch,
     GatePatch,
     SelfAttentionReuse,
@@ -21,6 +23,8 @@ from .tgate import (
     apply_model_with_gate,
     attention_layers,
     calc_cond_batch_with_gate,
+    deep_block_child,
+    deep_layout,
     family_of,
     gated_attention,
     guided_by_stand_in,
@@ -46,7 +50,16 @@ def apply_tgate(model, config: TGateConfig):
     """
     family = family_of(model.model.model_config)  # refuses, with the reason, what it cannot serve
     kinds = KINDS if config.self_attention is not None else (CROSS,)
-    layers = attention_layers(family, model.get_model_object("diffusion_model"), kinds)
+    diffusion_model = model.get_model_object("diffusion_model")
+    layers = attention_layers(family, diffusion_model, kinds)
+    deep = None
+    if config.deep_cache is not None:
+        if not family.deep_cache:
+            raise DeepCacheError(
+                f"DeepCache is not built for {family.name} models (it skips UNet blocks, and is served for "
+                f"SD1.x, SD2.x and SDXL): set deepcache_interval to 1 (DeepCache off) for this model."
+            )
+        deep = deep_layout(diffusion_model, config.deep_cache.branch)
     fidelity_branch = family.auto_branch if config.fidelity_branch is FidelityBranch.AUTO else config.fidelity_branch
     patched = model.clone()
     options = patched.model_options.setdefault("transformer_options", {})
@@ -57,7 +70,9 @@ def apply_tgate(model, config: TGateConfig):
             config.describe(),
             previous.config.describe(),
         )
-        for layer in set(previous.layer_kinds) - set(layers):  # e.g. advanced, then simple: attn1 back to normal
+        restored = set(previous.layer_kinds) - set(layers)  # e.g. advanced, then simple: attn1 back to normal
+        restored |= set(previous.deep.skipped if previous.deep else ()) - set(deep.skipped if deep else ())
+        for layer in restored:
             key = f"diffusion_model.{layer}.forward"
             patched.add_object_patch(key, patched.get_model_object(key).tgate_original)
     slot = CallSlot()
@@ -65,6 +80,9 @@ def apply_tgate(model, config: TGateConfig):
         key = f"diffusion_model.{layer}.forward"
         forward = gated_attention(layer, kind, patched.get_model_object(key), slot, family.site(kind).tuple_output)
         patched.add_object_patch(key, forward)
+    for path in deep.skipped if deep else ():
+        key = f"diffusion_model.{path}.forward"
+        patched.add_object_patch(key, deep_block_child(path, deep, patched.get_model_object(key), slot))
     for wrapper_type, wrapper in WRAPPERS.items():
         patched.remove_wrappers_with_key(wrapper_type, CONFIG_KEY)
         patched.add_wrapper_with_key(wrapper_type, CONFIG_KEY, wrapper)
@@ -72,7 +90,7 @@ def apply_tgate(model, config: TGateConfig):
     # the guided result it gives (see guided_by_stand_in).
     post_cfg = [f for f in patched.model_options.get("sampler_post_cfg_function", []) if f is not guided_by_stand_in]
     patched.model_options["sampler_post_cfg_function"] = [guided_by_stand_in, *post_cfg]
-    options[CONFIG_KEY] = GatePatch(config, family.name, fidelity_branch, layers, slot)
+    options[CONFIG_KEY] = GatePatch(config, family.name, fidelity_branch, layers, slot, deep)
     if config.fidelity_branch is FidelityBranch.AUTO:
         log.info("T-GATE: %s model; fidelity_branch auto keeps the %s branch", family.name, fidelity_branch.value)
     return patched
@@ -181,6 +199,27 @@ SCHEDULE_INPUTS = (
     ),
 )
 
+# DeepCache's inputs: name, default (off), minimum, tooltip.
+DEEPCACHE_INPUTS = (
+    (
+        "deepcache_interval",
+        1,
+        1,
+        "DeepCache (official cache_interval): the UNet's deep blocks run every this many steps, and in between their "
+        "output from the last such step is reused, so a step runs only the outer blocks. Restarted at the last step "
+        "before the gate and at the gate. 1: DeepCache off (the result is unchanged). Official with T-GATE: 3. "
+        "SD1.x, SD2.x and SDXL only.",
+    ),
+    (
+        "deepcache_branch",
+        0,
+        0,
+        "DeepCache's cut (official cache_branch_id): input_blocks[0..branch] and the last branch+1 output blocks run "
+        "every step, the blocks between them only every deepcache_interval steps. 0 (official) is fastest; higher "
+        "keeps more detail. SD1.5 goes up to 10, SDXL up to 7.",
+    ),
+)
+
 
 class TGateAdvanced(io.ComfyNode):
     @classmethod
@@ -193,12 +232,18 @@ class TGateAdvanced(io.ComfyNode):
             description=DESCRIPTION.format(families=supported_families())
             + " The advanced node is TGATE-V2: it also reuses self-attention on the official schedule (warm_up, "
             "sp_interval, fi_interval as in the paper and the official code), for more speed at some memory; "
-            "sp_interval 1 and fi_interval 1 give the simple node's result.",
+            "sp_interval 1 and fi_interval 1 give the simple node's result. deepcache_interval above 1 adds DeepCache "
+            "(SD1.x, SD2.x, SDXL): the deep UNet blocks are reused between refresh steps; official with T-GATE: "
+            "interval 3, branch 0, sp_interval 1 (about 3.6x on SDXL).",
             inputs=[
                 *common_inputs(),
                 *(
                     io.Int.Input(name, default=getattr(official, name), min=low, max=1000, tooltip=tooltip)
                     for name, low, tooltip in SCHEDULE_INPUTS
+                ),
+                *(
+                    io.Int.Input(name, default=default, min=low, max=1000, tooltip=tooltip, optional=True)
+                    for name, default, low, tooltip in DEEPCACHE_INPUTS
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The model with TGATE-V2; sample it with any sampler.")],
@@ -214,9 +259,19 @@ class TGateAdvanced(io.ComfyNode):
         warm_up: int,
         sp_interval: int,
         fi_interval: int,
+        deepcache_interval: int = 1,
+        deepcache_branch: int = 0,
     ) -> io.NodeOutput:
         reuse = SelfAttentionReuse(warm_up=warm_up, sp_interval=sp_interval, fi_interval=fi_interval)
-        config = TGateConfig(gate_at=gate_at, fidelity_branch=fidelity_branch, cache_device=cache_device, self_attention=reuse)
+        # Checked even when off, so a bad value is reported where it was typed.
+        deep = DeepCache(interval=deepcache_interval, branch=deepcache_branch)
+        config = TGateConfig(
+            gate_at=gate_at,
+            fidelity_branch=fidelity_branch,
+            cache_device=cache_device,
+            self_attention=reuse,
+            deep_cache=deep if deep.interval > 1 else None,
+        )
         return io.NodeOutput(apply_tgate(model, config))
 
 

@@ -74,6 +74,33 @@ def test_benchmark_tgate_v2_reuses_self_attention_in_the_profiled_step(comfy, tm
     assert f"{v2['speedup']:.3f}x" in v2_row
 
 
+def test_benchmark_deepcache_variants_skip_the_deep_blocks_in_the_profiled_step(comfy, tmp_path):
+    out = tmp_path / "bench_deepcache.json"
+    env = dict(os.environ, COMFYUI_PATH=str(COMFYUI_PATH))
+    # 8 steps, gate after step 3: DeepCache refreshes at 0 and 3, 2 (the step before the gate) and 3
+    # (the gate), then 6; deepcache alone (gate_at 1.0) at 0, 3 and 6.
+    settings = "--arch tiny-sd15 --size 64 --steps 8 --runs 1 --variants baseline,deepcache,tgate_deepcache --profile"
+    command = [sys.executable, "-m", "tgate_bench", *settings.split(), "--json", str(out)]
+    done = subprocess.run(command, cwd=PACK_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    alone, combined = result["variants"]["deepcache"]["tgate_run"], result["variants"]["tgate_deepcache"]["tgate_run"]
+    assert alone["single_branch_evaluations"] == 0 and alone["deep_block_reuses"] == 5
+    assert combined["gate_step"] == 3 and combined["single_branch_evaluations"] == 5 and combined["deep_block_reuses"] == 4
+    assert combined["peak_deep_cache_bytes"] > 0 and result["variants"]["tgate_deepcache"]["cache_bytes"] > 0
+    assert "tgate_deepcache over deepcache alone: " in done.stdout
+
+    profile = result["profile"]
+    refresh, reuse = profile["dc refresh"], profile["dc reuse"]
+    assert (refresh["step"], reuse["step"]) == (3, 4)
+    # Branch 0: of tiny-sd15's ResBlocks and transformers only those of the last output block (one
+    # of each) compute; every other one returns at once, without an aten op.
+    ops = reuse["aten_ops_by_module"]
+    assert 0 < ops["ResBlock"] < refresh["aten_ops_by_module"]["ResBlock"] / 5
+    assert 0 < ops["SpatialTransformer"] < refresh["aten_ops_by_module"]["SpatialTransformer"] / 5
+    assert reuse["aten_ops"] < refresh["aten_ops"] / 3
+
+
 def _timed(*runs_s):
     """A variant's results as the benchmark computes them from its timed runs (no timing here)."""
     return {"runs_s": list(runs_s), "spread_pct": 100 * (max(runs_s) - min(runs_s)) / statistics.median(runs_s)}

@@ -5,9 +5,11 @@ Nothing here imports ComfyUI; `nodes.py` connects it to a ComfyUI MODEL.
 """
 
 from .branch import COND, UNCOND, FidelityBranch, fidelity_index, only_branch, only_lists, stand_ins
-from .config import CACHE_DEVICES, SelfAttentionReuse, TGateConfig
+from .config import CACHE_DEVICES, DeepCache, SelfAttentionReuse, TGateConfig
+from .deep import DeepCacheError, DeepLayout, deep_block_child, deep_layout
 from .families import (
     CROSS,
+    DEEP,
     FAMILIES,
     KINDS,
     REFUSED,
@@ -38,6 +40,7 @@ __all__ = [
     "COND",
     "CONFIG_KEY",
     "CROSS",
+    "DEEP",
     "FAMILIES",
     "KINDS",
     "REFUSED",
@@ -47,6 +50,9 @@ __all__ = [
     "AttentionStore",
     "CallSlot",
     "ChunkReduction",
+    "DeepCache",
+    "DeepCacheError",
+    "DeepLayout",
     "Family",
     "FidelityBranch",
     "GatePatch",
@@ -64,6 +70,8 @@ __all__ = [
     "apply_model_with_gate",
     "attention_layers",
     "calc_cond_batch_with_gate",
+    "deep_block_child",
+    "deep_layout",
     "family_of",
     "gated_attention",
     "fidelity_index",

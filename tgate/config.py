@@ -26,11 +26,29 @@ class SelfAttentionReuse:
 
 
 @dataclass(frozen=True)
+class DeepCache:
+    """DeepCache's schedule (Ma et al.; horseee/DeepCache `DeepCacheSDHelper`), named by what it sets
+    in ComfyUI's UNet; the official parameters are `cache_interval` and `cache_branch_id`."""
+
+    interval: int = 3  # refresh the deep blocks every this many steps (official cache_interval); 1: never reuse
+    branch: int = 0  # input_blocks[0..branch] and output_blocks[-(branch+1):] run every step (official cache_branch_id)
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ValueError(
+                f"T-GATE deepcache_interval must be 1 or more, got {self.interval}; 1 turns DeepCache off, 3 is official."
+            )
+        if self.branch < 0:
+            raise ValueError(f"T-GATE deepcache_branch must be 0 or more, got {self.branch}; 0 is official.")
+
+
+@dataclass(frozen=True)
 class TGateConfig:
     gate_at: float = 0.4
     fidelity_branch: FidelityBranch = FidelityBranch.AUTO
     cache_device: str = "model_device"
     self_attention: SelfAttentionReuse | None = None  # None: cross-attention only (T-GATE V1)
+    deep_cache: DeepCache | None = None  # None: every block runs at every step (deepcache_interval 1)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gate_at <= 1.0:
@@ -50,4 +68,6 @@ class TGateConfig:
         if self.self_attention is not None:
             s = self.self_attention
             text += f", warm_up {s.warm_up}, sp_interval {s.sp_interval}, fi_interval {s.fi_interval}"
+        if self.deep_cache is not None:
+            text += f", deepcache_interval {self.deep_cache.interval}, deepcache_branch {self.deep_cache.branch}"
         return text

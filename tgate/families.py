@@ -19,7 +19,11 @@ from .config import SelfAttentionReuse
 
 CROSS = "cross_attention"  # attention over the text (or other conditioning) tokens: cached at the gate
 SELF = "self_attention"  # attention over the latent's own tokens: reused on TGATE-V2's schedule
-KINDS = (CROSS, SELF)
+KINDS = (CROSS, SELF)  # the kinds of attention the pack patches
+# Whole UNet blocks skipped between DeepCache's refresh steps: one more kind of reuse in the plan
+# (plan.py), kept in the same store, but not an attention kind (no module of it is patched as one).
+DEEP = "deep_blocks"
+REUSE_KINDS = (*KINDS, DEEP)  # every kind of output a run can keep and reuse
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,9 @@ class Family:
     auto_branch: FidelityBranch  # what `fidelity_branch = auto` keeps after the gate
     auto_reason: str  # why, from what the family's conditioning nodes put in the negative
     official: tuple[float, SelfAttentionReuse]  # the official code's gate (fraction of steps) and V2 schedule
+    # Whether DeepCache can skip its deep blocks: a ComfyUI UNetModel (input_blocks, middle_block,
+    # output_blocks) whose block layout and skip connections the tests check (deep.py).
+    deep_cache: bool = False
 
     def site(self, kind: str) -> AttentionSite:
         return self.cross_attention if kind == CROSS else self.self_attention
@@ -99,6 +106,7 @@ FAMILIES = (
             "conditioning nodes set their image on both), so the paper's uncond branch loses nothing"
         ),
         official=_SD_OFFICIAL,
+        deep_cache=True,
     ),
     Family(
         name="SD2.1 unCLIP",

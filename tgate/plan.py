@@ -1,4 +1,5 @@
-"""What each step of a run does with each kind of attention and which CFG branches run.
+"""What each step of a run does with each kind of reuse (cross-attention, self-attention, DeepCache's
+deep blocks) and which CFG branches run.
 
 The one owner of that decision. `plan_steps` is the official `tgate_scheduler` (what every step
 does when every step is evaluated and every capture keeps something); `plan_step` is what one
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from .config import SelfAttentionReuse
-from .families import KINDS, SELF
+from .families import DEEP, REUSE_KINDS, SELF
 from .store import ChunkReduction
 
 
@@ -27,11 +28,14 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True)
 class StepPlan:
-    # One field per attention kind, named as the kinds in families.py.
+    # One field per kind of reuse, named as the kinds in families.py.
     cross_attention: Action
     self_attention: Action
     both_branches: bool  # False: classifier-free guidance runs the fidelity branch alone
     mean_of_branches: bool = False  # captures keep the mean of the two branches (the last step before the gate)
+    # DeepCache: CAPTURE is a refresh (every block runs, the deep blocks' output is kept), REUSE
+    # skips the deep blocks. Never CAPTURE with mean_of_branches (the gate always refreshes).
+    deep_blocks: Action = Action.COMPUTE
     # Kinds whose kept outputs no later step reads: freed after the evaluation. Not part of what a
     # model call sees, so not of equality: plans that differ only here run (and compile) alike.
     free_after: frozenset[str] = field(default=frozenset(), compare=False)
@@ -40,7 +44,7 @@ class StepPlan:
         return getattr(self, kind)
 
     def kinds(self, action: Action) -> frozenset[str]:
-        return frozenset(k for k in KINDS if self.action(k) is action)
+        return frozenset(k for k in REUSE_KINDS if self.action(k) is action)
 
     @property
     def is_plain(self) -> bool:
@@ -70,6 +74,7 @@ class Kept:
 
     cross_attention: bool = False
     self_attention: bool = False
+    deep_blocks: bool = False
 
 
 def plan_step(plans: Sequence[StepPlan], step: int, kept: Kept) -> StepPlan:
@@ -77,13 +82,17 @@ def plan_step(plans: Sequence[StepPlan], step: int, kept: Kept) -> StepPlan:
     never kept:
     - cross-attention to reuse but none kept: the gate's capture, late (and, until a capture keeps
       something, evaluations past the gate keep both branches);
-    - self-attention to reuse but none kept: captured now.
+    - self-attention to reuse but none kept: captured now;
+    - deep blocks to reuse but none kept: refreshed now (a late gate capture computes them, and the
+      run drops what they kept, since its reduction is the mean of the branches).
     """
     plan = plans[step]
     if plan.cross_attention is Action.REUSE and not kept.cross_attention:
         plan = replace(next(p for p in plans if p.mean_of_branches), free_after=plan.free_after)
     if plan.self_attention is Action.REUSE and not kept.self_attention:
         plan = replace(plan, self_attention=Action.CAPTURE)
+    if plan.deep_blocks is Action.REUSE and not kept.deep_blocks:
+        plan = replace(plan, deep_blocks=Action.CAPTURE)
     return plan
 
 
@@ -99,8 +108,11 @@ def extra_evaluation_plan(plan: StepPlan, kept: Kept) -> StepPlan | None:
     return None
 
 
-def plan_steps(num_steps: int, gate_step: int, reuse: SelfAttentionReuse | None) -> tuple[StepPlan, ...]:
-    """The plan of every step of a run; `reuse` None leaves self-attention alone (T-GATE V1).
+def plan_steps(num_steps: int, gate_step: int, reuse: SelfAttentionReuse | None, deep_interval: int = 1) -> tuple[StepPlan, ...]:
+    """The plan of every step of a run; `reuse` None leaves self-attention alone (T-GATE V1);
+    `deep_interval` is DeepCache's cache_interval (1: every block runs at every step, see
+    deep_block_actions). A run that never gates (gate_step == num_steps, DeepCache alone) plans
+    cross- and self-attention computed and both branches at every step.
 
     The official rule, step by step (HaozheLiu-ST/T-GATE, tgate_utils.py `tgate_scheduler`):
     - before the last planning step: cross-attention computed; self-attention computed while
@@ -113,18 +125,47 @@ def plan_steps(num_steps: int, gate_step: int, reuse: SelfAttentionReuse | None)
     fi_interval = 1 costs what V1 costs and gives V1's output exactly. Self-attention outputs are
     freed from the last step that reuses them on (official SDXL: at the gate).
     """
-    plans = [_official_step(step, gate_step, reuse) for step in range(num_steps)]
+    if gate_step < num_steps:
+        plans = [_official_step(step, gate_step, reuse) for step in range(num_steps)]
+    else:
+        plans = [StepPlan(Action.COMPUTE, Action.COMPUTE, both_branches=True) for _ in range(num_steps)]
+    deep = deep_block_actions(num_steps, gate_step, deep_interval)
+    plans = [replace(p, deep_blocks=d) for p, d in zip(plans, deep, strict=True)]
+    for kind in (SELF, DEEP):
+        _compute_unread_captures(plans, kind)
+    for kind in (SELF, DEEP):
+        last_reuse = max((i for i, p in enumerate(plans) if p.action(kind) is Action.REUSE), default=num_steps)
+        plans[last_reuse:] = [replace(p, free_after=p.free_after | {kind}) for p in plans[last_reuse:]]
+    return tuple(plans)
+
+
+def deep_block_actions(num_steps: int, gate_step: int, interval: int) -> list[Action]:
+    """DeepCache's schedule in the official T-GATE combination (HaozheLiu-ST/T-GATE SD_DeepCache.py,
+    SDXL_DeepCache.py, with horseee/DeepCache's DeepCacheSDHelper): a step refreshes (CAPTURE) when
+    (step - start) % interval == 0 and reuses otherwise, `start` being 0, then the last step before
+    the gate, then the gate (the official code disables and re-enables DeepCache at both, as the
+    batch changes there from two branches to one), so both of those refresh. Captures no later step
+    reads are made computes by plan_steps: interval 1 computes every step.
+    """
+    starts = [0] + ([gate_step - 1, gate_step] if gate_step < num_steps else [])
+    actions = []
+    for step in range(num_steps):
+        start = max(s for s in starts if s <= step)
+        actions.append(Action.CAPTURE if (step - start) % interval == 0 else Action.REUSE)
+    return actions
+
+
+def _compute_unread_captures(plans: list[StepPlan], kind: str) -> None:
+    """A capture of `kind` that no later step reads before the next capture is only a compute."""
     read_later = False
-    for step in reversed(range(num_steps)):
-        action = plans[step].self_attention
+    for step in reversed(range(len(plans))):
+        action = plans[step].action(kind)
         if action is Action.REUSE:
             read_later = True
         elif action is Action.CAPTURE:
             if not read_later:
-                plans[step] = replace(plans[step], self_attention=Action.COMPUTE)
+                plans[step] = replace(plans[step], **{kind: Action.COMPUTE})
             read_later = False
-    last_self_reuse = max((i for i, p in enumerate(plans) if p.self_attention is Action.REUSE), default=num_steps)
-    return tuple(replace(p, free_after=frozenset({SELF})) if i >= last_self_reuse else p for i, p in enumerate(plans))
 
 
 def _official_step(step: int, gate_step: int, reuse: SelfAttentionReuse | None) -> StepPlan:

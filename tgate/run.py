@@ -25,7 +25,8 @@ import torch
 
 from .branch import BRANCH_NAMES, COND, FidelityBranch, fidelity_index, only_lists, stand_ins
 from .config import SelfAttentionReuse, TGateConfig
-from .families import CROSS, SELF
+from .deep import DeepLayout
+from .families import CROSS, DEEP, SELF
 from .forward import REPLACED_CROSS, CallSlot, ModelCall, gated_replacement
 from .plan import Action, Kept, StepPlan, extra_evaluation_plan, plan_step, plan_steps
 from .schedule import GateSchedule, active_conds
@@ -58,6 +59,7 @@ class GatePatch:
     fidelity_branch: FidelityBranch  # uncond or cond: `auto` resolved for the family
     layer_kinds: Mapping[str, str]  # {patched attention module path: kind}
     slot: CallSlot = field(default_factory=CallSlot)  # the run and the model call in progress; the forwards hold it
+    deep: DeepLayout | None = None  # where DeepCache cuts the UNet; None: DeepCache off
 
 
 # Patches ComfyUI applies around every self-attention module (comfy/ldm/modules/attention.py): ToMe
@@ -90,8 +92,10 @@ class GateRun:
         self.guider = guider  # the class name of the run's guider, for what the summary says
         self.schedule = schedule
         self.self_attention = self_attention
-        self.plans = plan_steps(schedule.num_steps, schedule.gate_step, self_attention)
-        self.store = AttentionStore(patch.layer_kinds, "cpu" if patch.config.cache_device == "cpu" else None)
+        deep = patch.config.deep_cache
+        self.plans = plan_steps(schedule.num_steps, schedule.gate_step, self_attention, deep.interval if deep else 1)
+        layer_kinds = {**patch.layer_kinds, patch.deep.layer: DEEP} if patch.deep else patch.layer_kinds
+        self.store = AttentionStore(layer_kinds, "cpu" if patch.config.cache_device == "cpu" else None)
         self.current: StepPlan | None = None  # the plan of the evaluation in progress
         self.extra = False  # whether that evaluation is an extra one (evaluate_extra)
         # The index in `conds` of the branch the evaluation in progress (or the last) runs after the gate.
@@ -117,7 +121,9 @@ class GateRun:
         self.recaptures = 0  # captures taken again after a layer's shape changed
         self.refused: str | None = None  # why the run stopped gating part way (_refuse_windows)
         self.self_attention_reuses = 0
+        self.deep_block_reuses = 0  # evaluations that skipped the deep blocks (DeepCache)
         self.peak_bytes = 0
+        self.peak_deep_bytes = 0
         self.last_step: int | None = None  # the step of the last evaluation
         self.stop: str | None = None  # how the run stopped early: "cancelled" or "failed (TypeName)"
         # Host wall-clock seconds of the steps before / after the gate, and how many steps each sums.
@@ -126,6 +132,9 @@ class GateRun:
         self._step_start: tuple[int, float] | None = None  # (step, perf_counter) of its first evaluation
         # The run's wrappers of attn2 replace patches (forward.gated_replacement), made at first use.
         self.replacements: dict[int, tuple] = {}
+
+    def _kept(self) -> Kept:
+        return Kept(self.store.holds(CROSS), self.store.holds(SELF), self.store.holds(DEEP))
 
     @property
     def stopped(self) -> bool:
@@ -170,7 +179,10 @@ class GateRun:
         self.fidelity = fidelity_index(conds, self.patch.fidelity_branch)
         self.lists = len(conds)
         self.one_for_all = False
-        plan = self.last_plan = plan_step(self.plans, step, Kept(self.store.holds(CROSS), self.store.holds(SELF)))
+        plan = self.last_plan = plan_step(self.plans, step, self._kept())
+        if plan.deep_blocks is Action.COMPUTE and self.store.holds(DEEP):
+            # Nothing planned reads it any more (a late gate capture computes the deep blocks).
+            self.store.clear((DEEP,))
         if plan.is_plain:
             return executor(model, conds, x_in, timestep, model_options)
         # The sampler never evaluated the capture step, or its capture kept nothing: this one captures.
@@ -246,10 +258,12 @@ class GateRun:
             return out
         if captures:
             self.peak_bytes = max(self.peak_bytes, self.store.nbytes)
+            self.peak_deep_bytes = max(self.peak_deep_bytes, self.store.nbytes_of((DEEP,)))
         if plan.cross_attention is Action.CAPTURE:
             # A capture past the gate that kept nothing ran both branches in full.
             self.uncached_evaluations += not self.store.holds(CROSS) and step >= self.schedule.gate_step
         self.self_attention_reuses += plan.self_attention is Action.REUSE
+        self.deep_block_reuses += plan.deep_blocks is Action.REUSE
         freed = [kind for kind in plan.free_after if self.store.holds(kind)]
         if freed:
             self.store.clear(freed)
@@ -278,7 +292,7 @@ class GateRun:
         reuses nothing): these guidance nodes evaluate right after it, at the same sigma, so no sigma
         is read here."""
         main = self.last_plan
-        plan = extra_evaluation_plan(main, Kept(self.store.holds(CROSS), self.store.holds(SELF))) if main else None
+        plan = extra_evaluation_plan(main, self._kept()) if main else None
         if plan is None:
             return executor(model, conds, x_in, timestep, model_options)
         self.current, self.extra = plan, True
@@ -307,6 +321,8 @@ class GateRun:
             peak_cache_bytes=self.peak_bytes,
             single_branch_evaluations=self.single_branch_evaluations,
             self_attention_reuses=self.self_attention_reuses,
+            deep_block_reuses=self.deep_block_reuses,
+            peak_deep_cache_bytes=self.peak_deep_bytes,
             uncached_evaluations=self.uncached_evaluations,
             late_capture=self.late_capture,
             stopped_at_step=self.last_step if self.stopped else None,
@@ -321,7 +337,11 @@ class GateRun:
 
     def summary(self) -> str:
         s = self.schedule
-        if not self.stopped:
+        if not s.gates:
+            text = f"T-GATE: gate_at past the last of {s.num_steps} steps, so only DeepCache acts; "
+            if self.stopped:
+                text += f"the run {self._ended()}" + (f" at step {self.last_step + 1}; " if self.last_step is not None else "; ")
+        elif not self.stopped:
             text = f"T-GATE: {s.gate_step} of {s.num_steps} steps planned with text, then "
         elif self.last_step is None:
             text = f"T-GATE: the run {self._ended()} before its first step of {s.num_steps}; "
@@ -330,7 +350,9 @@ class GateRun:
                 f"T-GATE: the run {self._ended()} at step {self.last_step + 1} of {s.num_steps}, "
                 f"the gate being after step {s.gate_step}; until then "
             )
-        if self.single_branch_evaluations:
+        if not s.gates:
+            text += "no evaluation ran one branch alone"
+        elif self.single_branch_evaluations:
             branch = BRANCH_NAMES[self.fidelity or COND]
             alone = f"the {branch} branch" if self.lists <= 2 else f"one of {self.guider}'s cond lists"
             text += (
@@ -344,8 +366,14 @@ class GateRun:
                 f"; self-attention was reused in {self.self_attention_reuses} evaluations "
                 f"(peak cache {self.peak_bytes / 2**20:.1f} MiB)"
             )
-        elif self.patch.config.self_attention is not None:
+        elif self.patch.config.self_attention is not None and s.gates:
             text += "; self-attention was not reused (self-attention patches on the model)"
+        if self.patch.deep is not None:
+            d = self.patch.config.deep_cache
+            text += (
+                f"; DeepCache (interval {d.interval}, branch {d.branch}) skipped the deep blocks in "
+                f"{self.deep_block_reuses} evaluations (peak {self.peak_deep_bytes / 2**20:.1f} MiB kept)"
+            )
         text += f"; {self.saved_branch_evaluations} of {self.branch_evaluations} CFG branch evaluations saved"
         timing = [
             f"{seconds:.3g} s per step {where} the gate"
@@ -398,16 +426,19 @@ def sample_with_gate(executor, *args, **kwargs):
     schedule = GateSchedule.from_sigmas(sigmas.tolist(), gate_sigma)
     if schedule.gates:
         schedule = _settled(schedule, guider)
-    if not schedule.gates:
+    if not schedule.gates and patch.deep is None:
         log.info("T-GATE: gate_at %.2f is past the last of %d steps; sampling unchanged", config.gate_at, schedule.num_steps)
         return executor(*args, **kwargs)
-    log.info(
-        "T-GATE: gating after step %d of %d (gate_at %.2f); cross-attention is cached there",
-        schedule.gate_step,
-        schedule.num_steps,
-        config.gate_at,
-    )
-    patches = attention_patches(options)
+    if schedule.gates:
+        log.info(
+            "T-GATE: gating after step %d of %d (gate_at %.2f); cross-attention is cached there",
+            schedule.gate_step,
+            schedule.num_steps,
+            config.gate_at,
+        )
+    else:
+        log.info("T-GATE: gate_at %.2f is past the last of %d steps; DeepCache alone", config.gate_at, schedule.num_steps)
+    patches = attention_patches(options) if schedule.gates else []
     if patches:
         log.warning(
             "T-GATE: the model has %s: what they add to cross-attention is captured at the gate with the text "
@@ -415,7 +446,8 @@ def sample_with_gate(executor, *args, **kwargs):
             "(an image prompt that starts or ends later) is not seen",
             " and ".join(patches),
         )
-    self_attention = config.self_attention
+    # A run that never gates has T-GATE off, self-attention reuse included: DeepCache alone acts.
+    self_attention = config.self_attention if schedule.gates else None
     refused = layout_patches(options) if self_attention is not None else []
     if refused:
         log.warning(
@@ -436,7 +468,7 @@ def sample_with_gate(executor, *args, **kwargs):
         stats = run.stats()
         # Anything that kept T-GATE from acting is a warning: a run that stopped, evaluations past the
         # gate without a cache, or a finished run that never ran one branch alone.
-        acted = run.single_branch_evaluations or run.stopped
+        acted = run.single_branch_evaluations or run.deep_block_reuses or run.stopped
         warn = run.uncached_evaluations or run.several_list_evaluations or run.stopped or not acted
         level = logging.WARNING if warn else logging.INFO
         log.log(level, stats.summary)
@@ -594,6 +626,15 @@ def apply_model_with_gate(executor, *args, **kwargs):
     chunk_ids = _chunk_ids(options)
     call = run.model_call(plan, chunk_ids, options["cond_or_uncond"], args[0].device)
     slot = run.patch.slot
+    deep = run.patch.deep
+    if deep is not None and deep.layer in call.reuse:
+        # This call skips the deep blocks: their ControlNet residuals have nothing to add to.
+        control = args[4] if len(args) > 4 else kwargs.get("control")
+        if control is not None:
+            if len(args) > 4:
+                args = (*args[:4], deep.trim_control(control), *args[5:])
+            else:
+                kwargs = {**kwargs, "control": deep.trim_control(control)}
     gated = _with_gated_replacements(options, run)
     if gated is not options:
         if len(args) > 5:

@@ -30,6 +30,8 @@ class RunStats:
     peak_cache_bytes: int  # the most bytes kept after any capture
     single_branch_evaluations: int  # evaluations that ran the fidelity branch alone
     self_attention_reuses: int  # evaluations that reused self-attention
+    deep_block_reuses: int  # evaluations that skipped DeepCache's deep blocks
+    peak_deep_cache_bytes: int  # of the cache, the most bytes DeepCache kept (one block output per cond chunk)
     uncached_evaluations: int  # evaluations past the gate whose capture kept nothing, run in full
     late_capture: bool  # whether a capture fell past the gate (the sampler skipped, or the model skipped, the capture step)
     stopped_at_step: int | None  # the step of the last evaluation of a cancelled or failed run; None when it finished

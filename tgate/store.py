@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .families import KINDS
+from .families import REUSE_KINDS
 
 ChunkId = Hashable
 
@@ -208,13 +208,22 @@ class AttentionStore:
 
     @property
     def nbytes(self) -> int:
-        blocks = {id(s.block): s.block for entries in self._entries.values() for s in entries.values()}
+        return self.nbytes_of(REUSE_KINDS)
+
+    def nbytes_of(self, kinds: Collection[str]) -> int:
+        """Bytes kept for the layers of `kinds`."""
+        blocks = {
+            id(s.block): s.block
+            for key, entries in self._entries.items()
+            if self.layer_kinds[layer_of(key)] in kinds
+            for s in entries.values()
+        }
         return sum(b.numel() * b.element_size() for b in blocks.values())
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._entries.values())
 
-    def clear(self, kinds: Collection[str] = KINDS) -> None:
+    def clear(self, kinds: Collection[str] = REUSE_KINDS) -> None:
         self.repeated = None
         for layer in [key for key in self._entries if self.layer_kinds[layer_of(key)] in kinds]:
             del self._entries[layer]

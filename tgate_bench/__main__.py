@@ -6,7 +6,10 @@ report times, speedups, peak memory and the T-GATE cache size.
 Variants: baseline (CFG at --cfg), cfg1 (CFG 1.0: the cost of one branch), tgate (the node's
 defaults), tgate_off (gate_at 1.0: the pack's overhead), tgate_v2 (the advanced node, TGATE-V2, at
 --gate-at with the model family's official self-attention schedule: SD/SDXL warm_up 2, sp_interval
-5, fi_interval 1; PixArt sp_interval 3; not in the default list), peer=PATH (another T-GATE node
+5, fi_interval 1; PixArt sp_interval 3; not in the default list), deepcache (DeepCache alone: the advanced
+node at gate_at 1.0, deepcache_interval 3, deepcache_branch 0, self-attention computed), tgate_deepcache
+(the official T-GATE + DeepCache combination: gate at --gate-at, interval 3, branch 0, self-attention
+computed as the official code does; neither is in the default list; SD1.x/SD2.x/SDXL), peer=PATH (another T-GATE node
 pack, loaded by ComfyUI's loader, applied with its defaults and --peer-input overrides to a second
 copy of the model with the same weights, since some ports patch module instances for good). Runs
 are interleaved (A B C A B C) after one warm-up each, with device synchronisation around every run.
@@ -35,7 +38,9 @@ from tgate_testkit.logs import RunLog
 from tgate_testkit.models import ARCHITECTURES
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-OWN_VARIANTS = ("baseline", "cfg1", "tgate", "tgate_v2")  # a failure here stops the benchmark
+# A failure of one of these stops the benchmark.
+OWN_VARIANTS = ("baseline", "cfg1", "tgate", "tgate_v2", "deepcache", "tgate_deepcache")
+DEEPCACHE_OFFICIAL = {"deepcache_interval": 3, "deepcache_branch": 0}  # cache_interval, cache_branch_id
 MAX_SPREAD_PCT = 10.0  # above this spread of a variant's timed runs, the figures are noise
 
 
@@ -80,7 +85,8 @@ def parse_args(argv=None):
         "--profile",
         action="store_true",
         help="also profile one step before and one after the gate of a tgate run, and, with tgate_v2, one "
-        "step where it keeps self-attention and one where it reuses it",
+        "step where it keeps self-attention and one where it reuses it, and, with tgate_deepcache, the gate's "
+        "DeepCache refresh and the first step after it that skips the deep blocks",
     )
     p.add_argument(
         "--max-spread",
@@ -165,6 +171,19 @@ def main(argv=None) -> int:
             model, gate_at=gate_at, fidelity_branch="auto", cache_device="model_device", **schedule
         ).result[0]
 
+    def deepcache(gate_at):
+        # Self-attention computed at every step (sp_interval = fi_interval = 1), as in the official combination.
+        return advanced_node.execute(
+            model,
+            gate_at=gate_at,
+            fidelity_branch="auto",
+            cache_device="model_device",
+            warm_up=0,
+            sp_interval=1,
+            fi_interval=1,
+            **DEEPCACHE_OFFICIAL,
+        ).result[0]
+
     compiled = {}
 
     def compile_(patched):
@@ -191,6 +210,10 @@ def main(argv=None) -> int:
             variants[name] = (compile_(tgate(1.0)), args.cfg)
         elif name == "tgate_v2":
             variants[name] = (compile_(tgate_v2(args.gate_at)), args.cfg)
+        elif name == "deepcache":
+            variants[name] = (compile_(deepcache(1.0)), args.cfg)
+        elif name == "tgate_deepcache":
+            variants[name] = (compile_(deepcache(args.gate_at)), args.cfg)
         elif name.startswith("peer="):
             node_id, kwargs, apply = peer_patch(nodes, Path(name[5:]).resolve(), args.peer_node, args.peer_input)
             print(f"peer {node_id} with {kwargs}", flush=True)
@@ -332,6 +355,18 @@ def main(argv=None) -> int:
             f"tgate_v2: gate after step {v2_run['gate_step']} of {v2_run['num_steps']}, self-attention reused in "
             f"{v2_run['self_attention_reuses']} evaluations, peak cache {v2_run['peak_cache_bytes'] / 2**20:.1f} MiB"
         )
+    for name in ("deepcache", "tgate_deepcache"):
+        run = results[name]["tgate_run"] if name in results else None
+        if run:
+            print(
+                f"{name}: the deep blocks skipped in {run['deep_block_reuses']} of {run['num_steps']} steps, "
+                f"peak DeepCache memory {run['peak_deep_cache_bytes'] / 2**20:.1f} MiB"
+            )
+    if "deepcache" in results and "tgate_deepcache" in results:
+        print(
+            f"tgate_deepcache over deepcache alone: "
+            f"{results['deepcache']['median_s'] / results['tgate_deepcache']['median_s']:.3f}x"
+        )
 
     profile_result = {}
     if args.profile:
@@ -353,6 +388,9 @@ def main(argv=None) -> int:
                 print(
                     f"tgate_v2 reuses self-attention at no step of {v2_run['num_steps']} at gate_at {args.gate_at}: not profiled"
                 )
+        deep_run = results["tgate_deepcache"]["tgate_run"] if "tgate_deepcache" in results else None
+        if deep_run:
+            profile_result.update(profile_variant("tgate_deepcache", _deep_steps(engine, deep_run)))
         if profile_result:
             print()
             print("one step of each T-GATE run, profiled (v2 sa: the tgate_v2 run where it keeps / reuses self-attention):")
@@ -417,6 +455,17 @@ def _self_attention_steps(engine, run: dict, reuse) -> dict[str, int]:
     reused = next((step for step in reusing if step < run["gate_step"]), reusing[0])
     kept = max(step for step in range(reused) if plans[step].self_attention is engine.Action.CAPTURE)
     return {"v2 sa kept": kept, "v2 sa reused": reused}
+
+
+def _deep_steps(engine, run: dict) -> dict[str, int]:
+    """A tgate_deepcache run's refresh at the gate and the first step after it that skips the deep blocks."""
+    plans = engine.plan_steps(run["num_steps"], run["gate_step"], None, DEEPCACHE_OFFICIAL["deepcache_interval"])
+    gate = run["gate_step"]
+    reuse = next((s for s in range(gate, len(plans)) if plans[s].deep_blocks is engine.Action.REUSE), None)
+    steps = {"dc refresh": gate} if gate < len(plans) else {}
+    if reuse is not None:
+        steps["dc reuse"] = reuse
+    return steps
 
 
 def _graph_counter():

@@ -30,6 +30,7 @@ PLANS = {
     "tgate_sd15_txt2img": ({"ckpt_name": "sd15"}, {"width": 64, "height": 64}),
     "tgate_sdxl_txt2img": ({"ckpt_name": "sdxl"}, {"width": 64, "height": 64}),
     "tgate_advanced_sdxl_txt2img": ({"ckpt_name": "sdxl"}, {"width": 64, "height": 64}),
+    "tgate_deepcache_sdxl_txt2img": ({"ckpt_name": "sdxl"}, {"width": 64, "height": 64}),
     "tgate_pixart_sigma_txt2img": (
         {"unet_name": "pixart-sigma", "clip_name": "pixart-t5", "vae_name": "sdxl-vae"},
         {"width": 384, "height": 384},

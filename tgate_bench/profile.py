@@ -175,9 +175,10 @@ def format_profile(profile_result: dict) -> str:
     for name in names:
         values = [profile_result[label]["host_ms_by_module"].get(name, 0.0) for label in labels]
         lines.append(f"{'host ms in ' + name:<34}" + "".join(f"{v:>14.2f}" for v in values))
-    # Attention alone, where T-GATE acts: a reused module runs no op and launches no kernel.
+    # Attention, where T-GATE acts, and the blocks DeepCache skips: a reused module runs no op and
+    # launches no kernel.
     for title, key in (("aten ops in ", "aten_ops_by_module"), ("kernels in ", "kernels_by_module")):
-        for name in (n for n in names if n.startswith("CrossAttention.")):
+        for name in (n for n in names if n.startswith("CrossAttention.") or n in ("ResBlock", "SpatialTransformer")):
             values = [profile_result[label].get(key, {}).get(name, 0) for label in labels]
             lines.append(f"{title + name:<34}" + "".join(f"{v:>14d}" for v in values))
     return "\n".join(lines)

@@ -59,11 +59,19 @@ class ComfyRuntime:
         return self.TGate.execute(model, gate_at=gate_at, fidelity_branch=fidelity_branch, cache_device=cache_device).result[0]
 
     def tgate_advanced(
-        self, model, gate_at=0.4, fidelity_branch="auto", cache_device="model_device", warm_up=2, sp_interval=5, fi_interval=1
+        self,
+        model,
+        gate_at=0.4,
+        fidelity_branch="auto",
+        cache_device="model_device",
+        warm_up=2,
+        sp_interval=5,
+        fi_interval=1,
+        **deepcache,  # deepcache_interval, deepcache_branch: left out as an older workflow leaves them out
     ):
         settings = dict(gate_at=gate_at, fidelity_branch=fidelity_branch, cache_device=cache_device)
         reuse = dict(warm_up=warm_up, sp_interval=sp_interval, fi_interval=fi_interval)
-        return self.TGateAdvanced.execute(model, **settings, **reuse).result[0]
+        return self.TGateAdvanced.execute(model, **settings, **reuse, **deepcache).result[0]
 
     # -- models and conditioning ------------------------------------------------------------
     def family_model(self, builder: str):
