@@ -520,8 +520,10 @@ def _resizing_patches(guider) -> list:
     (they read more than `block` and `sigmas`) are left to the run's check (GateRun.misfits)."""
     patches = guider.model_options.get("transformer_options", {}).get("patches", {})
     found = [p for kind in ("input_block_patch", "input_block_patch_after_skip") for p in patches.get(kind, ())]
+    if not found:
+        return []
     blocks = len(getattr(guider.model_patcher.get_model_object("diffusion_model"), "input_blocks", ()))
-    if not found or not blocks:
+    if not blocks:
         return []
     dummy = torch.zeros(1, 1, 16, 16)
 
@@ -679,11 +681,13 @@ def attention_patches(transformer_options: Any) -> list[str]:
 
 
 def _chunk_ids(options: dict) -> list:
-    """What identifies a chunk's kept output: its cond's uuid, and its context window if any.
-    Context windows run the same conds on several slices of the latent: ComfyUI's own name theirs
-    in `context_window`, AnimateDiff-Evolved's (through sampler_calc_cond_batch_function) in
-    `ad_params["sub_idxs"]`. Windows named otherwise are found by the store (a chunk captured twice
-    at one step) and the run is left ungated."""
+    """What identifies a chunk's kept output: its cond's uuid and branch, and its context window if
+    any. The branch, since ComfyUI gives the negative a copy of each positive area cond, uuid
+    included (create_cond_with_same_area_if_none). Context windows run the same conds on several
+    slices of the latent: ComfyUI's own name theirs in `context_window`, AnimateDiff-Evolved's
+    (through sampler_calc_cond_batch_function) in `ad_params["sub_idxs"]`. Windows named otherwise
+    are found by the store (a chunk captured twice at one step) and the run is left ungated."""
+    chunks = list(zip(options["uuids"], options["cond_or_uncond"], strict=False))
     window = options.get("context_window")
     if window is not None:
         span = tuple(getattr(window, "index_list", ()) or ())
@@ -691,9 +695,9 @@ def _chunk_ids(options: dict) -> list:
         ad_params = options.get("ad_params")
         sub_idxs = ad_params.get("sub_idxs") if isinstance(ad_params, dict) else None
         if sub_idxs is None:
-            return options["uuids"]
+            return chunks
         span = tuple(sub_idxs.tolist() if hasattr(sub_idxs, "tolist") else sub_idxs)
-    return [(uuid, span) for uuid in options["uuids"]]
+    return [(*chunk, span) for chunk in chunks]
 
 
 def _first_sigma(timestep: Any) -> float:
