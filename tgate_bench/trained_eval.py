@@ -50,8 +50,8 @@ VARIANTS = {
 
 
 def node_defaults(node) -> dict:
-    """The node's inputs' defaults, as the UI puts them (model left out)."""
-    return {i.id: i.default for i in node.GET_SCHEMA().inputs if i.id != "model"}
+    """The node's widget inputs' defaults, as the UI puts them."""
+    return {i.id: i.default for i in node.GET_SCHEMA().inputs if i.id != "model" and hasattr(i, "default")}
 
 
 def positive_for(nodes, prompts, text: str, gate_at: float | None):
@@ -104,7 +104,7 @@ def picture_grid(rows: list[tuple[str, list[torch.Tensor]]], columns: list[str],
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(1.55 * len(columns) + 1.9, 1.5 * len(rows) + 0.7), dpi=100)
+    fig = Figure(figsize=(1.55 * len(columns) + 1.5, 1.5 * len(rows) + 0.8), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, (caption, images) in enumerate(rows):
@@ -116,9 +116,11 @@ def picture_grid(rows: list[tuple[str, list[torch.Tensor]]], columns: list[str],
             if r == 0:
                 ax.set_title(columns[c], fontsize=9)
             if c == 0:
-                ax.set_ylabel(caption.removeprefix("a "), fontsize=9)
+                words = caption.removeprefix("a ").split(" on the ")
+                ax.set_ylabel("\n".join(words), fontsize=9, rotation=0, ha="right", va="center")
     fig.suptitle(title, fontsize=8)
-    fig.subplots_adjust(left=0.2, right=0.98, top=1 - 0.75 / (1.5 * len(rows) + 0.7), bottom=0.02, wspace=0.08, hspace=0.12)
+    height = 1.5 * len(rows) + 0.8
+    fig.subplots_adjust(left=0.17, right=0.98, top=1 - 0.8 / height, bottom=0.1 / height, wspace=0.08, hspace=0.1)
     fig.savefig(path, dpi=100)
 
 
@@ -150,6 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid-prompts", type=int, default=6, help="rows of the picture grid")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=PACK_ROOT / "docs" / "trained")
+    p.add_argument("--weights", type=Path, default=None, help="default: tgate_testkit/weights/shapes-unet.safetensors")
     args = p.parse_args(argv)
     comfy_path = find_comfyui(args.comfyui)
     if comfy_path is None:
@@ -160,11 +163,14 @@ def main(argv=None) -> int:
 
     runtime = ComfyRuntime.load(comfy_path, PACK_ROOT)
     nodes = runtime.nodes
+    import comfy.utils
+
+    comfy.utils.set_progress_bar_enabled(False)
     from tgate import CROSS
     from tgate.probe import suggest_gate_step
     from tgate_testkit import trained
 
-    model = trained.build()
+    model = trained.build(args.weights or trained.WEIGHTS)
     prompts = list(trained.PROMPTS)
     settings = dict(steps=args.steps, cfg=args.cfg, seed=args.seed)
     setting_text = f"{SAMPLER}/{SCHEDULER}, {args.steps} steps, cfg {args.cfg:g}, seed {args.seed}, {len(prompts)} prompts"
