@@ -13,9 +13,10 @@ and model_sampling: eps prediction, 1000 discrete scaled-linear timesteps), smal
 CPU in under an hour (tgate_bench.train_shapes). Its weights are tgate_testkit/weights/shapes-unet.safetensors.
 
 The checker needs no model: it reads the sampled latent (what KSampler returns), thresholds the mask
-channel, keeps its largest connected region, and names the colour (mean RGB inside it, nearest of the
-four), the shape (how much of its bounding box it fills: square ~1, circle ~0.79, triangle ~0.5) and
-the position (the side of the canvas centre its centroid lies on). Guessing at random gets all three right 1 time in 48.
+channel between its background and its shape level, keeps the largest connected region, and names
+the colour (mean RGB inside it, nearest of the four), the shape (how much of its bounding box it
+fills: square ~1, circle ~0.79, triangle ~0.5) and the position (the side of the canvas centre its
+centroid lies on). Guessing at random gets all three right 1 time in 48.
 """
 
 from __future__ import annotations
@@ -169,6 +170,11 @@ class Reading:
 
 
 MIN_AREA = 30  # mask cells below which nothing was drawn (a 14-cell triangle has ~100)
+# The mask channel is cut halfway between its background level (the median: a shape covers at most a
+# fifth of the canvas) and its level inside the shape (the 98th percentile: the top 20 cells), not at
+# 0: samples of this small model often tint the whole background (mask channel too), which says
+# nothing about the prompt. Below this contrast nothing was drawn.
+MIN_CONTRAST = 0.5
 
 
 def largest_region(mask: torch.Tensor) -> torch.Tensor:
@@ -185,7 +191,11 @@ def largest_region(mask: torch.Tensor) -> torch.Tensor:
 
 def read(image: torch.Tensor) -> Reading:
     """What one generated image [CHANNELS, SIDE, SIDE] (model space) shows."""
-    mask = largest_region(image[3] > 0)
+    level = image[3]
+    background, inside = float(level.median()), float(level.flatten().quantile(0.98))
+    if inside - background < MIN_CONTRAST:
+        return Reading(None, None, None)
+    mask = largest_region(level > (background + inside) / 2)
     area = int(mask.sum())
     if area < MIN_AREA:
         return Reading(None, None, None)
