@@ -58,10 +58,11 @@ def test_the_checker_reads_every_drawing_and_only_its_own_prompt():
         assert trained.score(samples, [prompt]).accuracy == 1.0
         other = next(p for p in trained.PROMPTS if all(a != b for a, b in zip(p, prompt, strict=True)))
         assert trained.score(samples, [other]).accuracy == 0.0
-        # A tinted background (samples of the small model often have one) does not change the reading.
+        # A tinted background or canvas (samples of the small model often have one) does not change the reading.
         tinted = image.clone()
         tinted[:, image[3] < 0] += torch.tensor([0.3, 0.6, 0.5, 0.7]).unsqueeze(1)
         assert trained.read(tinted).scores(prompt) == (True, True, True), prompt
+        assert trained.read(image + torch.tensor([0.5, -0.4, 0.6, 0.8]).view(4, 1, 1)).scores(prompt) == (True, True, True)
     assert trained.read(-torch.ones(4, trained.SIDE, trained.SIDE)) == trained.Reading(None, None, None)
 
 

@@ -14,8 +14,8 @@ CPU in under an hour (tgate_bench.train_shapes). Its weights are tgate_testkit/w
 
 The checker needs no model: it reads the sampled latent (what KSampler returns), thresholds the mask
 channel between its background and its shape level, keeps the largest connected region, and names
-the colour (mean RGB inside it, nearest of the four), the shape (how much of its bounding box it
-fills: square ~1, circle ~0.79, triangle ~0.5) and the position (the side of the canvas centre its
+the colour (the mean RGB inside it minus that outside, nearest of the four's), the shape (how much
+of its bounding box it fills: square ~1, circle ~0.79, triangle ~0.5) and the position (the side of the canvas centre its
 centroid lies on). Guessing at random gets all three right 1 time in 48.
 """
 
@@ -199,9 +199,12 @@ def read(image: torch.Tensor) -> Reading:
     area = int(mask.sum())
     if area < MIN_AREA:
         return Reading(None, None, None)
-    rgb = image[:3, mask].mean(dim=1)
+    # The colour as the shape's contrast with the background: a tint the sample puts over the whole
+    # canvas shifts both alike. Drawn on black (-1), colour c raises the channels by COLOURS[c] + 1.
+    contrast = image[:3, mask].mean(dim=1) - image[:3, ~mask].mean(dim=1)
     names = list(COLOURS)
-    colour = names[int(torch.stack([(rgb - torch.tensor(COLOURS[n])).square().sum() for n in names]).argmin())]
+    patterns = torch.tensor([COLOURS[n] for n in names]) + 1.0
+    colour = names[int((patterns - contrast).square().sum(dim=1).argmin())]
     ys, xs = torch.nonzero(mask, as_tuple=True)
     box = (int(xs.max() - xs.min()) + 1) * (int(ys.max() - ys.min()) + 1)
     fill = area / box
