@@ -1,0 +1,103 @@
+"""Train the coloured-shapes text-to-image model of tgate_testkit.trained on the CPU.
+
+    COMFYUI_PATH=/path/to/ComfyUI python -m tgate_bench.train_shapes --steps 7000 --seed 0
+
+The standard eps objective of SD1.5 at uniformly random timesteps, with the alphas_cumprod of
+ComfyUI's own ModelSamplingDiscrete for SD1.5 (so ComfyUI's samplers sample the result as they sample
+SD1.5); captions are dropped to the empty caption 10 % of the time so classifier-free guidance works.
+AdamW, an exponential moving average of the weights (what is saved), one CPU thread by default.
+Every `--save-every` steps the EMA weights are written (fp16 safetensors), so a run cut short still
+leaves usable weights; the log prints the loss and the elapsed time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tgate_testkit.comfy_env import MISSING, find_comfyui, import_comfyui
+
+
+def save(module: torch.nn.Module, path: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tgate_bench.train_shapes", description=__doc__)
+    p.add_argument("--comfyui")
+    p.add_argument("--steps", type=int, default=7000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--drop", type=float, default=0.1, help="caption dropout: the share of empty captions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--out", type=Path, default=None, help="weights file (default: tgate_testkit/weights/shapes-unet.safetensors)")
+    args = p.parse_args(argv)
+    comfy_path = find_comfyui(args.comfyui)
+    if comfy_path is None:
+        print(MISSING, file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    import_comfyui(comfy_path)
+    from tgate_testkit import trained
+
+    out = args.out or trained.WEIGHTS
+    torch.manual_seed(args.seed)
+    model = trained.build(None, device=torch.device("cpu"))
+    net = model.model.diffusion_model
+    net.train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    alphas = trained.alphas_cumprod(model.model.model_sampling)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
+    data = torch.Generator().manual_seed(args.seed + 1)
+    params = sum(v.numel() for v in net.parameters())
+    print(f"{params} weights; {args}", flush=True)
+    start, running = time.perf_counter(), 0.0
+    for step in range(1, args.steps + 1):
+        x0, prompts = trained.batch(args.batch, data)
+        drop = torch.rand(args.batch, generator=data) < args.drop
+        context = trained.encode([None if d else pr for d, pr in zip(drop.tolist(), prompts, strict=True)])
+        t = torch.randint(0, alphas.shape[0], (args.batch,), generator=data)
+        noise = torch.randn(x0.shape, generator=data)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = (net(x_t, t.float(), context=context) - noise).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for e, w in zip(ema.parameters(), net.parameters(), strict=True):
+                e.lerp_(w, 1 - decay)
+        running += loss.item()
+        if step % args.log_every == 0:
+            print(f"step {step} loss {running / args.log_every:.4f} elapsed {time.perf_counter() - start:.0f}s", flush=True)
+            running = 0.0
+        if step % args.save_every == 0 or step == args.steps:
+            meta = dict(step=step, seed=args.seed, batch=args.batch, lr=args.lr, ema=args.ema, drop=args.drop)
+            meta["elapsed_s"] = round(time.perf_counter() - start)
+            save(ema, out, meta)
+    print(f"done: {args.steps} steps in {time.perf_counter() - start:.0f}s -> {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
