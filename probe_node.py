@@ -26,7 +26,8 @@ DEFAULT_THRESHOLD = 0.05
 RULE = (
     "The suggested gate is the first step from which the mean relative change of cross-attention "
     "(||output at step t - output at step t-1|| / ||output at step t-1||, averaged over the layers and both "
-    "CFG branches) stays below `threshold` until the last step; it is converted to gate_at with the model's "
+    "CFG branches) stays below `threshold` until the step before the last (the last step is left out: "
+    "schedules such as normal end with a jump every layer follows); it is converted to gate_at with the model's "
     "sigmas (ComfyUI's percent convention), so T-GATE fed this value gates at that step on the same "
     "steps, sampler and scheduler. 1.0 (never gate) when the mean never stays below it."
 )

@@ -206,6 +206,9 @@ def test_the_rule():
     assert suggest_gate_step([nan, 0.5, 0.2, 0.1, 0.07, 0.06], 0.05) == 6  # never: do not gate
     assert suggest_gate_step([nan, 0.01, 0.01], 0.05) == 1  # never before the first step
     assert suggest_gate_step([nan], 0.05) == 1
+    # The last step is left out (normal's last step jumps in every layer); the one before it is not.
+    assert suggest_gate_step([nan, 0.5, 0.04, 0.03, 0.2], 0.05) == 2
+    assert suggest_gate_step([nan, 0.5, 0.04, 0.2, 0.01], 0.05) == 5
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
