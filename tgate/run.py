@@ -114,6 +114,11 @@ class GateRun:
         # Evaluations past the gate that ran several cond lists: a guider's lists whose inputs other
         # than the text differ (branch.stand_ins).
         self.several_list_evaluations = 0
+        self._main_lists: list[int] = []  # id() of each cond list of the last main evaluation
+        # For an extra evaluation in progress, the position each of its cond lists had in the main
+        # evaluation (PAG passes the main call's cond list, SAG its uncond list): chunks are kept by
+        # (uuid, branch), so its chunks are looked up under their main-evaluation branch.
+        self.extra_branches: tuple[int, ...] = ()
         # Whether the last main evaluation was one list evaluated for all of a guider's three or more
         # (guided_by_stand_in reads it).
         self.one_for_all = False
@@ -179,6 +184,7 @@ class GateRun:
         self.fidelity = fidelity_index(conds, self.patch.fidelity_branch)
         self.lists = len(conds)
         self.one_for_all = False
+        self._main_lists = [id(c) for c in conds]
         plan = self.last_plan = plan_step(self.plans, step, self._kept())
         if plan.deep_blocks is Action.COMPUTE and self.store.holds(DEEP):
             # Nothing planned reads it any more (a late gate capture computes the deep blocks).
@@ -296,10 +302,13 @@ class GateRun:
         if plan is None:
             return executor(model, conds, x_in, timestep, model_options)
         self.current, self.extra = plan, True
+        self.extra_branches = tuple(
+            next((j for j, main in enumerate(self._main_lists) if c and main == id(c)), i) for i, c in enumerate(conds)
+        )
         try:
             return executor(model, conds, x_in, timestep, model_options)
         finally:
-            self.current, self.extra = None, False
+            self.current, self.extra, self.extra_branches = None, False, ()
 
     def model_call(self, plan: StepPlan, chunk_ids: list, branches: list[int], device: torch.device) -> ModelCall:
         """The tables one batched model call of an evaluation planned by `plan` hands its modules."""
@@ -625,7 +634,10 @@ def apply_model_with_gate(executor, *args, **kwargs):
             )
         run.unmatched_calls += 1
         return executor(*args, **kwargs)
-    chunk_ids = _chunk_ids(options)
+    branches = options["cond_or_uncond"]
+    if run.extra:
+        branches = [run.extra_branches[b] if b < len(run.extra_branches) else b for b in branches]
+    chunk_ids = _chunk_ids(options, branches)
     call = run.model_call(plan, chunk_ids, options["cond_or_uncond"], args[0].device)
     slot = run.patch.slot
     deep = run.patch.deep
@@ -680,14 +692,14 @@ def attention_patches(transformer_options: Any) -> list[str]:
     return found
 
 
-def _chunk_ids(options: dict) -> list:
+def _chunk_ids(options: dict, branches: list[int]) -> list:
     """What identifies a chunk's kept output: its cond's uuid and branch, and its context window if
     any. The branch, since ComfyUI gives the negative a copy of each positive area cond, uuid
     included (create_cond_with_same_area_if_none). Context windows run the same conds on several
     slices of the latent: ComfyUI's own name theirs in `context_window`, AnimateDiff-Evolved's
     (through sampler_calc_cond_batch_function) in `ad_params["sub_idxs"]`. Windows named otherwise
     are found by the store (a chunk captured twice at one step) and the run is left ungated."""
-    chunks = list(zip(options["uuids"], options["cond_or_uncond"], strict=False))
+    chunks = list(zip(options["uuids"], branches, strict=False))
     window = options.get("context_window")
     if window is not None:
         span = tuple(getattr(window, "index_list", ()) or ())
