@@ -114,6 +114,7 @@ class GateRun:
         # Evaluations past the gate that ran several cond lists: a guider's lists whose inputs other
         # than the text differ (branch.stand_ins).
         self.several_list_evaluations = 0
+        self.latent_shape: tuple[int, ...] | None = None  # the sampled latent's shape (a window's is smaller)
         self._main_lists: list[int] = []  # id() of each cond list of the last main evaluation
         # For an extra evaluation in progress, the position each of its cond lists had in the main
         # evaluation (PAG passes the main call's cond list, SAG its uncond list): chunks are kept by
@@ -241,9 +242,12 @@ class GateRun:
         """Carry out one evaluation's plan and record what it did (evaluate); an evaluation whose
         kept outputs did not fit (misfits) is left unrecorded, since it runs again."""
         captures = plan.kinds(Action.CAPTURE)
+        # Context windows evaluate parts of the latent one after another at the same sigma: those add
+        # to the capture. An evaluation of the whole latent starts a new one, at the same sigma too
+        # (heun evaluates a step's sigma twice: the previous step's correction, then the step itself).
+        whole = self.latent_shape is None or tuple(x_in.shape) == self.latent_shape
         for kind in captures:
-            if self._capture_sigmas.get(kind) != sigma:
-                # A new capture; context windows call again at the same sigma and add to it.
+            if self._capture_sigmas.get(kind) != sigma or whole:
                 self.store.clear((kind,))
                 self._capture_sigmas[kind] = sigma
         self.current = plan
@@ -466,6 +470,8 @@ def sample_with_gate(executor, *args, **kwargs):
         )
         self_attention = None
     run = GateRun(patch, schedule, self_attention, guider=type(guider).__name__)
+    noise = kwargs["noise"] if "noise" in kwargs else args[0]
+    run.latent_shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else None
     outer, patch.slot.run = patch.slot.run, run  # a run sampled inside another gets the slot back after it
     try:
         return executor(*args, **kwargs)
