@@ -16,6 +16,7 @@ import re
 import pytest
 import torch
 
+from tgate import GateSchedule
 from tgate_testkit.logs import RunLog
 from tgate_testkit.recorders import ModelCalls
 
@@ -322,18 +323,20 @@ def in_area(cond):
     return ConditioningSetArea().append(cond, 64, 128, 64, 0, 1.0)[0]  # the right half of a 128 px image
 
 
-def gate_at_for(patcher, steps, gate_step):
-    """A gate_at at which T-GATE gates after `gate_step` steps of a `steps`-step normal schedule."""
+def gate_at_steps(patcher, steps, gate_at):
+    """After how many steps of a `steps`-step normal schedule T-GATE gates at `gate_at`."""
     import comfy.samplers as samplers
 
-    engine_schedule = __import__("tgate").GateSchedule
     model_sampling = patcher.get_model_object("model_sampling")
     sigmas = samplers.calculate_sigmas(model_sampling, "normal", steps).tolist()
-    for percent in range(1, 100):
-        gate_sigma = float(model_sampling.percent_to_sigma(percent / 100))
-        if engine_schedule.from_sigmas(sigmas, gate_sigma).gate_step == gate_step:
-            return percent / 100
-    raise AssertionError(f"no gate_at gates after {gate_step} steps")
+    return GateSchedule.from_sigmas(sigmas, float(model_sampling.percent_to_sigma(gate_at))).gate_step
+
+
+def gate_at_for(patcher, steps, gate_step):
+    """A gate_at at which T-GATE gates after `gate_step` steps of a `steps`-step normal schedule."""
+    found = next((p / 100 for p in range(1, 100) if gate_at_steps(patcher, steps, p / 100) == gate_step), None)
+    assert found is not None, f"no gate_at gates after {gate_step} steps"
+    return found
 
 
 @pytest.mark.parametrize("change", ["prompt_switch", "late_area"])
@@ -424,15 +427,6 @@ def test_deep_shrink_moves_the_capture_past_its_end(comfy, end_percent, steps):
             )
         assert not log.messages(logging.WARNING)
         assert torch.equal(got, expected), order
-
-
-def gate_at_steps(patcher, steps, gate_at):
-    """After how many steps of a `steps`-step normal schedule T-GATE gates at `gate_at`."""
-    import comfy.samplers as samplers
-
-    model_sampling = patcher.get_model_object("model_sampling")
-    sigmas = samplers.calculate_sigmas(model_sampling, "normal", steps).tolist()
-    return __import__("tgate").GateSchedule.from_sigmas(sigmas, float(model_sampling.percent_to_sigma(gate_at))).gate_step
 
 
 def unannounced(model):
