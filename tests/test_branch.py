@@ -1,6 +1,6 @@
 """Which CFG branch runs after the gate."""
 
-from tgate import COND, UNCOND, FidelityBranch, fidelity_index, only_branch
+from tgate import COND, UNCOND, FidelityBranch, fidelity_index, only_lists
 
 POSITIVE, NEGATIVE = ["p"], ["n"]
 
@@ -16,9 +16,9 @@ def test_cond_is_kept_when_there_is_no_uncond():
     assert fidelity_index([POSITIVE, []], FidelityBranch.UNCOND) == COND
 
 
-def test_only_branch_blanks_the_other():
-    assert only_branch([POSITIVE, NEGATIVE], UNCOND) == [None, NEGATIVE]
-    assert only_branch([POSITIVE, NEGATIVE], COND) == [POSITIVE, None]
+def test_only_lists_blanks_the_others():
+    assert only_lists([POSITIVE, NEGATIVE], (UNCOND,)) == [None, NEGATIVE]
+    assert only_lists([POSITIVE, NEGATIVE], (COND,)) == [POSITIVE, None]
 
 
 def test_the_branch_an_evaluation_has_is_kept_when_it_lacks_the_preferred_one():

@@ -4,7 +4,7 @@ wrapper functions that carry the plan out.
 Nothing here imports ComfyUI; `nodes.py` connects it to a ComfyUI MODEL.
 """
 
-from .branch import COND, UNCOND, FidelityBranch, fidelity_index, only_branch, only_lists, stand_ins
+from .branch import COND, UNCOND, FidelityBranch, fidelity_index, only_lists, stand_ins
 from .config import CACHE_DEVICES, DeepCache, SelfAttentionReuse, TGateConfig
 from .deep import DeepCacheError, DeepLayout, deep_block_child, deep_layout
 from .families import (
@@ -75,7 +75,6 @@ __all__ = [
     "family_of",
     "gated_attention",
     "fidelity_index",
-    "only_branch",
     "only_lists",
     "stand_ins",
     "plan_step",

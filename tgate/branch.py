@@ -37,11 +37,6 @@ def fidelity_index(conds: Sequence[Any], fidelity_branch: FidelityBranch) -> int
     return preferred if conds[preferred] else 1 - preferred
 
 
-def only_branch(conds: Sequence[Any], index: int) -> list[Any]:
-    """`conds` with every list but `conds[index]` replaced by None, which ComfyUI skips."""
-    return [c if i == index else None for i, c in enumerate(conds)]
-
-
 # What a cond carries that is text, or no input at all: ignored when lists are compared. The text
 # tokens enter the model as `c_crossattn` (the key ComfyUI's model_conds give them in every family);
 # `cross_attn` and `pooled_output` are the raw encoder outputs model_conds are made from (a pooled
