@@ -1,13 +1,17 @@
-"""Train the coloured-shapes text-to-image model of tgate_testkit.trained on the CPU.
+"""Train a coloured-shapes text-to-image model on the CPU: the SD1.5-shaped UNet of
+tgate_testkit.trained (`--model unet`) or the Flux-shaped joint-attention model of
+tgate_testkit.trained_joint (`--model joint`).
 
     COMFYUI_PATH=/path/to/ComfyUI python -m tgate_bench.train_shapes --steps 7000 --seed 0
+    COMFYUI_PATH=/path/to/ComfyUI python -m tgate_bench.train_shapes --model joint --steps 2400 --max-minutes 60
 
-The standard eps objective of SD1.5 at uniformly random timesteps, with the alphas_cumprod of
-ComfyUI's own ModelSamplingDiscrete for SD1.5 (so ComfyUI's samplers sample the result as they sample
-SD1.5); captions are dropped to the empty caption 10 % of the time so classifier-free guidance works.
+Each model's own objective, the one ComfyUI's samplers assume for its model config (SD1.5's eps at
+uniformly random timesteps; rectified flow for the joint model); captions are dropped to the empty
+caption 10 % of the time so classifier-free guidance works.
 AdamW, an exponential moving average of the weights (what is saved), one CPU thread by default.
 Every `--save-every` steps the EMA weights are written (fp16 safetensors), so a run cut short still
-leaves usable weights; the log prints the loss and the elapsed time.
+leaves usable weights; the log prints the loss and the elapsed time. `--max-minutes` ends a run
+early at a time limit, saving the weights of the last step done (its metadata says which).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def save(module: torch.nn.Module, path: Path, metadata: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tgate_bench.train_shapes", description=__doc__)
     p.add_argument("--comfyui")
+    p.add_argument("--model", choices=("unet", "joint"), default="unet")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
     p.add_argument("--steps", type=int, default=7000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -46,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--out", type=Path, default=None, help="weights file (default: tgate_testkit/weights/shapes-unet.safetensors)")
+    p.add_argument("--out", type=Path, default=None, help="weights file (default: the model's file in tgate_testkit/weights/)")
     args = p.parse_args(argv)
     comfy_path = find_comfyui(args.comfyui)
     if comfy_path is None:
@@ -54,15 +60,16 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     import_comfyui(comfy_path)
-    from tgate_testkit import trained
+    from tgate_testkit import trained, trained_joint
 
-    out = args.out or trained.WEIGHTS
+    kit = {"unet": trained, "joint": trained_joint}[args.model]
+    out = args.out or kit.WEIGHTS
     torch.manual_seed(args.seed)
-    model = trained.build(None, device=torch.device("cpu"))
+    model = kit.build(None, device=torch.device("cpu"))
     net = model.model.diffusion_model
     net.train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    alphas = trained.alphas_cumprod(model.model.model_sampling)
+    loss_of = kit.objective(model.model.model_sampling)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
     data = torch.Generator().manual_seed(args.seed + 1)
@@ -73,11 +80,7 @@ def main(argv=None) -> int:
         x0, prompts = trained.batch(args.batch, data)
         drop = torch.rand(args.batch, generator=data) < args.drop
         context = trained.encode([None if d else pr for d, pr in zip(drop.tolist(), prompts, strict=True)])
-        t = torch.randint(0, alphas.shape[0], (args.batch,), generator=data)
-        noise = torch.randn(x0.shape, generator=data)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = (net(x_t, t.float(), context=context) - noise).square().mean()
+        loss = loss_of(net, x0, context, data)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -91,11 +94,14 @@ def main(argv=None) -> int:
         if step % args.log_every == 0:
             print(f"step {step} loss {running / args.log_every:.4f} elapsed {time.perf_counter() - start:.0f}s", flush=True)
             running = 0.0
-        if step % args.save_every == 0 or step == args.steps:
-            meta = dict(step=step, seed=args.seed, batch=args.batch, lr=args.lr, ema=args.ema, drop=args.drop)
+        out_of_time = args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes
+        if step % args.save_every == 0 or step == args.steps or out_of_time:
+            meta = dict(model=args.model, step=step, seed=args.seed, batch=args.batch, lr=args.lr, ema=args.ema, drop=args.drop)
             meta["elapsed_s"] = round(time.perf_counter() - start)
             save(ema, out, meta)
-    print(f"done: {args.steps} steps in {time.perf_counter() - start:.0f}s -> {out}", flush=True)
+        if out_of_time:
+            break
+    print(f"done: {step} steps in {time.perf_counter() - start:.0f}s -> {out}", flush=True)
     return 0
 
 

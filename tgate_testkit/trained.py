@@ -294,6 +294,21 @@ def alphas_cumprod(model_sampling) -> torch.Tensor:
     return 1.0 / (1.0 + sigmas.square())
 
 
+def objective(model_sampling):
+    """SD1.5's eps objective at uniformly random timesteps of ComfyUI's ModelSamplingDiscrete:
+    x_t = sqrt(a) x0 + sqrt(1 - a) n and the model predicts n. Returns loss(net, x0, context, generator)."""
+    alphas = alphas_cumprod(model_sampling)
+
+    def loss(net, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        t = torch.randint(0, alphas.shape[0], (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return (net(x_t, t.float(), context=context) - noise).square().mean()
+
+    return loss
+
+
 def parameter_count(model) -> int:
     return sum(p.numel() for p in model.model.diffusion_model.parameters())
 
@@ -314,6 +329,7 @@ __all__ = [
     "conditioning",
     "draw",
     "encode",
+    "objective",
     "read",
     "score",
     "to_rgb",
