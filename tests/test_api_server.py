@@ -100,3 +100,21 @@ def test_the_advanced_node_runs_from_the_api_and_its_intervals_are_checked(serve
         assert status == 400, answer
         errors = answer["node_errors"]["2"]["errors"]
         assert [e["extra_info"]["input_name"] for e in errors] == [name], errors
+
+
+def test_the_server_serves_each_node_s_help_page_where_the_frontend_asks_for_it(server):
+    """ComfyUI's frontend (1.27) takes the pack's folder from the node's python_module and fetches
+    /extensions/<folder>/docs/<node id>/<locale>.md, then /extensions/<folder>/docs/<node id>.md, for
+    the node library's help panel; the server maps the pack's WEB_DIRECTORY (web/) there."""
+    import urllib.error
+    import urllib.request
+
+    for node_id in ("TGate", "TGateAdvanced", "TGateProbe"):
+        status, info = request(f"{server.url}/object_info/{node_id}")
+        assert status == 200 and info[node_id]["python_module"] == "custom_nodes.ComfyUI-TGATE"
+        with urllib.request.urlopen(f"{server.url}/extensions/ComfyUI-TGATE/docs/{node_id}.md", timeout=30) as response:
+            assert response.status == 200
+            assert response.read() == (PACK_ROOT / "web" / "docs" / f"{node_id}.md").read_bytes()
+    with pytest.raises(urllib.error.HTTPError) as missing:  # no locale variant: the frontend falls back
+        urllib.request.urlopen(f"{server.url}/extensions/ComfyUI-TGATE/docs/TGate/en.md", timeout=30)
+    assert missing.value.code == 404
