@@ -1,7 +1,7 @@
 """Does T-GATE keep the prompt? The paper's experiment on the trained coloured-shapes model
 (tgate_testkit.trained): every prompt sampled by ComfyUI's KSampler node with the same noise, as is
 (baseline), with the T-GATE nodes, and with the text given only before or only after the gate; the
-checker scores what was generated. Also the probe's plot and suggestion, and the README picture grid.
+checker scores what was generated. Also the probe's plot and suggestion, and the picture grid of docs/choosing-the-gate.md.
 
     COMFYUI_PATH=/path/to/ComfyUI python -m tgate_bench.trained_eval --steps 25 --cfg 6 --out docs/trained
 
@@ -26,7 +26,8 @@ from tgate_testkit.comfy_env import MISSING, PACK_ROOT, find_comfyui
 DEFAULT_GATE = 0.4  # both T-GATE nodes' default gate_at
 HOLDS = 0.05  # accuracy "holds" within this of the baseline's (the tests' margin)
 THRESHOLDS = (0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02)  # probe thresholds tried
-# euler, 25 steps: the paper's setting; simple: KSampler's default scheduler (see README: the probe on "normal")
+# euler, 25 steps: the paper's setting; simple: KSampler's default scheduler (docs/choosing-the-gate.md:
+# the probe on "normal")
 STEPS, CFG, SAMPLER, SCHEDULER, SEED = 25, 6.0, "euler", "simple", 0
 
 
@@ -57,13 +58,15 @@ def node_defaults(node) -> dict:
     return {i.id: i.default for i in node.GET_SCHEMA().inputs if i.id != "model" and hasattr(i, "default")}
 
 
-def positive_for(nodes, prompts, text: str, gate_at: float | None):
+def positive_for(nodes, prompts, text: str, gate_at: float | None, conditioning=None):
     """The positive conditioning: the prompts' text at every step, or, with ComfyUI's own
     ConditioningSetTimestepRange and ConditioningCombine, the text on one side of `gate_at` and the
-    empty caption on the other (the paper's "text only before / after the gate")."""
+    empty caption on the other (the paper's "text only before / after the gate"). `conditioning`
+    makes a model's CONDITIONING from prompts (default: the shapes UNet's)."""
     from tgate_testkit import trained
 
-    prompt, empty = trained.conditioning(prompts), trained.conditioning([None] * len(prompts))
+    conditioning = conditioning or trained.conditioning
+    prompt, empty = conditioning(prompts), conditioning([None] * len(prompts))
     if text == "all":
         return prompt
     if text == "none":

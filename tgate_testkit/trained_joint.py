@@ -54,6 +54,9 @@ def config():
 
     class ShapesJoint(supported_models.FluxSchnell):
         latent_format = latent_formats.SD15
+        # Flux's factor sizes the activations of a 12-billion-weight model: with it ComfyUI would
+        # split cond and uncond of a 48-prompt batch into separate calls for want of memory.
+        memory_usage_factor = 0.1
 
     cfg = ShapesJoint(dict(FLUX))
     cfg.set_inference_dtype(torch.float32, None)
@@ -96,6 +99,13 @@ def _initialise(module: torch.nn.Module) -> None:
                 p.zero_()
 
 
+def conditioning(prompts) -> list:
+    """ComfyUI CONDITIONING for a batch of prompts: the shapes world's text tokens, and a zero
+    `pooled_output` (ComfyUI's Flux model reads one; zeros are what the model saw in training)."""
+    tokens = trained.encode(prompts)
+    return [[tokens, {"pooled_output": torch.zeros(tokens.shape[0], FLUX["vec_in_dim"])}]]
+
+
 class _OutOfPlace(torch.Tensor):
     """A block input whose `+=` makes a new tensor. Flux's blocks add to their input in place
     (`txt += ...`, `x += ...`) after a LayerNorm kept it for the backward pass, which autograd
@@ -135,4 +145,4 @@ def objective(model_sampling):
     return loss
 
 
-__all__ = ["DOUBLE_BLOCKS", "FLUX", "SINGLE_BLOCKS", "WEIGHTS", "build", "config", "objective"]
+__all__ = ["DOUBLE_BLOCKS", "FLUX", "SINGLE_BLOCKS", "WEIGHTS", "build", "conditioning", "config", "objective"]
