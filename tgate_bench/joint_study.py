@@ -240,12 +240,42 @@ def decide(acc: dict[str, float]) -> tuple[str, str]:
     return "no-go", f"no variant at {DEFAULT_GATE} within {HOLDS} of {base:.3f}"
 
 
+def collect(nodes, model, names, prompts, seeds) -> dict:
+    """Sample the named variants at every seed: their latents, gate steps, and the baseline's
+    recorded text keys and values and cond/uncond distances."""
+    from tgate_testkit import trained
+
+    runs, gate_steps, record, distances = {}, {}, {}, {}
+    for name in names:
+        runs[name] = []
+        for seed in seeds:
+            recording = name == "baseline" and seed == seeds[0]
+            samples, gate_steps[name] = sample(
+                nodes, model, variants()[name], prompts, seed, record if recording else None, distances if recording else None
+            )
+            runs[name].append(samples)
+        print(f"{name}: {trained.score(torch.cat(runs[name]), prompts * len(seeds)).row()}", flush=True)
+    return dict(runs=runs, gate_steps=gate_steps, record=record, distances=distances)
+
+
+def merge(parts: list[dict]) -> dict:
+    """The parts of a study run side by side (--part), as one collect() would give them."""
+    out = dict(runs={}, gate_steps={}, record={}, distances={})
+    for part in parts:
+        for key in out:
+            out[key].update(part[key])
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tgate_bench.joint_study", description=__doc__)
     p.add_argument("--comfyui")
     p.add_argument("--weights", type=Path, default=None, help="default: tgate_testkit/weights/shapes-joint.safetensors")
     p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="the plan's are 0,1; fewer only to try the script")
+    p.add_argument("--part", default="", help="K/N: sample every N-th variant from the K-th (with --save)")
+    p.add_argument("--save", type=Path, default=None, help="save the sampled variants here instead of reporting")
+    p.add_argument("--merge", default="", help="comma-separated files of --save: report them as one run")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=PACK_ROOT / "docs" / "joint")
     args = p.parse_args(argv)
@@ -269,21 +299,22 @@ def main(argv=None) -> int:
     with safe_open(str(weights), "pt") as f:
         trained_meta = f.metadata()
     prompts = list(trained.PROMPTS)
-    chosen = {k: v for k, v in variants().items() if not args.only or k in args.only.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
-    results, first_seed, record, distances, gate_steps = {}, {}, {}, {}, {}
-    for name, variant in chosen.items():
-        runs = []
-        for seed in seeds:
-            recording = name == "baseline" and seed == seeds[0]
-            samples, gate_steps[name] = sample(
-                nodes, model, variant, prompts, seed, record if recording else None, distances if recording else None
-            )
-            runs.append(samples)
-        first_seed[name] = runs[0]
-        results[name] = trained.score(torch.cat(runs), prompts * len(seeds))
-        print(f"{name}: {results[name].row()}", flush=True)
-
+    if args.merge:
+        collected = merge([torch.load(path, weights_only=False) for path in args.merge.split(",")])
+    else:
+        names = [k for k in variants() if not args.only or k in args.only.split(",")]
+        if args.part:
+            k, n = (int(v) for v in args.part.split("/"))
+            names = names[k::n]
+        collected = collect(nodes, model, names, prompts, seeds)
+        if args.save:
+            torch.save(collected, args.save)
+            return 0
+    chosen = {k: v for k, v in variants().items() if k in collected["runs"]}
+    record, distances, gate_steps = collected["record"], collected["distances"], collected["gate_steps"]
+    first_seed = {name: runs[0] for name, runs in collected["runs"].items()}
+    results = {name: trained.score(torch.cat(collected["runs"][name]), prompts * len(seeds)) for name in chosen}
     acc = {n: s.accuracy for n, s in results.items()}
     setting = f"{SAMPLER}/{SCHEDULER}, {STEPS} steps, cfg {CFG:g}, seeds {', '.join(map(str, seeds))}, {len(prompts)} prompts"
     verdict, reason = decide(acc) if set(variants()) <= set(acc) else ("partial", "not every variant ran")
