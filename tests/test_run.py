@@ -159,6 +159,33 @@ def test_extra_model_calls_pass_through_untouched(n_lists):
     assert len(run.store) == 0
 
 
+@pytest.mark.parametrize("branch", [FidelityBranch.UNCOND, FidelityBranch.COND])
+def test_an_extra_evaluation_after_the_gate_runs_the_list_the_main_evaluation_ran(branch):
+    """PAG passes the main evaluation's cond list, SAG its uncond list: after the gate either runs the
+    fidelity branch's list, which the main evaluation ran alone, so an add-on's term (main output
+    minus its own) compares outputs of the same inputs: with no perturbation, it is zero."""
+    model, x = patched_denoiser(), torch.randn(1, 4, 8)
+    pos, neg = make_cond(1), make_cond(2)
+    run, options = run_options(TGateConfig(gate_at=0.5, fidelity_branch=branch))  # steps 0, 1 plan; 2, 3, 4 gated
+    names, ran = {id(pos): "pos", id(neg): "neg"}, []
+
+    def executor(model, conds, x_in, timestep, model_options):
+        ran.append([names[id(c)] for c in conds if c])
+        return calc_cond_batch(model, conds, x_in, timestep, model_options)
+
+    terms = []
+    for sigma in SIGMAS[:-1]:
+        t = torch.tensor([sigma])
+        main = calc_cond_batch_with_gate(executor, model, [pos, neg], x, t, options)
+        for position, extra in enumerate((pos, neg)):
+            (out,) = calc_cond_batch_with_gate(executor, model, [extra], x, t, options)
+            terms.append((main[position] - out).abs().max().item())
+    fidelity = "neg" if branch is FidelityBranch.UNCOND else "pos"
+    before, after = [["pos", "neg"], ["pos"], ["neg"]] * 2, [[fidelity]] * 3 * 3
+    assert ran == before + after
+    assert terms[2 * 2 :] == [0.0] * (3 * 2)  # after the gate, bit for bit
+
+
 def test_a_sampler_that_skips_the_capture_step_captures_at_the_first_step_past_the_gate():
     model, x = patched_denoiser(), torch.randn(1, 4, 8)
     run, options = run_options()

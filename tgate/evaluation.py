@@ -25,8 +25,9 @@ class Evaluation:
     # others (branch.stand_ins). None: every list runs as given.
     evaluated_for: tuple[int, ...] | None = None
     # An extra evaluation's: for each list it runs, the position that list has in the main
-    # evaluation (PAG passes the main call's cond list, SAG its uncond list). Chunks are kept by
-    # (uuid, branch), so its chunks are looked up under their main-evaluation branch.
+    # evaluation (PAG passes the main call's cond list, SAG its uncond list; after the gate both run
+    # the fidelity branch's). Chunks are kept by (uuid, branch), so its chunks are looked up under
+    # their main-evaluation branch.
     branches: tuple[int, ...] = ()
     extra: bool = False
     # Whether one list was evaluated for all of a guider's three or more (run.guided_by_stand_in reads
@@ -51,6 +52,21 @@ class Evaluation:
         return self.plan.reduction(cond_or_uncond, self.fidelity, self.lists)
 
     def extra_evaluation(self, plan: StepPlan, conds: Sequence[Any]) -> Evaluation:
-        """An evaluation other than this main one, of `conds`, planned `plan` (plan.extra_evaluation_plan)."""
-        branches = tuple(next((j for j, main in enumerate(self.conds) if c and main is c), i) for i, c in enumerate(conds))
-        return Evaluation(plan, conds, self.fidelity, self.lists, branches=branches, extra=True)
+        """An evaluation other than this main one (PAG's, SAG's, SLG's), of `conds`, planned `plan`
+        (plan.extra_evaluation_plan). Each of its lists that this evaluation had runs as the list
+        this one ran for it (evaluated_for): after the gate, the fidelity branch's. The add-on's
+        guidance term is the difference of this evaluation's output and its own, so both are made
+        with the same inputs other than the text (SDXL's pooled vector; SVD's and unCLIP's image
+        inputs, which their fidelity branch keeps), and the term carries the add-on's perturbation
+        alone. Lists this evaluation did not have run as given."""
+        lists, branches = [], []
+        for i, c in enumerate(conds):
+            position = next((j for j, main in enumerate(self.conds) if c and main is c), None)
+            if position is None:
+                lists.append(c)
+                branches.append(i)
+                continue
+            evaluated = position if self.evaluated_for is None else self.evaluated_for[position]
+            lists.append(self.conds[evaluated])
+            branches.append(evaluated)
+        return Evaluation(plan, lists, self.fidelity, self.lists, branches=tuple(branches), extra=True)

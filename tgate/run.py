@@ -244,7 +244,8 @@ class GateRun:
         plan = evaluation.plan
         reuse_kinds = plan.kinds(Action.REUSE)
         # A chunk of a list the mean capture dropped gets the mean it was averaged into (the mean is
-        # the same for every list): extra evaluations, a guider's lists that run apart.
+        # the same for every list): a guider's lists that run apart, and an extra evaluation's lists
+        # that the main evaluation had not (Evaluation.extra_evaluation).
         reuse = self.store.reuse_table(reuse_kinds, chunk_ids, device, partners=True) if reuse_kinds else {}
         return ModelCall(reuse, plan.kinds(Action.CAPTURE), evaluation.reduction(cond_or_uncond), {}, {}, [])
 
