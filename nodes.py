@@ -7,6 +7,8 @@ import logging
 import comfy.patcher_extension
 from comfy_api.latest import ComfyExtension, io
 
+from .inputs import ValidatedCombo
+from .probe_node import TGateProbe
 from .tgate import (
     CACHE_DEVICES,
     CONFIG_KEY,
@@ -94,16 +96,6 @@ def apply_tgate(model, config: TGateConfig):
     if config.fidelity_branch is FidelityBranch.AUTO:
         log.info("T-GATE: %s model; fidelity_branch auto keeps the %s branch", family.name, fidelity_branch.value)
     return patched
-
-
-class ValidatedCombo(io.Combo.Input):
-    """A combo ComfyUI checks itself when a prompt is queued, input by input, as it checks KSampler's
-    sampler_name: in ComfyUI 0.3.64 the options of V3 "COMBO" inputs are not checked, and a node's
-    own validate_inputs message is reported against every input it reads. Typed by its options, as
-    ComfyUI's own V3 Combo.Output is."""
-
-    def get_io_type(self):
-        return self.options
 
 
 def _auto_choices() -> str:
@@ -277,6 +269,4 @@ class TGateAdvanced(io.ComfyNode):
 
 class TGateExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        from .probe_node import TGateProbe
-
         return [TGate, TGateAdvanced, TGateProbe]

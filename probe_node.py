@@ -10,7 +10,7 @@ import comfy.patcher_extension
 import comfy.samplers
 from comfy_api.latest import io
 
-from .nodes import ValidatedCombo
+from .inputs import ValidatedCombo
 from .probe_plot import HEIGHT, WIDTH, Marks, blank_image, plot_probe
 from .tgate import CONFIG_KEY, CROSS, KINDS, SELF, attention_layers, family_of, supported_families
 from .tgate.probe import ProbeRecorder, ProbeResult, gate_at_for_step, gate_step_of, suggest_gate_step

@@ -62,7 +62,7 @@ def compiled_against_eager(backend, layers, slot=None, **settings):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_equals_eager_with_one_graph_per_stage_and_no_recompile(backend):
     run, graphs, _ = compiled_against_eager(backend, LAYERS)
-    assert run.single_branch_evaluations == 3  # the compiled run did gate
+    assert run.counts.single_branch_evaluations == 3  # the compiled run did gate
     assert graphs <= 3, f"{graphs} graphs for plan, capture and replay"
 
 
@@ -75,7 +75,7 @@ def test_v2_compiles_at_most_one_graph_per_distinct_step_plan(backend, setting, 
     run, graphs, self_computed = compiled_against_eager(
         backend, V2_LAYERS, slot, config=config, sigmas=LONG_SIGMAS, gate_sigma=6.5
     )
-    assert run.schedule.gate_step == 6 and run.single_branch_evaluations == 6
+    assert run.schedule.gate_step == 6 and run.counts.single_branch_evaluations == 6
     reused_steps = sum(p.self_attention.value == "reuse" for p in run.plans)
     assert reused_steps > 0 and self_computed == len(run.plans) - reused_steps  # the eager run reused
     distinct = len(set(run.plans))

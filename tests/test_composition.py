@@ -682,3 +682,83 @@ EFFECT_BOUNDS = {
 # Add-ons that skip model calls, the capture step's included: the first evaluation past the gate
 # whose model call runs captures.
 SKIPS_MODEL_CALLS = {"EasyCache", "LazyCache"}
+
+
+# -- extra evaluations after the gate compare like with like -----------------------------------------
+class ExtraEvaluations:
+    """A CALC_COND_BATCH wrapper, outermost (on the model before T-GATE): each extra evaluation (one
+    cond list: PAG's perturbed call, SAG's blurred call) also runs its reference, the same evaluation
+    (input, sigma, the add-on's options) of the cond list the main evaluation ran after the gate, the
+    fidelity branch's: it differs from the main evaluation by the add-on's perturbation alone."""
+
+    def __init__(self, fidelity: int):
+        self.fidelity = fidelity  # the fidelity branch's index in the main evaluation's conds
+        self.main = None  # (conds, input, outputs) of the last main evaluation
+        self.extra: list[dict] = []
+
+    def __call__(self, executor, model, conds, x_in, timestep, model_options):
+        out = executor(model, conds, x_in, timestep, model_options)
+        if len(conds) == 2:
+            self.main = (conds, x_in.clone(), [o.clone() for o in out])
+        elif len(conds) == 1 and self.main is not None:
+            main_conds, main_x, main_out = self.main
+            (reference,) = executor(model, [main_conds[self.fidelity]], x_in, timestep, model_options)
+            sigma = float(timestep.reshape(-1)[0])
+            self.extra.append(
+                dict(sigma=sigma, main_x=main_x, main_out=main_out, x=x_in.clone(), out=out[0].clone(), reference=reference)
+            )
+        return out
+
+
+# What each add-on subtracts its extra evaluation from (comfy_extras/nodes_pag.py, nodes_sag.py): its
+# guidance term is that minus the extra evaluation, times its scale. PAG: the positive's prediction;
+# SAG: the blurred uncond prediction, which it evaluates noised as `degraded + x - uncond_pred`.
+COMPARED_WITH = {
+    "PAG": lambda e: e["main_out"][COND],
+    "SAG": lambda e: e["x"] - e["main_x"] + e["main_out"][UNCOND],
+}
+# The fidelity branch whose cond list is not the one the add-on's extra evaluation is given: PAG passes
+# the positive's list, SAG the negative's.
+FIDELITY_NOT_ITS_LIST = {"PAG": "uncond", "SAG": "cond"}
+EXTRA_STEPS = 10  # gate_at 0.4 gates after 4 of 10 normal steps
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("addon", ["PAG", "SAG"])
+def test_an_extra_evaluation_after_the_gate_runs_the_fidelity_branchs_cond_list(comfy, addon, family):
+    """After the gate the main evaluation runs the fidelity branch's cond list alone; an add-on's
+    extra evaluation of the other list runs the fidelity branch's list too, so the add-on's guidance
+    term carries its perturbation alone and no difference of the lists' inputs other than the text
+    (SDXL's pooled vector `y`; on SD1.5 the lists differ in their text only, which the cache replaces)."""
+    import comfy.patcher_extension as patcher_extension
+
+    patcher = comfy.sd15(seed=3) if family == "sd15" else comfy.sdxl(seed=3)
+    pooled = family == "sdxl"
+    positive, negative = comfy.cond(1, pooled=pooled), comfy.cond(2, pooled=pooled)
+    apply = _addons()[addon]
+    branch = FIDELITY_NOT_ITS_LIST[addon]
+    settings = dict(steps=EXTRA_STEPS, size=32)
+    recorder = ExtraEvaluations(fidelity=UNCOND if branch == "uncond" else COND)
+    recorded = patcher.clone()
+    recorded.add_wrapper_with_key(patcher_extension.WrappersMP.CALC_COND_BATCH, "test_extra_evaluations", recorder)
+    model, pos, neg = apply(comfy, comfy.tgate(recorded, fidelity_branch=branch), positive, negative)
+    with RunLog().on() as log:
+        probe = ModelCalls()
+        with probe.watch(patcher):
+            comfy.sample(model, pos, neg, **settings)
+    (run,) = log.runs
+    gate = run["gate_step"]
+    assert gate == gate_at_steps(patcher, EXTRA_STEPS, 0.4) == 4 and run["single_branch_evaluations"] == EXTRA_STEPS - gate
+    gate_sigma = probe.sample_sigmas[gate].item() * (1 + 1e-4)
+    after = [e for e in recorder.extra if e["sigma"] <= gate_sigma]
+    assert len(after) == EXTRA_STEPS - gate  # one extra evaluation per step after the gate
+    # The share of the add-on's guidance term (what it compares with, minus its extra evaluation) that
+    # is not its perturbation's, at each step after the gate.
+    terms = [COMPARED_WITH[addon](e) - e["out"] for e in after]
+    mismatches = [float((e["out"] - e["reference"]).norm() / term.norm()) for e, term in zip(after, terms, strict=True)]
+    assert all(term.norm() > 0 for term in terms)  # the add-on acts at every step (no share of nothing)
+    assert max(mismatches) < 1e-6, f"{addon} on {family}: mismatch share per step after the gate {mismatches}"
+    # With the gate past the last step, T-GATE changes nothing.
+    alone = comfy.sample(apply(comfy, patcher, positive, negative)[0], positive, negative, **settings)
+    off, pos, neg = apply(comfy, comfy.tgate(patcher, gate_at=1.0, fidelity_branch=branch), positive, negative)
+    assert torch.equal(comfy.sample(off, pos, neg, **settings), alone)

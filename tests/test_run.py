@@ -11,6 +11,7 @@ from tgate import (
     CROSS,
     SELF,
     CallSlot,
+    Evaluation,
     FidelityBranch,
     GatePatch,
     GateRun,
@@ -121,7 +122,7 @@ def test_the_run_matches_an_independent_computation_of_the_rule():
         torch.testing.assert_close(outputs[step][1], single)
     assert seen == [2, 2, 1, 1, 1]
     assert len(to_q) == 2 * 2  # two full evaluations, two layers; none after the gate
-    assert run.single_branch_evaluations == 3 and run.store.layers(CROSS) == 2
+    assert run.counts.single_branch_evaluations == 3 and run.store.layers(CROSS) == 2
 
 
 def test_cond_branch_and_cfg1_keep_the_positive():
@@ -138,7 +139,7 @@ def test_cond_branch_and_cfg1_keep_the_positive():
             return calc_cond_batch(*args, seen=seen)
 
         outs = [calc_cond_batch_with_gate(executor, model, conds, x, torch.tensor([s]), options) for s in SIGMAS[:-1]]
-        assert seen[-1] == 1 and run.fidelity == 0
+        assert seen[-1] == 1 and run.main.fidelity == 0
         assert outs[-1][0] is outs[-1][1]
 
 
@@ -158,6 +159,33 @@ def test_extra_model_calls_pass_through_untouched(n_lists):
     assert len(run.store) == 0
 
 
+@pytest.mark.parametrize("branch", [FidelityBranch.UNCOND, FidelityBranch.COND])
+def test_an_extra_evaluation_after_the_gate_runs_the_list_the_main_evaluation_ran(branch):
+    """PAG passes the main evaluation's cond list, SAG its uncond list: after the gate either runs the
+    fidelity branch's list, which the main evaluation ran alone, so an add-on's term (main output
+    minus its own) compares outputs of the same inputs: with no perturbation, it is zero."""
+    model, x = patched_denoiser(), torch.randn(1, 4, 8)
+    pos, neg = make_cond(1), make_cond(2)
+    run, options = run_options(TGateConfig(gate_at=0.5, fidelity_branch=branch))  # steps 0, 1 plan; 2, 3, 4 gated
+    names, ran = {id(pos): "pos", id(neg): "neg"}, []
+
+    def executor(model, conds, x_in, timestep, model_options):
+        ran.append([names[id(c)] for c in conds if c])
+        return calc_cond_batch(model, conds, x_in, timestep, model_options)
+
+    terms = []
+    for sigma in SIGMAS[:-1]:
+        t = torch.tensor([sigma])
+        main = calc_cond_batch_with_gate(executor, model, [pos, neg], x, t, options)
+        for position, extra in enumerate((pos, neg)):
+            (out,) = calc_cond_batch_with_gate(executor, model, [extra], x, t, options)
+            terms.append((main[position] - out).abs().max().item())
+    fidelity = "neg" if branch is FidelityBranch.UNCOND else "pos"
+    before, after = [["pos", "neg"], ["pos"], ["neg"]] * 2, [[fidelity]] * 3 * 3
+    assert ran == before + after
+    assert terms[2 * 2 :] == [0.0] * (3 * 2)  # after the gate, bit for bit
+
+
 def test_a_sampler_that_skips_the_capture_step_captures_at_the_first_step_past_the_gate():
     model, x = patched_denoiser(), torch.randn(1, 4, 8)
     run, options = run_options()
@@ -168,7 +196,7 @@ def test_a_sampler_that_skips_the_capture_step_captures_at_the_first_step_past_t
 
     for sigma in (5.0, 2.0, 1.0):  # step 1, the capture step, is never evaluated
         calc_cond_batch_with_gate(executor, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
-    assert seen == [2, 2, 1] and run.late_capture and run.store.layers(CROSS) == 2
+    assert seen == [2, 2, 1] and run.counts.late_capture and run.store.layers(CROSS) == 2
 
 
 def test_when_no_layer_could_be_cached_guidance_stays_whole():
@@ -181,7 +209,7 @@ def test_when_no_layer_could_be_cached_guidance_stays_whole():
 
     for sigma in SIGMAS[:-1]:
         calc_cond_batch_with_gate(executor, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
-    assert seen == [2] * 5 and run.uncached_evaluations == 3
+    assert seen == [2] * 5 and run.counts.uncached_evaluations == 3
 
 
 class Sampling:
@@ -257,7 +285,7 @@ def test_a_model_call_without_its_chunk_layout_runs_unchanged():
         seen.append(transformer_options)
         return x
 
-    run.current = plan_steps(5, 2, None)[4]  # an evaluation after the gate
+    run.current = Evaluation(plan_steps(5, 2, None)[4], [], 1, 2)  # an evaluation after the gate
     options = {CONFIG_KEY: run.patch}  # no "uuids": a ComfyUI that changed
     apply_model_with_gate(apply_model, torch.zeros(1), None, None, None, None, options)
     assert seen == [options]
@@ -279,7 +307,7 @@ def test_a_capture_the_model_skipped_is_taken_again_at_the_next_evaluation():
     for sigma in SIGMAS[:-1]:
         calc_cond_batch_with_gate(skipping_executor, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
     assert seen == [2, "skipped", 2, 1, 1]
-    assert run.late_capture and run.store.layers(CROSS) == 2 and run.uncached_evaluations == 0
+    assert run.counts.late_capture and run.store.layers(CROSS) == 2 and run.counts.uncached_evaluations == 0
 
 
 def test_v2_reuses_self_attention_and_frees_it_once_no_later_step_reads_it():
@@ -297,7 +325,7 @@ def test_v2_reuses_self_attention_and_frees_it_once_no_later_step_reads_it():
     # Steps 0, 1 compute, 2 keeps, 3 and 4 reuse, 5 (the gate's capture) and after compute.
     assert self_q == [2, 2] * 4 + [1, 1] * 6  # two layers; two branches until the gate
     assert held == [False, False, True, True, False] + [False] * 7
-    assert run.self_attention_reuses == 2 and run.peak_bytes > run.store.nbytes > 0
+    assert run.counts.self_attention_reuses == 2 and run.counts.peak_cache_bytes > run.store.nbytes > 0
 
 
 def test_modules_called_without_transformer_options_get_their_table_through_the_slot():
@@ -377,7 +405,7 @@ def test_the_summary_gives_the_evaluations_saved_and_the_seconds_per_step_on_eac
     # The host clock at each evaluation's sigma read: steps 0 and 1 take 1 s, 2 and 3 take 0.5 s; step 0
     # is evaluated twice (a second evaluation of a step is not a new mark); the last step has no end mark.
     marks = iter([10.0, 10.4, 11.0, 12.0, 12.5, 13.0])
-    monkeypatch.setattr("tgate.run.perf_counter", lambda: next(marks))
+    monkeypatch.setattr("tgate.clock.perf_counter", lambda: next(marks))
     for sigma in (5.0, 5.0, 4.0, 3.0, 2.0, 1.0):
         calc_cond_batch_with_gate(calc_cond_batch, model, [make_cond(1), make_cond(2)], x, torch.tensor([sigma]), options)
     stats = run.stats().as_dict()
@@ -441,4 +469,4 @@ def test_evaluations_that_run_one_branch_each_never_come_back_empty(branch):
             assert cond_out.abs().sum() > 0 and uncond_out.abs().sum() > 0, sigma
     finally:
         run.close()
-    assert run.single_branch_evaluations > 0
+    assert run.counts.single_branch_evaluations > 0

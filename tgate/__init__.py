@@ -7,6 +7,7 @@ Nothing here imports ComfyUI; `nodes.py` connects it to a ComfyUI MODEL.
 from .branch import COND, UNCOND, FidelityBranch, fidelity_index, only_lists, stand_ins
 from .config import CACHE_DEVICES, DeepCache, SelfAttentionReuse, TGateConfig
 from .deep import DeepCacheError, DeepLayout, deep_block_child, deep_layout
+from .evaluation import Evaluation
 from .families import (
     CROSS,
     DEEP,
@@ -32,7 +33,7 @@ from .run import (
     sample_with_gate,
 )
 from .schedule import GateSchedule, active_conds
-from .stats import RunStats, add_run_listener, remove_run_listener
+from .stats import RunCounts, RunStats, add_run_listener, remove_run_listener
 from .store import AttentionStore, ChunkReduction, reduce_chunks
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "DeepCache",
     "DeepCacheError",
     "DeepLayout",
+    "Evaluation",
     "Family",
     "FidelityBranch",
     "GatePatch",
@@ -61,6 +63,7 @@ __all__ = [
     "active_conds",
     "Kept",
     "ModelCall",
+    "RunCounts",
     "RunStats",
     "SelfAttentionReuse",
     "StepPlan",

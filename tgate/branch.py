@@ -68,6 +68,22 @@ def stand_ins(conds: Sequence[Any], fidelity: int) -> tuple[int, ...]:
     return tuple(chosen[i] for i in range(len(conds)))
 
 
+class StandIns:
+    """stand_ins of the cond lists of each evaluation of a run, worked out once per cond layout and
+    fidelity branch: it compares tensors on the device, which no step should wait for. The guider's
+    lists live as long as the run, so their id() names a layout."""
+
+    def __init__(self) -> None:
+        self._found: dict[tuple, tuple[int, ...]] = {}
+
+    def __call__(self, conds: Sequence[Any], fidelity: int) -> tuple[int, ...]:
+        key = (fidelity, *(id(c) if c else None for c in conds))
+        found = self._found.get(key)
+        if found is None:
+            found = self._found[key] = stand_ins(conds, fidelity)
+        return found
+
+
 def only_lists(conds: Sequence[Any], kept: Sequence[int]) -> list[Any]:
     """`conds` with every list whose index is not in `kept` replaced by None."""
     return [c if i in kept else None for i, c in enumerate(conds)]

@@ -18,20 +18,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from time import perf_counter
 from typing import Any
 
 import torch
 
-from .branch import BRANCH_NAMES, COND, FidelityBranch, fidelity_index, only_lists, stand_ins
+from .branch import FidelityBranch, StandIns, fidelity_index
+from .clock import StepClock
 from .config import SelfAttentionReuse, TGateConfig
 from .deep import DeepLayout
+from .evaluation import Evaluation
 from .families import CROSS, DEEP, SELF
 from .forward import REPLACED_CROSS, CallSlot, ModelCall, gated_replacement
 from .plan import Action, Kept, StepPlan, extra_evaluation_plan, plan_step, plan_steps
 from .schedule import GateSchedule, active_conds
-from .stats import RunStats, announce
+from .stats import RunCounts, RunStats, announce
 from .store import AttentionStore
+from .summary import run_summary
 
 log = logging.getLogger("tgate")
 
@@ -75,10 +77,12 @@ def layout_patches(transformer_options: Mapping) -> list[str]:
 
 
 class GateRun:
-    """The state of one sampling run: its schedule and plan, what it keeps, and what happened.
+    """One sampling run under T-GATE: its schedule and plan, what it keeps, and the wiring that
+    carries the plan out, evaluation by evaluation.
 
     `self_attention`: the self-attention reuse the run plans with; None where the node asked for none
-    or where self-attention patches make reuse inexact (layout_patches).
+    or where self-attention patches make reuse inexact (layout_patches). What the run did is counted
+    in `counts` (stats.RunCounts), its steps timed by `clock` (clock.StepClock).
     """
 
     def __init__(
@@ -96,117 +100,101 @@ class GateRun:
         self.plans = plan_steps(schedule.num_steps, schedule.gate_step, self_attention, deep.interval if deep else 1)
         layer_kinds = {**patch.layer_kinds, patch.deep.layer: DEEP} if patch.deep else patch.layer_kinds
         self.store = AttentionStore(layer_kinds, "cpu" if patch.config.cache_device == "cpu" else None)
-        self.current: StepPlan | None = None  # the plan of the evaluation in progress
-        self.extra = False  # whether that evaluation is an extra one (evaluate_extra)
-        # The index in `conds` of the branch the evaluation in progress (or the last) runs after the gate.
-        self.fidelity: int | None = None
-        self.lists = 2  # how many cond lists that evaluation has (PerpNeg and DualCFG guiders: three)
-        # {the cond lists' ids: stand_ins of them}: worked out once per run and layout (it reads tensors).
-        self._stand_ins: dict[tuple, tuple[int, ...]] = {}
-        self.last_plan: StepPlan | None = None  # what the last main evaluation did (extra evaluations follow it)
-        self._capture_sigmas: dict[str, float] = {}  # per kind, the sigma of its last capture
-        self.late_capture = False  # whether a capture fell past the gate
-        self.single_branch_evaluations = 0
-        self.branch_evaluations = 0  # CFG branches the main evaluations would have run without T-GATE
-        self.saved_branch_evaluations = 0  # of those, the ones T-GATE did not run
-        self.uncached_evaluations = 0
-        self.unmatched_calls = 0  # model calls whose rows did not match their chunks (see apply_model_with_gate)
-        # Evaluations past the gate that ran several cond lists: a guider's lists whose inputs other
-        # than the text differ (branch.stand_ins).
-        self.several_list_evaluations = 0
+        self.counts = RunCounts()
+        self.clock = StepClock(schedule.gate_step)
+        self.stand_ins = StandIns()
         self.latent_shape: tuple[int, ...] | None = None  # the sampled latent's shape (a window's is smaller)
-        self._main_lists: list[int] = []  # id() of each cond list of the last main evaluation
-        # For an extra evaluation in progress, the position each of its cond lists had in the main
-        # evaluation (PAG passes the main call's cond list, SAG its uncond list): chunks are kept by
-        # (uuid, branch), so its chunks are looked up under their main-evaluation branch.
-        self.extra_branches: tuple[int, ...] = ()
-        # Whether the last main evaluation was one list evaluated for all of a guider's three or more
-        # (guided_by_stand_in reads it).
-        self.one_for_all = False
-        self.misfits: list[str] = []  # layers whose kept output did not fit, in the evaluation in progress
-        self.recaptures = 0  # captures taken again after a layer's shape changed
-        self.refused: str | None = None  # why the run stopped gating part way (_refuse_windows)
-        self.self_attention_reuses = 0
-        self.deep_block_reuses = 0  # evaluations that skipped the deep blocks (DeepCache)
-        self.peak_bytes = 0
-        self.peak_deep_bytes = 0
-        self.last_step: int | None = None  # the step of the last evaluation
-        self.stop: str | None = None  # how the run stopped early: "cancelled" or "failed (TypeName)"
-        # Host wall-clock seconds of the steps before / after the gate, and how many steps each sums.
-        self._step_seconds = {False: 0.0, True: 0.0}
-        self._steps_timed = {False: 0, True: 0}
-        self._step_start: tuple[int, float] | None = None  # (step, perf_counter) of its first evaluation
+        self.main: Evaluation | None = None  # the last main evaluation (extra evaluations follow it)
+        self.current: Evaluation | None = None  # the evaluation in progress, for its model calls
         # The run's wrappers of attn2 replace patches (forward.gated_replacement), made at first use.
         self.replacements: dict[int, tuple] = {}
 
     def _kept(self) -> Kept:
         return Kept(self.store.holds(CROSS), self.store.holds(SELF), self.store.holds(DEEP))
 
-    @property
-    def stopped(self) -> bool:
-        """Whether the run was cancelled or failed."""
-        return self.stop is not None
-
-    def _clock(self, step: int) -> None:
-        """Time the steps from one step's first evaluation to the next step's.
-
-        Called right after the evaluation's sigma read, a host read of a device tensor: it returns
-        only once the device has finished the work queued before it, that is the previous steps'
-        model calls. So the host clock here marks when the device was done, and the time from one
-        step's mark to the next step's is the whole of that step (every evaluation of it, the
-        sampler's own work, guidance nodes' extra calls) without adding a synchronisation. The last
-        step has no mark after it and is not timed.
-        """
-        now = perf_counter()
-        if self._step_start is not None:
-            start_step, start = self._step_start
-            if step == start_step:
-                return  # another evaluation of the same step (heun, dpm_2, ...)
-            if step > start_step:  # steps a sampler skipped share the time
-                for s in range(start_step, step):
-                    self._step_seconds[s >= self.schedule.gate_step] += (now - start) / (step - start_step)
-                    self._steps_timed[s >= self.schedule.gate_step] += 1
-        self._step_start = (step, now)
-
-    def seconds_per_step(self, after_gate: bool) -> float | None:
-        """Mean host wall-clock seconds of the timed steps before (or after) the gate; None if none."""
-        n = self._steps_timed[after_gate]
-        return self._step_seconds[after_gate] / n if n else None
+    def _main_evaluation(self, plan: StepPlan, conds: list, fidelity: int) -> Evaluation:
+        evaluated_for = None if plan.both_branches else self.stand_ins(conds, fidelity)
+        self.main = Evaluation(plan, conds, fidelity, len(conds), evaluated_for)
+        return self.main
 
     def evaluate(self, executor, model, conds, x_in, timestep, model_options) -> list:
         """Run one CALC_COND_BATCH evaluation of the main CFG call as the plan says (plan.py): the
         run records what it keeps and asks the plan, and carries the answer out unchanged."""
         sigma = _first_sigma(timestep)  # the evaluation's one host read
         step = self.schedule.step_of(sigma)
-        self._clock(step)
-        self.last_step = step
+        self.clock.mark(step)
+        counts = self.counts
+        counts.last_step = step
         branches = sum(1 for c in conds if c)
-        self.branch_evaluations += branches
-        self.fidelity = fidelity_index(conds, self.patch.fidelity_branch)
-        self.lists = len(conds)
-        self.one_for_all = False
-        self._main_lists = [id(c) for c in conds]
-        plan = self.last_plan = plan_step(self.plans, step, self._kept())
+        counts.branch_evaluations += branches
+        fidelity = fidelity_index(conds, self.patch.fidelity_branch)
+        plan = plan_step(self.plans, step, self._kept())
+        evaluation = self._main_evaluation(plan, conds, fidelity)
         if plan.deep_blocks is Action.COMPUTE and self.store.holds(DEEP):
             # Nothing planned reads it any more (a late gate capture computes the deep blocks).
             self.store.clear((DEEP,))
         if plan.is_plain:
             return executor(model, conds, x_in, timestep, model_options)
         # The sampler never evaluated the capture step, or its capture kept nothing: this one captures.
-        self.late_capture |= plan.cross_attention is Action.CAPTURE and step >= self.schedule.gate_step and not self.recaptures
-        out = self._carry_out(plan, step, sigma, branches, executor, model, conds, x_in, timestep, model_options)
-        if self.misfits:
+        past_gate = step >= self.schedule.gate_step
+        counts.late_capture |= plan.cross_attention is Action.CAPTURE and past_gate and not counts.recaptures
+        out = self._carry_out(evaluation, step, sigma, branches, executor, model, x_in, timestep, model_options)
+        if evaluation.misfits:
             # Kept outputs did not fit some layers: a patch (Deep Shrink) changed their shape since
             # the capture, so what ran is not T-GATE's and is dropped. Nothing kept fits any more:
             # the plan makes this evaluation a capture, as it does for one that finds nothing kept.
-            self._recapture(step)
-            plan = self.last_plan = plan_step(self.plans, step, Kept())
-            out = self._carry_out(plan, step, sigma, branches, executor, model, conds, x_in, timestep, model_options)
+            self._recapture(step, evaluation.misfits[0])
+            evaluation = self._main_evaluation(plan_step(self.plans, step, Kept()), conds, fidelity)
+            out = self._carry_out(evaluation, step, sigma, branches, executor, model, x_in, timestep, model_options)
         return out
 
-    def _recapture(self, step: int) -> None:
-        """Drop everything kept after a misfit at `step`, saying so once per run."""
-        if not self.recaptures:
+    def _carry_out(self, evaluation, step, sigma, branches, executor, model, x_in, timestep, model_options) -> list:
+        """Carry out one evaluation's plan and record what it did (evaluate); an evaluation whose
+        kept outputs did not fit (misfits) is left unrecorded, since it runs again."""
+        plan, counts = evaluation.plan, self.counts
+        captures = plan.kinds(Action.CAPTURE)
+        self.store.start_capture(captures, sigma, whole=self.latent_shape is None or tuple(x_in.shape) == self.latent_shape)
+        self.current = evaluation
+        try:
+            out = executor(model, evaluation.run_conds, x_in, timestep, model_options)
+        finally:
+            self.current = None
+            if captures:
+                # Only a capture changes what is kept: evaluations that just reuse keep the
+                # store's tables, so steps after the gate build nothing.
+                self.store.finish_capture()
+        if evaluation.misfits:
+            return out
+        if self.store.repeated is not None:
+            self._refuse_windows(step)
+            return out
+        if captures:
+            counts.peak_cache_bytes = max(counts.peak_cache_bytes, self.store.nbytes)
+            counts.peak_deep_cache_bytes = max(counts.peak_deep_cache_bytes, self.store.nbytes_of((DEEP,)))
+        if plan.cross_attention is Action.CAPTURE:
+            # A capture past the gate that kept nothing ran both branches in full.
+            counts.uncached_evaluations += not self.store.holds(CROSS) and step >= self.schedule.gate_step
+        counts.self_attention_reuses += plan.self_attention is Action.REUSE
+        counts.deep_block_reuses += plan.deep_blocks is Action.REUSE
+        freed = [kind for kind in plan.free_after if self.store.holds(kind)]
+        if freed:
+            self.store.clear(freed)
+        evaluated_for = evaluation.evaluated_for
+        if evaluated_for is None:
+            return out
+        evaluated = sum(1 for i in set(evaluated_for) if evaluation.conds[i])
+        counts.single_branch_evaluations += evaluated == 1
+        counts.several_list_evaluations += evaluated > 1
+        counts.saved_branch_evaluations += branches - evaluated
+        evaluation.one_for_all = evaluated == 1 and evaluation.lists > 2
+        # Every list gets the output of the list evaluated for it: cfg(u, u) == u whatever the scale,
+        # and so do PerpNeg's and DualCFG's formulas.
+        return [out[i] for i in evaluated_for]
+
+    def _recapture(self, step: int, misfit: str) -> None:
+        """Drop everything kept after the kept output of layer `misfit` did not fit it at `step`,
+        saying so once per run."""
+        if not self.counts.recaptures:
             log.warning(
                 "T-GATE: at step %d of %d the kept output of %s no longer fits it: a patch such as Deep Shrink "
                 "(PatchModelAddDownscale) changed the layer's shape since the capture. The step runs both branches "
@@ -214,12 +202,10 @@ class GateRun:
                 "outputs of another shape)",
                 step + 1,
                 self.schedule.num_steps,
-                self.misfits[0],
+                misfit,
             )
-        self.recaptures += 1
-        self.misfits.clear()
+        self.counts.recaptures += 1
         self.store.clear()
-        self._capture_sigmas.clear()
 
     def _refuse_windows(self, step: int) -> None:
         """One chunk was captured twice at `step`: a sampler wrapper evaluates windows of the latent
@@ -234,195 +220,57 @@ class GateRun:
             step + 1,
             self.schedule.num_steps,
         )
-        self.refused = "sliding windows T-GATE cannot tell apart"
+        self.counts.refused = "sliding windows T-GATE cannot tell apart"
         self.plans = plan_steps(self.schedule.num_steps, self.schedule.num_steps, None)
         self.store.clear()
 
-    def _carry_out(self, plan, step, sigma, branches, executor, model, conds, x_in, timestep, model_options) -> list:
-        """Carry out one evaluation's plan and record what it did (evaluate); an evaluation whose
-        kept outputs did not fit (misfits) is left unrecorded, since it runs again."""
-        captures = plan.kinds(Action.CAPTURE)
-        # Context windows evaluate parts of the latent one after another at the same sigma: those add
-        # to the capture. An evaluation of the whole latent starts a new one, at the same sigma too
-        # (heun evaluates a step's sigma twice: the previous step's correction, then the step itself).
-        whole = self.latent_shape is None or tuple(x_in.shape) == self.latent_shape
-        for kind in captures:
-            if self._capture_sigmas.get(kind) != sigma or whole:
-                self.store.clear((kind,))
-                self._capture_sigmas[kind] = sigma
-        self.current = plan
-        evaluated_for = None if plan.both_branches else self.stand_ins(conds)
-        try:
-            run_conds = conds if evaluated_for is None else only_lists(conds, evaluated_for)
-            out = executor(model, run_conds, x_in, timestep, model_options)
-        finally:
-            self.current = None
-            if captures:
-                # Only a capture changes what is kept: evaluations that just reuse keep the
-                # store's tables, so steps after the gate build nothing.
-                self.store.finish_capture()
-        if self.misfits:
-            return out
-        if self.store.repeated is not None:
-            self._refuse_windows(step)
-            return out
-        if captures:
-            self.peak_bytes = max(self.peak_bytes, self.store.nbytes)
-            self.peak_deep_bytes = max(self.peak_deep_bytes, self.store.nbytes_of((DEEP,)))
-        if plan.cross_attention is Action.CAPTURE:
-            # A capture past the gate that kept nothing ran both branches in full.
-            self.uncached_evaluations += not self.store.holds(CROSS) and step >= self.schedule.gate_step
-        self.self_attention_reuses += plan.self_attention is Action.REUSE
-        self.deep_block_reuses += plan.deep_blocks is Action.REUSE
-        freed = [kind for kind in plan.free_after if self.store.holds(kind)]
-        if freed:
-            self.store.clear(freed)
-        if evaluated_for is None:
-            return out
-        evaluated = sum(1 for i in set(evaluated_for) if conds[i])
-        self.single_branch_evaluations += evaluated == 1
-        self.several_list_evaluations += evaluated > 1
-        self.saved_branch_evaluations += branches - evaluated
-        self.one_for_all = evaluated == 1 and len(conds) > 2
-        # Every list gets the output of the list evaluated for it: cfg(u, u) == u whatever the scale,
-        # and so do PerpNeg's and DualCFG's formulas.
-        return [out[i] for i in evaluated_for]
-
-    def stand_ins(self, conds: list) -> tuple[int, ...]:
-        """branch.stand_ins of `conds`, worked out once per run and cond layout."""
-        key = (self.fidelity, *(id(c) if c else None for c in conds))
-        found = self._stand_ins.get(key)
-        if found is None:
-            found = self._stand_ins[key] = stand_ins(conds, self.fidelity)
-        return found
-
     def evaluate_extra(self, executor, model, conds, x_in, timestep, model_options) -> list:
-        """Run an evaluation other than the main CFG one (PAG, SAG, SLG: one cond list; guiders with
-        three) as plan.extra_evaluation_plan says for what the last main evaluation did (a late capture
-        reuses nothing): these guidance nodes evaluate right after it, at the same sigma, so no sigma
-        is read here."""
-        main = self.last_plan
-        plan = extra_evaluation_plan(main, self._kept()) if main else None
+        """Run an evaluation other than the main CFG one (PAG, SAG, SLG: one cond list) as
+        plan.extra_evaluation_plan says for what the last main evaluation did (a late capture reuses
+        nothing): these guidance nodes evaluate right after it, at the same sigma, so no sigma is
+        read here."""
+        main = self.main
+        plan = extra_evaluation_plan(main.plan, self._kept()) if main else None
         if plan is None:
             return executor(model, conds, x_in, timestep, model_options)
-        self.current, self.extra = plan, True
-        self.extra_branches = tuple(
-            next((j for j, main in enumerate(self._main_lists) if c and main == id(c)), i) for i, c in enumerate(conds)
-        )
+        self.current = evaluation = main.extra_evaluation(plan, conds)
         try:
-            return executor(model, conds, x_in, timestep, model_options)
+            return executor(model, evaluation.run_conds, x_in, timestep, model_options)
         finally:
-            self.current, self.extra, self.extra_branches = None, False, ()
+            self.current = None
 
-    def model_call(self, plan: StepPlan, chunk_ids: list, branches: list[int], device: torch.device) -> ModelCall:
-        """The tables one batched model call of an evaluation planned by `plan` hands its modules."""
+    def model_call(self, evaluation: Evaluation, chunk_ids: list, cond_or_uncond: list[int], device: torch.device) -> ModelCall:
+        """The tables one batched model call of `evaluation` hands its modules."""
+        plan = evaluation.plan
         reuse_kinds = plan.kinds(Action.REUSE)
         # A chunk of a list the mean capture dropped gets the mean it was averaged into (the mean is
-        # the same for every list): extra evaluations, a guider's lists that run apart.
+        # the same for every list): a guider's lists that run apart, and an extra evaluation's lists
+        # that the main evaluation had not (Evaluation.extra_evaluation).
         reuse = self.store.reuse_table(reuse_kinds, chunk_ids, device, partners=True) if reuse_kinds else {}
-        return ModelCall(reuse, plan.kinds(Action.CAPTURE), plan.reduction(branches, self.fidelity, self.lists), {}, {}, [])
+        return ModelCall(reuse, plan.kinds(Action.CAPTURE), evaluation.reduction(cond_or_uncond), {}, {}, [])
 
     def stats(self) -> RunStats:
         """What the run did, for listeners (benchmarks, tests): see stats.py."""
-        return RunStats(
+        return self.counts.stats(
             family=self.patch.family,
             gate_step=self.schedule.gate_step,
             num_steps=self.schedule.num_steps,
             captured_layers=self.store.layers(CROSS),
             self_attention_layers=self.store.layers(SELF),
             cache_bytes=self.store.nbytes,
-            peak_cache_bytes=self.peak_bytes,
-            single_branch_evaluations=self.single_branch_evaluations,
-            self_attention_reuses=self.self_attention_reuses,
-            deep_block_reuses=self.deep_block_reuses,
-            peak_deep_cache_bytes=self.peak_deep_bytes,
-            uncached_evaluations=self.uncached_evaluations,
-            late_capture=self.late_capture,
-            stopped_at_step=self.last_step if self.stopped else None,
-            stop=self.stop,
-            recaptures=self.recaptures,
-            branch_evaluations=self.branch_evaluations,
-            saved_branch_evaluations=self.saved_branch_evaluations,
-            seconds_per_step_before_gate=self.seconds_per_step(False),
-            seconds_per_step_after_gate=self.seconds_per_step(True),
+            seconds_per_step_before_gate=self.clock.seconds_per_step(False),
+            seconds_per_step_after_gate=self.clock.seconds_per_step(True),
             summary=self.summary(),
         )
 
     def summary(self) -> str:
-        s = self.schedule
-        if not s.gates:
-            text = f"T-GATE: gate_at past the last of {s.num_steps} steps, so only DeepCache acts; "
-            if self.stopped:
-                text += f"the run {self._ended()}" + (f" at step {self.last_step + 1}; " if self.last_step is not None else "; ")
-        elif not self.stopped:
-            text = f"T-GATE: {s.gate_step} of {s.num_steps} steps planned with text, then "
-        elif self.last_step is None:
-            text = f"T-GATE: the run {self._ended()} before its first step of {s.num_steps}; "
-        else:
-            text = (
-                f"T-GATE: the run {self._ended()} at step {self.last_step + 1} of {s.num_steps}, "
-                f"the gate being after step {s.gate_step}; until then "
-            )
-        if not s.gates:
-            text += "no evaluation ran one branch alone"
-        elif self.single_branch_evaluations:
-            branch = BRANCH_NAMES[self.fidelity or COND]
-            alone = f"the {branch} branch" if self.lists <= 2 else f"one of {self.guider}'s cond lists"
-            text += (
-                f"{self.single_branch_evaluations} evaluations ran {alone} "
-                f"alone on {self.store.layers(CROSS)} cached cross-attention layers ({self.store.nbytes / 2**20:.1f} MiB)"
-            )
-        else:
-            text += f"no evaluation ran one branch alone ({self.store.layers(CROSS)} cached cross-attention layers)"
-        if self.self_attention is not None:
-            text += (
-                f"; self-attention was reused in {self.self_attention_reuses} evaluations "
-                f"(peak cache {self.peak_bytes / 2**20:.1f} MiB)"
-            )
-        elif self.patch.config.self_attention is not None and s.gates:
-            text += "; self-attention was not reused (self-attention patches on the model)"
-        if self.patch.deep is not None:
-            d = self.patch.config.deep_cache
-            text += (
-                f"; DeepCache (interval {d.interval}, branch {d.branch}) skipped the deep blocks in "
-                f"{self.deep_block_reuses} evaluations (peak {self.peak_deep_bytes / 2**20:.1f} MiB kept)"
-            )
-        text += f"; {self.saved_branch_evaluations} of {self.branch_evaluations} CFG branch evaluations saved"
-        timing = [
-            f"{seconds:.3g} s per step {where} the gate"
-            for seconds, where in ((self.seconds_per_step(False), "before"), (self.seconds_per_step(True), "after"))
-            if seconds is not None
-        ]
-        if timing:
-            text += "; " + " and ".join(timing)
-        if self.several_list_evaluations:
-            text += (
-                f"; {self.several_list_evaluations} evaluations after the gate ran several of {self.guider}'s cond lists "
-                "on the cache, since their inputs other than the text differ (area, mask, ControlNet, or a pooled "
-                "text vector such as SDXL's): one list stands for another only where they agree"
-            )
-        if self.unmatched_calls:
-            text += (
-                f"; {self.unmatched_calls} model calls had fewer input rows than conditioning chunks (a model "
-                "wrapper changed the batch) and ran without the cache"
-            )
-        elif self.late_capture:
-            text += "; the sampler skipped the capture step, so the first evaluation past the gate captured"
-        if self.recaptures:
-            text += f"; {self.recaptures} captures were taken again after a layer's shape changed (Deep Shrink)"
-        if self.refused:
-            text += f"; gating was turned off part way: {self.refused}"
-        if self.uncached_evaluations:
-            text += f"; {self.uncached_evaluations} evaluations after the gate found no cache and ran in full"
-        return text
-
-    def _ended(self) -> str:
-        """How a run that stopped early ended, for its summary: was cancelled, or failed (TypeName)."""
-        return "was cancelled" if self.stop == "cancelled" else str(self.stop)
+        """The run's log line (summary.py)."""
+        return run_summary(self)
 
     def close(self) -> None:
         self.store.clear()
         self.replacements.clear()
+        self.main = None
 
 
 def sample_with_gate(executor, *args, **kwargs):
@@ -476,15 +324,16 @@ def sample_with_gate(executor, *args, **kwargs):
     try:
         return executor(*args, **kwargs)
     except BaseException as error:
-        run.stop = stop_reason(error)
+        run.counts.stop = stop_reason(error)
         raise
     finally:
         patch.slot.run = outer
         stats = run.stats()
         # Anything that kept T-GATE from acting is a warning: a run that stopped, evaluations past the
         # gate without a cache, or a finished run that never ran one branch alone.
-        acted = run.single_branch_evaluations or run.deep_block_reuses or run.stopped
-        warn = run.uncached_evaluations or run.several_list_evaluations or run.stopped or not acted
+        counts = run.counts
+        acted = counts.single_branch_evaluations or counts.deep_block_reuses or counts.stopped
+        warn = counts.uncached_evaluations or counts.several_list_evaluations or counts.stopped or not acted
         level = logging.WARNING if warn else logging.INFO
         log.log(level, stats.summary)
         run.close()
@@ -609,7 +458,7 @@ def guided_by_stand_in(args: dict):
     itself, PerpNeg's divides zero by zero (NaN), and its limit is the output. Otherwise the result
     passes unchanged, so later post-CFG functions (PAG, SAG, RescaleCFG) act on it as usual."""
     run = _run_of((args.get("model_options") or {}).get("transformer_options"))
-    if run is None or not run.one_for_all:
+    if run is None or run.main is None or not run.main.one_for_all:
         return args["denoised"]
     return args["cond_denoised"]
 
@@ -622,8 +471,8 @@ def apply_model_with_gate(executor, *args, **kwargs):
     """
     options = args[5] if len(args) > 5 else kwargs.get("transformer_options")
     run = _run_of(options)
-    plan = run.current if run is not None else None
-    if plan is None or "uuids" not in options or "cond_or_uncond" not in options:
+    evaluation = run.current if run is not None else None
+    if evaluation is None or "uuids" not in options or "cond_or_uncond" not in options:
         # Outside the main CFG evaluation, or without the chunk layout nothing can be matched:
         # this call runs as usual.
         return executor(*args, **kwargs)
@@ -631,20 +480,17 @@ def apply_model_with_gate(executor, *args, **kwargs):
     if rows < chunks or rows % chunks:
         # A model wrapper handed the model fewer rows than the chunks its options list: no output
         # can be matched to a chunk, so this call neither captures nor reuses.
-        if not run.unmatched_calls:
+        if not run.counts.unmatched_calls:
             log.warning(
                 "T-GATE: a model call got %d input rows for %d conditioning chunks (a model wrapper changed the "
                 "batch); such calls run without T-GATE's cache",
                 rows,
                 chunks,
             )
-        run.unmatched_calls += 1
+        run.counts.unmatched_calls += 1
         return executor(*args, **kwargs)
-    branches = options["cond_or_uncond"]
-    if run.extra:
-        branches = [run.extra_branches[b] if b < len(run.extra_branches) else b for b in branches]
-    chunk_ids = _chunk_ids(options, branches)
-    call = run.model_call(plan, chunk_ids, options["cond_or_uncond"], args[0].device)
+    chunk_ids = _chunk_ids(options, evaluation.chunk_branches(options["cond_or_uncond"]))
+    call = run.model_call(evaluation, chunk_ids, options["cond_or_uncond"], args[0].device)
     slot = run.patch.slot
     deep = run.patch.deep
     if deep is not None and deep.layer in call.reuse:
@@ -666,8 +512,8 @@ def apply_model_with_gate(executor, *args, **kwargs):
         out = executor(*args, **kwargs)
     finally:
         slot.call = None
-    if call.misfits and not run.extra:
-        run.misfits.extend(call.misfits)
+    if call.misfits and not evaluation.extra:
+        evaluation.misfits.extend(call.misfits)
     for layer in list(call.captured):
         kind = CROSS if layer.startswith(REPLACED_CROSS) else None  # a replaced layer is cross-attention
         run.store.store(layer, call.captured.pop(layer), call.reduction, chunk_ids, kind)  # one layer's copy at a time

@@ -47,6 +47,40 @@ class RunStats:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class RunCounts:
+    """What a run has done so far, counted as it goes; `stats` makes the run's RunStats of it at its end."""
+
+    branch_evaluations: int = 0  # CFG branches the main evaluations would have run without T-GATE
+    saved_branch_evaluations: int = 0  # of those, the ones T-GATE did not run
+    single_branch_evaluations: int = 0
+    # Evaluations past the gate that ran several cond lists: a guider's lists whose inputs other
+    # than the text differ (branch.stand_ins).
+    several_list_evaluations: int = 0
+    uncached_evaluations: int = 0
+    self_attention_reuses: int = 0
+    deep_block_reuses: int = 0
+    recaptures: int = 0
+    unmatched_calls: int = 0  # model calls whose rows did not match their chunks (see run.apply_model_with_gate)
+    peak_cache_bytes: int = 0
+    peak_deep_cache_bytes: int = 0
+    late_capture: bool = False
+    last_step: int | None = None  # the step of the last evaluation
+    stop: str | None = None  # how the run stopped early: "cancelled" or "failed (TypeName)"
+    refused: str | None = None  # why the run stopped gating part way (GateRun._refuse_windows)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the run was cancelled or failed."""
+        return self.stop is not None
+
+    def stats(self, **facts) -> RunStats:
+        """The RunStats of the run: the counts it reports under their own names, and `facts`, its other fields."""
+        reported = {f.name for f in dataclasses.fields(RunStats)}
+        counted = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in reported}
+        return RunStats(**counted, stopped_at_step=self.last_step if self.stopped else None, **facts)
+
+
 RunListener = Callable[[RunStats], object]
 _listeners: list[RunListener] = []
 

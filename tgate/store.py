@@ -108,6 +108,18 @@ class AttentionStore:
         # A chunk one capture stored twice for a layer: the same cond evaluated twice at one step on
         # different inputs (unnamed context windows), which one entry per chunk cannot serve.
         self.repeated: ChunkId | None = None
+        self._capture_sigmas: dict[str, float] = {}  # per kind, the sigma of its last capture (start_capture)
+
+    def start_capture(self, kinds: Collection[str], sigma: float, whole: bool) -> None:
+        """An evaluation at `sigma` captures `kinds`: each starts anew, unless the evaluation is of part
+        of the latent (`whole` False) at the sigma of that kind's last capture. Context windows evaluate
+        parts of the latent one after another at the same sigma: those add to the capture. An
+        evaluation of the whole latent starts a new one, at the same sigma too (heun evaluates a step's
+        sigma twice: the previous step's correction, then the step itself)."""
+        for kind in kinds:
+            if self._capture_sigmas.get(kind) != sigma or whole:
+                self.clear((kind,))
+                self._capture_sigmas[kind] = sigma
 
     def store(
         self,
@@ -228,6 +240,8 @@ class AttentionStore:
         for layer in [key for key in self._entries if self.layer_kinds[layer_of(key)] in kinds]:
             del self._entries[layer]
             self._partners.pop(layer, None)
+        for kind in kinds:
+            self._capture_sigmas.pop(kind, None)
         self._tables.clear()
         self._unpaired_partners.clear()
         self._unpaired.clear()
