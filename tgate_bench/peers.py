@@ -212,7 +212,8 @@ def load_peer(nodes, spec: PeerSpec, loaded: dict[Path, list[str]], load_pack) -
     if path not in loaded:
         if not path.exists():
             raise PeerError(f"peer {spec.path}: no such file or folder")
-        loaded[path] = load_pack(nodes, path)
+        new = set(load_pack(nodes, path))
+        loaded[path] = [i for i in nodes.NODE_CLASS_MAPPINGS if i in new]  # in the pack's own order
         if not loaded[path]:
             raise PeerError(f"peer {path}: ComfyUI registered no new node from it (one already loaded under the same ids?)")
     ids = loaded[path]
