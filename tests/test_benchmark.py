@@ -353,3 +353,33 @@ def test_benchmark_runs_two_peers_interleaved_with_the_packs_variants(comfy, pee
     ]
     evaluations = {name: r["middle_block_evaluations"] for name, r in result["variants"].items()}
     assert evaluations == {**dict.fromkeys(order, 4), "deepcache": 2}  # refreshes at steps 0 and 3
+
+
+def test_the_report_gives_every_peer_and_a_deepcache_row(tmp_path, capsys):
+    from tgate_bench import report
+
+    def variant(median, middle):
+        return {"median_s": median, "speedup": 10.0 / median, "middle_block_evaluations": middle, **_timed(median, median)}
+
+    result = {
+        "command": "python -m tgate_bench --arch sd15",
+        "date": "2026-01-01T00:00:00+00:00",
+        "comfyui": "0.3.64",
+        "torch": "2.9.0",
+        "device": "cpu",
+        "variants": {
+            "baseline": variant(10.0, 25),
+            "tgate": variant(8.0, 25),
+            "peer:TGateApplySimple": variant(8.0, 25),
+            "deepcache": variant(5.0, 9),
+            "peer:DeepCache": variant(4.0, 9),
+            "tgate_deepcache": variant(2.5, 9),
+        },
+    }
+    (tmp_path / "dc.json").write_text(json.dumps(result))
+    assert report.main([str(tmp_path / "dc.json")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| dc |")]
+    assert len(rows) == 2  # the main table and the DeepCache one (no tgate_v2: no second table)
+    assert "| peer:TGateApplySimple 1.250x; peer:DeepCache 2.500x |" in rows[0]
+    assert "| 2.000x | 4.000x | 2.000x | peer:TGateApplySimple 1.250x; peer:DeepCache 2.500x |" in rows[1]
+    assert rows[1].endswith("deepcache 9, peer:DeepCache 9, tgate_deepcache 9 |")
