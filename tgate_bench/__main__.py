@@ -214,7 +214,8 @@ def main(argv=None) -> int:
         if isinstance(name, PeerSpec):
             peer = load_peer(nodes, name, loaded, load_pack)
             label = f"peer:{peer.node}"
-            label = next(f"{label}#{n}" for n in range(2, 100) if f"{label}#{n}" not in variants) if label in variants else label
+            if label in peers:  # the same node twice (other inputs): peer:NODE#2, ...
+                label = next(f"{label}#{n}" for n in range(2, 100) if f"{label}#{n}" not in peers)
             peers[label] = peer.record()
             print(f"{label}: {peer.node} ({peer.display_name}) from {peer.spec.path} with {peer.inputs}", flush=True)
             try:
