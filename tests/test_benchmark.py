@@ -334,14 +334,15 @@ def test_without_a_node_a_peer_never_gets_a_deprecated_one_and_the_candidates_ar
 def test_benchmark_runs_two_peers_interleaved_with_the_packs_variants(comfy, peer_packs, tmp_path):
     out = tmp_path / "bench_peers.json"
     one, second = peer_packs["one"], peer_packs["second"]
-    variants = f"baseline,peer={one}::scale=0.5,interval=3,flag=true,tgate,peer={second}:BenchSecondApply:mode=fast,deepcache"
+    variants = f"baseline,peer={one}::scale=0.5,interval=3,flag=true,tgate,peer={second}:BenchSecondApply:mode=fast,deepcache,"
+    variants += f"peer={one}::scale=1.5"  # the same pack and node again, other inputs
     settings = ["--arch", "tiny-sd15", "--size", "64", "--steps", "4", "--runs", "1", "--variants", variants]
     env = dict(os.environ, COMFYUI_PATH=str(COMFYUI_PATH))
     command = [sys.executable, "-m", "tgate_bench", *settings, "--json", str(out)]
     done = subprocess.run(command, cwd=PACK_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
-    order = ["baseline", "peer:BenchOneApply", "tgate", "peer:BenchSecondApply", "deepcache"]
+    order = ["baseline", "peer:BenchOneApply", "tgate", "peer:BenchSecondApply", "deepcache", "peer:BenchOneApply#2"]
     assert list(result["variants"]) == order and not result["failed_variants"]
     assert result["run_order"] == [[r, name] for r in (0, 1) for name in order]  # warm-up round, then the timed one
     assert result["peers"]["peer:BenchOneApply"]["inputs"] == {"scale": 0.5, "interval": 3, "flag": True}
@@ -349,6 +350,7 @@ def test_benchmark_runs_two_peers_interleaved_with_the_packs_variants(comfy, pee
     applied += [json.loads(line) for line in (second / "applied.jsonl").read_text().splitlines()]
     assert applied == [
         {"node": "BenchOneApply", "inputs": {"scale": 0.5, "interval": 3, "flag": True}},
+        {"node": "BenchOneApply", "inputs": {"scale": 1.5, "interval": 2, "flag": False}},  # the same node again
         {"node": "BenchSecondApply", "inputs": {"scale": 1.0, "interval": 2, "flag": False, "mode": "fast"}},
     ]
     evaluations = {name: r["middle_block_evaluations"] for name, r in result["variants"].items()}
