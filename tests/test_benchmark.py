@@ -6,7 +6,9 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from conftest import COMFYUI_PATH, PACK_ROOT
 
 
@@ -138,3 +140,248 @@ def test_the_report_carries_the_spread_warning_with_the_command(tmp_path, capsys
     (footnote,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("- row:")]
     assert "`python -m tgate_bench --arch tiny-sd15` (cpu, ComfyUI 0.3.64, torch 2.9.0, 2026-01-01" in footnote
     assert footnote.endswith("WARNING: too busy")
+
+
+# -- peers: several packs in one run -----------------------------------------------------------------
+# A small peer pack of the tests' own (never another project's code), written into a temporary folder
+# and loaded by ComfyUI's loader: a deprecated node by display name first, then the one usable node,
+# then a deprecated one by ComfyUI's flag and one that is no MODEL -> MODEL patch. Its usable node
+# records the inputs it was applied with beside itself (applied.jsonl).
+PEER_PACK = """
+import json
+from pathlib import Path
+
+APPLIED = Path(__file__).with_name("applied.jsonl")
+
+
+class Patch:
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = "test"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def apply(self, model, **inputs):
+        with APPLIED.open("a") as out:
+            out.write(json.dumps({"node": type(self).__name__, "inputs": inputs}) + "\\n")
+        return (model.clone(),)
+
+
+class {p}OldApply(Patch):
+    pass
+
+
+class {p}Apply(Patch):
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0}),
+                "interval": ("INT", {"default": 2, "min": 1, "max": 10}),
+            },
+            "optional": {"flag": ("BOOLEAN", {"default": False}), "mode": (["fast", "exact"],), "label": ("STRING", {})},
+        }
+
+
+class {p}Legacy(Patch):
+    DEPRECATED = True
+
+
+class {p}Loader:
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+
+NODE_CLASS_MAPPINGS = {n: globals()[n] for n in ("{p}OldApply", "{p}Apply", "{p}Legacy", "{p}Loader")}
+NODE_DISPLAY_NAME_MAPPINGS = {"{p}OldApply": "{p} Apply (Deprecated)", "{p}Apply": "{p} Apply"}
+"""
+
+
+def write_peer_pack(folder, prefix, usable=1):
+    """A peer pack whose node ids start with `prefix`; `usable` 0 drops its usable node, 2 adds a second."""
+    text = PEER_PACK.replace("{p}", prefix)
+    if usable == 0:
+        text = text.replace(f'"{prefix}Apply", ', "")
+    if usable == 2:
+        text += f"\n\nclass {prefix}Other(Patch):\n    pass\n\n\nNODE_CLASS_MAPPINGS['{prefix}Other'] = {prefix}Other\n"
+    folder.mkdir(parents=True)
+    (folder / "__init__.py").write_text(text)
+    return folder
+
+
+def test_variants_take_several_peers_each_with_its_node_and_inputs_in_order():
+    from tgate_bench.peers import PeerError, PeerSpec, parse_variants
+
+    text = (
+        "baseline,peer=/p/ComfyUI_TGate:TGateApplySimple:start_at=0.4,tgate,"
+        "peer=/p/ComfyUI-deepcache:DeepCache:cache_interval=3,cache_depth=0,deepcache,peer=/p/Other,peer=/p/Fourth::a=1"
+    )
+    assert parse_variants(text) == [
+        "baseline",
+        PeerSpec(Path("/p/ComfyUI_TGate"), "TGateApplySimple", {"start_at": "0.4"}),
+        "tgate",
+        PeerSpec(Path("/p/ComfyUI-deepcache"), "DeepCache", {"cache_interval": "3", "cache_depth": "0"}),
+        "deepcache",
+        PeerSpec(Path("/p/Other")),
+        PeerSpec(Path("/p/Fourth"), None, {"a": "1"}),
+    ]
+    assert parse_variants("peer=/p/X:Node")[0].text == "peer=/p/X:Node"
+    assert parse_variants("peer=/p/X::a=1,b=2")[0].text == "peer=/p/X::a=1,b=2"
+    for bad, says in (
+        ("baseline,cache_depth=0", "follows no peer"),  # NAME=VALUE continues only a peer entry with inputs
+        ("peer=/p/X:Node,cache_depth=0", "follows no peer"),
+        ("peer=:Node", "no path"),
+        ("peer=/p/X:Node:depth", "is not NAME=VALUE"),
+    ):
+        with pytest.raises(PeerError, match=says):
+            parse_variants(bad)
+
+
+def test_peer_inputs_are_read_as_the_types_the_node_declares(tmp_path):
+    import importlib.util
+
+    from tgate_bench.peers import PeerError, node_inputs
+
+    spec = importlib.util.spec_from_file_location("typed_pack", write_peer_pack(tmp_path / "typed_pack", "Typed") / "__init__.py")
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)  # the declarations only: INPUT_TYPES needs no ComfyUI
+    node = pack.TypedApply
+    typed = node_inputs("TypedApply", node, {"scale": "1", "interval": "3", "flag": "true", "mode": "exact", "label": "0.4"})
+    assert typed == {"scale": 1.0, "interval": 3, "flag": True, "mode": "exact", "label": "0.4"}
+    assert [type(typed[k]) for k in ("scale", "interval", "flag", "label")] == [float, int, bool, str]
+    assert node_inputs("TypedApply", node, {}) == {"scale": 1.0, "interval": 2, "flag": False}  # the declared defaults
+    for given, says in (
+        ({"interval": "3.5"}, "interval='3.5' is not an INT"),
+        ({"scale": "2.5"}, r"within \[0.0, 2.0\]"),
+        ({"flag": "yes"}, "BOOLEAN"),
+        ({"mode": "quick"}, r"one of \['fast', 'exact'\]"),
+        ({"depth": "0"}, "has no input 'depth'; its inputs: scale, interval, flag, mode, label"),
+    ):
+        with pytest.raises(PeerError, match=says):
+            node_inputs("TypedApply", node, given)
+
+
+def test_the_older_peer_flags_serve_a_single_peer_entry_only():
+    import argparse
+
+    from tgate_bench.__main__ import plan_variants
+    from tgate_bench.peers import PeerError, PeerSpec
+
+    def plan(variants, node=None, inputs=()):
+        return plan_variants(argparse.Namespace(variants=variants, peer_node=node, peer_input=list(inputs)))
+
+    assert plan("baseline,peer=/p/A", "Node", ["start_at=0.4"]) == [
+        "baseline",
+        PeerSpec(Path("/p/A"), "Node", {"start_at": "0.4"}),
+    ]
+    with pytest.raises(PeerError, match="single peer"):
+        plan("peer=/p/A,peer=/p/B", "Node")
+    with pytest.raises(PeerError, match="single peer"):
+        plan("peer=/p/A:Other", "Node")
+    with pytest.raises(SystemExit, match="unknown variant 'tgate_v3'"):
+        plan("baseline,tgate_v3")
+
+
+@pytest.fixture(scope="module")
+def peer_packs(tmp_path_factory):
+    """Four peer packs, each loaded at most once per process (ComfyUI keeps node ids for good)."""
+    root = tmp_path_factory.mktemp("peers")
+    return {
+        "one": write_peer_pack(root / "bench_peer_one", "BenchOne"),
+        "two": write_peer_pack(root / "bench_peer_two", "BenchTwo", usable=2),
+        "none": write_peer_pack(root / "bench_peer_none", "BenchNone", usable=0),
+        "second": write_peer_pack(root / "bench_peer_second", "BenchSecond"),
+        "loaded": {},
+    }
+
+
+def test_without_a_node_a_peer_never_gets_a_deprecated_one_and_the_candidates_are_listed(comfy, peer_packs):
+    from tgate_bench.peers import PeerError, PeerSpec, load_peer
+    from tgate_testkit.comfy_env import load_pack
+
+    def peer(name, node=None, **inputs):
+        return load_peer(comfy.nodes, PeerSpec(peer_packs[name], node, inputs), peer_packs["loaded"], load_pack)
+
+    chosen = peer("one", scale="0.5")  # BenchOneOldApply comes first, but its display name says deprecated
+    assert (chosen.node, chosen.display_name, chosen.inputs) == (
+        "BenchOneApply",
+        "BenchOne Apply",
+        {"scale": 0.5, "interval": 2, "flag": False},
+    )
+    assert peer("one", "BenchOneLegacy").node == "BenchOneLegacy"  # named, a deprecated node is used
+    with pytest.raises(PeerError) as none:
+        peer("none")
+    listing = str(none.value)
+    assert "no MODEL -> MODEL node that is not deprecated" in listing and f"peer={peer_packs['none'].resolve()}:NODE" in listing
+    assert "BenchNoneOldApply (BenchNone Apply (Deprecated)): MODEL -> MODEL, deprecated (display name" in listing
+    assert "BenchNoneLegacy: MODEL -> MODEL, deprecated (DEPRECATED flag)" in listing
+    assert "BenchNoneLoader: not MODEL -> MODEL" in listing
+    with pytest.raises(PeerError, match=r"2 candidates \(BenchTwoApply, BenchTwoOther\)"):
+        peer("two")
+    with pytest.raises(PeerError, match="BenchTwoLoader is not a MODEL -> MODEL node; its nodes:\n  BenchTwoOldApply"):
+        peer("two", "BenchTwoLoader")
+    with pytest.raises(PeerError, match="Missing is not one of its nodes"):
+        peer("two", "Missing")
+
+
+def test_benchmark_runs_two_peers_interleaved_with_the_packs_variants(comfy, peer_packs, tmp_path):
+    out = tmp_path / "bench_peers.json"
+    one, second = peer_packs["one"], peer_packs["second"]
+    variants = f"baseline,peer={one}::scale=0.5,interval=3,flag=true,tgate,peer={second}:BenchSecondApply:mode=fast,deepcache,"
+    variants += f"peer={one}::scale=1.5"  # the same pack and node again, other inputs
+    settings = ["--arch", "tiny-sd15", "--size", "64", "--steps", "4", "--runs", "1", "--variants", variants]
+    env = dict(os.environ, COMFYUI_PATH=str(COMFYUI_PATH))
+    command = [sys.executable, "-m", "tgate_bench", *settings, "--json", str(out)]
+    done = subprocess.run(command, cwd=PACK_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    order = ["baseline", "peer:BenchOneApply", "tgate", "peer:BenchSecondApply", "deepcache", "peer:BenchOneApply#2"]
+    assert list(result["variants"]) == order and not result["failed_variants"]
+    assert result["run_order"] == [[r, name] for r in (0, 1) for name in order]  # warm-up round, then the timed one
+    assert result["peers"]["peer:BenchOneApply"]["inputs"] == {"scale": 0.5, "interval": 3, "flag": True}
+    applied = [json.loads(line) for line in (one / "applied.jsonl").read_text().splitlines()]
+    applied += [json.loads(line) for line in (second / "applied.jsonl").read_text().splitlines()]
+    assert applied == [
+        {"node": "BenchOneApply", "inputs": {"scale": 0.5, "interval": 3, "flag": True}},
+        {"node": "BenchOneApply", "inputs": {"scale": 1.5, "interval": 2, "flag": False}},  # the same node again
+        {"node": "BenchSecondApply", "inputs": {"scale": 1.0, "interval": 2, "flag": False, "mode": "fast"}},
+    ]
+    evaluations = {name: r["middle_block_evaluations"] for name, r in result["variants"].items()}
+    assert evaluations == {**dict.fromkeys(order, 4), "deepcache": 2}  # refreshes at steps 0 and 3
+
+
+def test_the_report_gives_every_peer_and_a_deepcache_row(tmp_path, capsys):
+    from tgate_bench import report
+
+    def variant(median, middle):
+        return {"median_s": median, "speedup": 10.0 / median, "middle_block_evaluations": middle, **_timed(median, median)}
+
+    result = {
+        "command": "python -m tgate_bench --arch sd15",
+        "date": "2026-01-01T00:00:00+00:00",
+        "comfyui": "0.3.64",
+        "torch": "2.9.0",
+        "device": "cpu",
+        "variants": {
+            "baseline": variant(10.0, 25),
+            "tgate": variant(8.0, 25),
+            "peer:TGateApplySimple": variant(8.0, 25),
+            "deepcache": variant(5.0, 9),
+            "peer:DeepCache": variant(4.0, 9),
+            "tgate_deepcache": variant(2.5, 9),
+        },
+    }
+    (tmp_path / "dc.json").write_text(json.dumps(result))
+    assert report.main([str(tmp_path / "dc.json")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| dc |")]
+    assert len(rows) == 2  # the main table and the DeepCache one (no tgate_v2: no second table)
+    assert "| peer:TGateApplySimple 1.250x; peer:DeepCache 2.500x |" in rows[0]
+    assert "| 2.000x | 4.000x | 2.000x | peer:TGateApplySimple 1.250x; peer:DeepCache 2.500x |" in rows[1]
+    assert rows[1].endswith("deepcache 9, peer:DeepCache 9, tgate_deepcache 9 |")

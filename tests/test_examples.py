@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import COMFYUI_MISSING, COMFYUI_PATH, PACK_ROOT
 
-RUN = ["tgate_sd15_txt2img", "tgate_advanced_sdxl_txt2img"]
+RUN = ["tgate_sd15_txt2img", "tgate_sd15_probe", "tgate_advanced_sdxl_txt2img"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def files(comfy, base):
     return {name: model_files.write(name, base / "models") for name in model_files.FILES}
 
 
-def test_the_examples_command_runs_the_sd15_and_advanced_workflows(files, base, tmp_path):
+def test_the_examples_command_runs_the_sd15_probe_and_advanced_workflows(files, base, tmp_path):
     report = tmp_path / "results.json"
     command = [sys.executable, "-m", "tgate_bench.examples", "--models-dir", str(base), "--json", str(report)]
     command += ["--workflows", ",".join(RUN), "--comfyui", str(COMFYUI_PATH), "--steps", "6"]  # 6 of 25 steps: quicker
@@ -44,6 +44,8 @@ def test_the_examples_command_runs_the_sd15_and_advanced_workflows(files, base, 
         assert r["seconds_tgate"] > 0 and r["seconds_gate_1"] > 0
         assert r["outputs"] and all((base / "output" / f).is_file() for f in r["outputs"])
     assert "tgate_advanced_sdxl_txt2img  ok" in run.stdout  # the table
+    probe = results[RUN.index("tgate_sd15_probe")]["outputs"]  # the probe's ungated image and T-GATE's, both saved
+    assert any(f.startswith("TGATE_probe_ungated") for f in probe) and any(f.startswith("TGATE_0") for f in probe)
     assert f"using {files['sdxl']}" in run.stdout  # the module's files, not written again
 
 
@@ -101,3 +103,33 @@ def test_the_runner_substitutes_the_tiny_files_and_sets_gate_at_on_the_tgate_nod
     off = examples.with_gate_at(prepared, gate_at=1.0)
     assert off["5"]["inputs"]["gate_at"] == 1.0 and prepared["5"]["inputs"]["gate_at"] == 0.4
     assert off["9"]["inputs"]["steps"] == prepared["9"]["inputs"]["steps"] == 30
+
+
+def test_every_api_workflow_is_run_or_skipped_with_a_reason():
+    from tgate_bench import examples
+
+    assert examples.unaccounted() == []
+    files = sorted(path.stem for path in examples.WORKFLOWS.glob("*.json"))
+    assert "tgate_sd15_probe" in examples.PLANS  # the probe example runs, on the tiny SD1.5 checkpoint
+    assert sorted([*examples.PLANS, *examples.SKIPPED]) == files
+
+
+def test_the_examples_command_fails_on_a_workflow_neither_run_nor_skipped(tmp_path, monkeypatch, capsys):
+    from tgate_bench import examples
+
+    for path in examples.WORKFLOWS.glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    (tmp_path / "tgate_new_example.json").write_text("{}")
+    monkeypatch.setattr(examples, "WORKFLOWS", tmp_path)
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)  # past the check it would stop at "ComfyUI not found", never run
+    with pytest.raises(SystemExit) as exit_:
+        examples.main(["--comfyui", str(tmp_path / "no-comfyui")])
+    assert exit_.value.code == 2
+    assert "tgate_new_example.json is neither run (PLANS) nor skipped with a reason (SKIPPED)" in capsys.readouterr().err
+
+    monkeypatch.setitem(examples.SKIPPED, "tgate_new_example", " ")
+    assert examples.unaccounted() == ["tgate_new_example is skipped without a reason"]
+    monkeypatch.setitem(examples.SKIPPED, "tgate_new_example", "needs a model the kit cannot write")
+    assert examples.unaccounted() == []
+    (tmp_path / "tgate_sd15_probe.json").unlink()
+    assert examples.unaccounted() == [f"tgate_sd15_probe is listed but {tmp_path / 'tgate_sd15_probe'}.json does not exist"]

@@ -9,10 +9,17 @@ defaults), tgate_off (gate_at 1.0: the pack's overhead), tgate_v2 (the advanced 
 5, fi_interval 1; PixArt sp_interval 3; not in the default list), deepcache (DeepCache alone: the advanced
 node at gate_at 1.0, deepcache_interval 3, deepcache_branch 0, self-attention computed), tgate_deepcache
 (the official T-GATE + DeepCache combination: gate at --gate-at, interval 3, branch 0, self-attention
-computed as the official code does; neither is in the default list; SD1.x/SD2.x/SDXL), peer=PATH (another T-GATE node
-pack, loaded by ComfyUI's loader, applied with its defaults and --peer-input overrides to a second
-copy of the model with the same weights, since some ports patch module instances for good). Runs
-are interleaved (A B C A B C) after one warm-up each, with device synchronisation around every run.
+computed as the official code does; neither is in the default list; SD1.x/SD2.x/SDXL), and any number
+of peer=PATH[:NODE[:NAME=VALUE,...]] (another node pack, loaded by ComfyUI's loader, its node applied
+with its defaults and these inputs to a copy of the model of its own with the same weights, since some
+ports patch module instances for good; see tgate_bench/peers.py), e.g.
+
+    --variants baseline,tgate,peer=PATH/ComfyUI_TGate:TGateApplySimple:start_at=0.4,deepcache,\
+peer=PATH/ComfyUI-deepcache:DeepCache:cache_interval=3,cache_depth=0
+
+Without NODE a peer's one MODEL -> MODEL node that is not deprecated is used (several or none: the
+benchmark stops and lists them). Runs are interleaved in the --variants order (A B C A B C) after one
+warm-up each, with device synchronisation around every run.
 
 Spread is (max - min) / median of a variant's timed runs. Above --max-spread the benchmark warns that
 the machine is too busy (or too small) for the figures to mean anything: on a shared or loaded
@@ -33,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from tgate_bench.peers import PeerError, PeerSpec, load_peer, parse_variants
 from tgate_testkit.comfy_env import MISSING, PACK_ROOT, find_comfyui, import_comfyui, load_pack
 from tgate_testkit.logs import RunLog
 from tgate_testkit.models import ARCHITECTURES
@@ -66,14 +74,19 @@ def parse_args(argv=None):
         help="time the first round too (for long CPU runs, where one untimed round costs as much as a timed one); "
         "not with --compile",
     )
-    p.add_argument("--variants", default="baseline,cfg1,tgate,tgate_off", help="comma-separated; peer=PATH adds another pack")
-    p.add_argument("--peer-node", help="node id to use from the peer pack (default: its first MODEL -> MODEL node)")
+    p.add_argument(
+        "--variants",
+        default="baseline,cfg1,tgate,tgate_off",
+        help="comma-separated, run in this order each round; peer=PATH[:NODE[:NAME=VALUE,...]] adds another pack's node",
+    )
+    p.add_argument("--peer-node", help="with a single peer= entry that names none: its node (older form of peer=PATH:NODE)")
     p.add_argument(
         "--peer-input",
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="set an input of the peer node, e.g. start_at=0.4 for JettHu/ComfyUI_TGate (repeatable)",
+        help="with a single peer= entry that sets none: an input of its node (repeatable; older form of "
+        "peer=PATH:NODE:NAME=VALUE)",
     )
     p.add_argument(
         "--compile",
@@ -100,30 +113,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def peer_patch(nodes, path: Path, node_id: str | None, overrides: list[str]):
-    """Load another pack; return a function applying its MODEL -> MODEL node with its defaults."""
-    ids = load_pack(nodes, path)
-    candidates = [node_id] if node_id else ids
-    for candidate in candidates:
-        cls = nodes.NODE_CLASS_MAPPINGS[candidate]
-        inputs = cls.INPUT_TYPES()
-        required = {**inputs.get("required", {}), **inputs.get("optional", {})}
-        if getattr(cls, "RETURN_TYPES", None) != ("MODEL",) or "model" not in required:
-            continue
-        kwargs = {k: v[1]["default"] for k, v in required.items() if k != "model" and len(v) > 1 and "default" in v[1]}
-        for override in overrides:
-            name, value = override.split("=", 1)
-            kwargs[name] = json.loads(value) if value[:1] in "-0123456789tfn[{" else value
-
-        def apply(model, cls=cls, kwargs=kwargs):
-            return getattr(cls(), cls.FUNCTION)(model=model, **kwargs)[0]
-
-        return candidate, kwargs, apply
-    raise SystemExit(f"no MODEL -> MODEL node among {candidates} in {path}")
+def plan_variants(args) -> list[str | PeerSpec]:
+    """--variants in order, with --peer-node and --peer-input folded into a single peer entry."""
+    entries = parse_variants(args.variants)
+    peers = [e for e in entries if isinstance(e, PeerSpec)]
+    if args.peer_node or args.peer_input:
+        if len(peers) != 1 or (args.peer_node and peers[0].node) or (args.peer_input and peers[0].inputs):
+            raise PeerError(
+                "--peer-node and --peer-input serve a single peer= entry that names no node and sets no "
+                "input: with several peers, write each as peer=PATH:NODE:NAME=VALUE,..."
+            )
+        given = dict(p.split("=", 1) for p in args.peer_input) if args.peer_input else peers[0].inputs
+        spec = dataclasses.replace(peers[0], node=args.peer_node or peers[0].node, inputs=given)
+        entries = [spec if e is peers[0] else e for e in entries]
+    unknown = [e for e in entries if isinstance(e, str) and e not in (*OWN_VARIANTS, "tgate_off")]
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]!r}; the pack's: {', '.join((*OWN_VARIANTS, 'tgate_off'))}, and peer=...")
+    return entries
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    entries = plan_variants(args)  # before anything loads: a malformed entry stops here
     comfy_path = find_comfyui(args.comfyui)
     if comfy_path is None:
         raise SystemExit(MISSING)
@@ -198,9 +209,21 @@ def main(argv=None) -> int:
             compiled[id(patched)] = clone
         return compiled[id(patched)]
 
-    variants, failed = {}, {}
-    for name in args.variants.split(","):
-        if name == "baseline":
+    variants, failed, peers, loaded = {}, {}, {}, {}
+    for name in entries:
+        if isinstance(name, PeerSpec):
+            peer = load_peer(nodes, name, loaded, load_pack)
+            label = f"peer:{peer.node}"
+            if label in peers:  # the same node twice (other inputs): peer:NODE#2, ...
+                label = next(f"{label}#{n}" for n in range(2, 100) if f"{label}#{n}" not in peers)
+            peers[label] = peer.record()
+            print(f"{label}: {peer.node} ({peer.display_name}) from {peer.spec.path} with {peer.inputs}", flush=True)
+            try:
+                variants[label] = (compile_(peer.apply(build_model(arch, dtype=dtype))), args.cfg)
+            except Exception as e:  # a peer pack that breaks must not cost the other variants' figures
+                print(f"variant {label} failed and is dropped: {type(e).__name__}: {e}", flush=True)
+                failed[label] = f"{type(e).__name__}: {e}"
+        elif name == "baseline":
             variants[name] = (compile_(model), args.cfg)
         elif name == "cfg1":
             variants[name] = (compile_(model), 1.0)
@@ -214,16 +237,6 @@ def main(argv=None) -> int:
             variants[name] = (compile_(deepcache(1.0)), args.cfg)
         elif name == "tgate_deepcache":
             variants[name] = (compile_(deepcache(args.gate_at)), args.cfg)
-        elif name.startswith("peer="):
-            node_id, kwargs, apply = peer_patch(nodes, Path(name[5:]).resolve(), args.peer_node, args.peer_input)
-            print(f"peer {node_id} with {kwargs}", flush=True)
-            try:
-                variants[f"peer:{node_id}"] = (compile_(apply(build_model(arch, dtype=dtype))), args.cfg)
-            except Exception as e:  # a peer pack that breaks must not cost the other variants' figures
-                print(f"variant peer:{node_id} failed and is dropped: {type(e).__name__}: {e}", flush=True)
-                failed[f"peer:{node_id}"] = f"{type(e).__name__}: {e}"
-        else:
-            raise SystemExit(f"unknown variant {name!r}")
     graphs = _graph_counter()
 
     clock = {}
@@ -254,9 +267,11 @@ def main(argv=None) -> int:
         return timed[id(patched)]
 
     variants = {name: (with_clock(patched), cfg) for name, (patched, cfg) in variants.items()}
+    middle = _middle_block_counter([patched for patched, _ in variants.values()], enabled=not args.compile)
 
     def sample(patched, cfg, callback=None):
         stats.runs.clear()
+        middle["calls"] = 0
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -264,14 +279,19 @@ def main(argv=None) -> int:
             patched, noise, args.steps, cfg, args.sampler, args.scheduler, positive, negative, latent, seed=0,
             disable_pbar=True, callback=callback,
         )  # fmt: skip
+        extra_counts["middle_block_evaluations"] = middle["calls"] if middle["hooked"] else None
         return clock["end"] - clock["start"], (torch.cuda.max_memory_allocated() if cuda else None), stats.last_run
+
+    extra_counts = {}
 
     times = {name: [] for name in variants}
     extra = {name: {"graphs_compiled": 0} for name in variants}
     if args.no_warmup and args.compile:
         raise SystemExit("--no-warmup would time compilation: leave it out with --compile")
+    run_order = []  # [round, variant] of every run, as the rounds ran them
     for round_ in range(args.runs + (0 if args.no_warmup else 1)):  # round 0 warms up (and compiles) every variant
         for name, (patched, cfg) in list(variants.items()):
+            run_order.append([round_, name])
             before = graphs()
             try:
                 elapsed, peak, run = sample(patched, cfg)
@@ -289,7 +309,7 @@ def main(argv=None) -> int:
                 extra[name]["first_run_s"] = elapsed
             if round_ or args.no_warmup:
                 times[name].append(elapsed)
-                extra[name].update(peak_bytes=peak, tgate=run)
+                extra[name].update(peak_bytes=peak, tgate=run, **extra_counts)
         print(f"round {round_}/{args.runs} done", flush=True)
 
     base = statistics.median(times["baseline"]) if "baseline" in times else None
@@ -310,6 +330,7 @@ def main(argv=None) -> int:
             "compile_s": extra[name]["first_run_s"] - median if args.compile else None,
             "graphs_compiled": extra[name]["graphs_compiled"],
             "graphs_recompiled": extra[name].get("graphs_recompiled", 0),
+            "middle_block_evaluations": extra[name].get("middle_block_evaluations"),
         }
     bound = None
     if {"baseline", "cfg1", "tgate"} <= set(results) and results["tgate"]["tgate_run"]:
@@ -326,7 +347,8 @@ def main(argv=None) -> int:
     print()
     print(
         f"{args.arch} {args.size}x{args.size} batch {args.batch}, {args.steps} steps {args.sampler}/{args.scheduler}, "
-        f"cfg {args.cfg}, {dtype}, {torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu'}"
+        f"cfg {args.cfg}, {dtype}, {torch.cuda.get_device_name() if cuda else _cpu_model() or 'cpu'}"
+        + ("" if cuda else f", {torch.get_num_threads()} torch threads")
     )
     compile_header = f"{'compile s':>11}{'graphs':>8}{'recompiled':>11}" if args.compile else ""
     print(
@@ -362,6 +384,12 @@ def main(argv=None) -> int:
                 f"{name}: the deep blocks skipped in {run['deep_block_reuses']} of {run['num_steps']} steps, "
                 f"peak DeepCache memory {run['peak_deep_cache_bytes'] / 2**20:.1f} MiB"
             )
+    counted = {name: r["middle_block_evaluations"] for name, r in results.items() if r["middle_block_evaluations"] is not None}
+    if counted:
+        print(
+            f"middle block evaluations per run of {args.steps} steps (DeepCache skips it on reuse steps): "
+            + ", ".join(f"{name} {n}" for name, n in counted.items())
+        )
     if "deepcache" in results and "tgate_deepcache" in results:
         print(
             f"tgate_deepcache over deepcache alone: "
@@ -404,12 +432,16 @@ def main(argv=None) -> int:
             "comfyui": _comfyui_version(),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "cpu": _cpu_model(),
+            "torch_threads": torch.get_num_threads(),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"dtype": str(dtype)},
             "variants": results,
             "bound": bound,
             "spread_warning": warning,
             "profile": profile_result,
             "failed_variants": failed,
+            "peers": peers,
+            "run_order": run_order,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
@@ -468,6 +500,29 @@ def _deep_steps(engine, run: dict) -> dict[str, int]:
     return steps
 
 
+def _middle_block_counter(models, enabled: bool = True) -> dict:
+    """Count the evaluations of each UNet's middle block (its first child called with a non-empty input:
+    the pack's DeepCache passes an empty tensor through the blocks it skips, another pack may not call
+    them at all), one forward pre-hook per distinct diffusion model; {"calls": n, "hooked": bool}.
+    Off under --compile, where a hook could change what is compiled."""
+    counter = {"calls": 0, "hooked": False}
+
+    def count(module, inputs):
+        if inputs and getattr(inputs[0], "ndim", 0) > 1 and inputs[0].shape[1] > 0:
+            counter["calls"] += 1
+
+    seen = set()
+    for patched in models if enabled else ():
+        diffusion_model = patched.model.diffusion_model
+        block = getattr(diffusion_model, "middle_block", None)
+        if id(diffusion_model) in seen or block is None or not len(block):
+            continue
+        seen.add(id(diffusion_model))
+        block[0].register_forward_pre_hook(count)
+        counter["hooked"] = True
+    return counter
+
+
 def _graph_counter():
     """A function returning how many graphs torch.compile has produced so far in this process."""
     try:
@@ -475,6 +530,17 @@ def _graph_counter():
     except ImportError:
         return lambda: 0
     return lambda: counters["stats"]["unique_graphs"]
+
+
+def _cpu_model() -> str | None:
+    """The host CPU's model name (Linux /proc/cpuinfo; elsewhere platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def _comfyui_version() -> str | None:

@@ -3,6 +3,9 @@ server on them, and run each API example workflow with T-GATE and with gate_at 1
 
     python -m tgate_bench.examples [--models-dir DIR] [--workflows tgate_sd15_txt2img,...] [--comfyui PATH]
 
+Every file of example_workflows/api/ is run (PLANS) or listed in SKIPPED with the reason; a file in
+neither (or a name in either without its file) makes the command fail before it runs anything.
+
 DIR (default: a new temporary folder) is the server's --base-directory: the files go to DIR/models/...,
 a copy of this pack and comfy_tiny_options.py to DIR/custom_nodes, images to DIR/output. ComfyUI's
 own models folder is used only if you pass it. Image sizes, video frames and steps are reduced so a
@@ -28,6 +31,7 @@ WORKFLOWS = PACK_ROOT / "example_workflows" / "api"
 # sizes a CPU runs in seconds (PixArt's position embedding needs a latent side above 32).
 PLANS = {
     "tgate_sd15_txt2img": ({"ckpt_name": "sd15"}, {"width": 64, "height": 64}),
+    "tgate_sd15_probe": ({"ckpt_name": "sd15"}, {"width": 64, "height": 64}),
     "tgate_sdxl_txt2img": ({"ckpt_name": "sdxl"}, {"width": 64, "height": 64}),
     "tgate_advanced_sdxl_txt2img": ({"ckpt_name": "sdxl"}, {"width": 64, "height": 64}),
     "tgate_deepcache_sdxl_txt2img": ({"ckpt_name": "sdxl"}, {"width": 64, "height": 64}),
@@ -39,6 +43,13 @@ PLANS = {
         {"unet_name": "wan21", "clip_name": "wan-umt5", "vae_name": "wan21-vae"},
         {"width": 64, "height": 64, "length": 5},
     ),
+}
+# Workflows the command does not run, each with the reason (printed before and after the runs). None today.
+SKIPPED: dict[str, str] = {}
+# What a workflow's times mean where they differ from "one sampling with T-GATE, one with gate_at 1.0".
+NOTES = {
+    "tgate_sd15_probe": "s with T-GATE includes the probe's own ungated sampling; the gate_at 1.0 run "
+    "reuses the probe's outputs (ComfyUI caches the node) and samples once",
 }
 LATENT_NODES = ("EmptyLatentImage", "EmptyHunyuanLatentVideo", "EmptySD3LatentImage")
 TGATE_NODES = ("TGate", "TGateAdvanced")
@@ -56,6 +67,23 @@ class Result:
     seconds_gate_1: float | None = None
     outputs: list | None = None  # files the T-GATE run saved, relative to the output folder
     error: str = ""
+
+
+def unaccounted(folder: Path | None = None) -> list[str]:
+    """Problems with the workflow lists: a file in `folder` neither run (PLANS) nor skipped (SKIPPED),
+    a name in both, a name in either without its file. Empty when every file is accounted for."""
+    folder = folder or WORKFLOWS
+    files = {path.stem for path in folder.glob("*.json")}
+    problems = [
+        f"{name}.json is neither run (PLANS) nor skipped with a reason (SKIPPED)"
+        for name in sorted(files - set(PLANS) - set(SKIPPED))
+    ]
+    problems += [f"{name} is both run and skipped" for name in sorted(set(PLANS) & set(SKIPPED))]
+    problems += [
+        f"{name} is listed but {folder / name}.json does not exist" for name in sorted((set(PLANS) | set(SKIPPED)) - files)
+    ]
+    problems += [f"{name} is skipped without a reason" for name, reason in SKIPPED.items() if not reason.strip()]
+    return problems
 
 
 def prepare(workflow: dict, files: dict, sizes: dict, steps: int | None) -> tuple[dict, list[str]]:
@@ -164,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
+    problems = unaccounted()
+    if problems:
+        parser.exit(
+            2, f"{parser.prog}: every API workflow must be run or skipped with a reason:\n  " + "\n  ".join(problems) + "\n"
+        )
+    for name, reason in SKIPPED.items():
+        log(f"{name}: skipped: {reason}")
     names = args.workflows.split(",") if args.workflows else list(PLANS)
     unknown = [n for n in names if n not in PLANS]
     if unknown:
@@ -182,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         if not all(r.ok for r in results):
             print(server.tail(), file=sys.stderr)
     print(table(results), flush=True)
+    for r in results:
+        if r.workflow in NOTES:
+            log(f"{r.workflow}: {NOTES[r.workflow]}")
+    for name, reason in SKIPPED.items():
+        log(f"{name}: not run: {reason}")
     log(f"outputs in {base / 'output'}")
     if args.json:
         args.json.write_text(json.dumps({"base": str(base), "results": [asdict(r) for r in results]}, indent=2))

@@ -3,8 +3,10 @@
 python -m tgate_bench.report benchmark-results/*.json
 
 Files with a tgate_v2 variant (the advanced node, TGATE-V2) also get a row in a second table,
-tgate and tgate_v2 side by side. Below the tables, each file's command, device, versions and date,
-with the benchmark's spread warning where it gave one.
+tgate and tgate_v2 side by side; files with deepcache or tgate_deepcache a row in a third, with every
+peer of the run and how often each variant evaluated the UNet's middle block. The first table's peers
+column gives every peer's speedup (peer:NODE, in the run's order). Below the tables, each file's
+command, device, versions and date, with the benchmark's spread warning where it gave one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 
 HEADER = (
-    "| row | device | baseline s (spread) | cfg1 | bound | tgate | tgate / bound | peer | tgate_off "
+    "| row | device | baseline s (spread) | cfg1 | bound | tgate | tgate / bound | peers | tgate_off "
     "| peak over baseline | cache | compile s (graphs, recompiled) |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
@@ -27,6 +29,40 @@ V2_HEADER = (
 )
 
 
+DC_HEADER = (
+    "| row | device | baseline s | deepcache | tgate_deepcache | tgate_deepcache / deepcache | peers "
+    "| middle block evaluations per run |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def _peers(result: dict) -> str:
+    peers = [k for k in result["variants"] if k.startswith("peer:")]
+    return "; ".join(f"{k} {_speedup(result, k)}" for k in peers) or "-"
+
+
+def dc_row(name: str, result: dict) -> str:
+    variants = result["variants"]
+    base, alone, combined = variants["baseline"], variants.get("deepcache", {}), variants.get("tgate_deepcache", {})
+    ratio = "-"
+    if alone.get("median_s") and combined.get("median_s"):
+        ratio = f"{alone['median_s'] / combined['median_s']:.3f}x"
+    counts = [
+        f"{k} {v['middle_block_evaluations']}" for k, v in variants.items() if v.get("middle_block_evaluations") is not None
+    ]
+    cells = [
+        name,
+        result.get("device", "?"),
+        f"{base['median_s']:.3f} ({base['spread_pct']:.1f} %)",
+        _speedup(result, "deepcache"),
+        _speedup(result, "tgate_deepcache"),
+        ratio,
+        _peers(result),
+        ", ".join(counts) or "-",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def _speedup(result: dict, name: str) -> str:
     variant = result["variants"].get(name)
     return f"{variant['speedup']:.3f}x" if variant and variant.get("speedup") else "-"
@@ -36,7 +72,6 @@ def row(name: str, result: dict) -> str:
     variants, bound = result["variants"], result.get("bound") or {}
     base = variants["baseline"]
     tgate = variants.get("tgate", {})
-    peers = [k for k in variants if k.startswith("peer:")]
     peak = "-"
     if tgate.get("peak_bytes") and base.get("peak_bytes"):
         peak = f"{(tgate['peak_bytes'] - base['peak_bytes']) / 2**20:+.0f} MiB"
@@ -52,7 +87,7 @@ def row(name: str, result: dict) -> str:
         f"{bound['bound_speedup']:.3f}x" if bound else "-",
         _speedup(result, "tgate"),
         f"{bound['tgate_over_bound']:.3f}x" if bound else "-",
-        _speedup(result, peers[0]) if peers else "-",
+        _peers(result),
         _speedup(result, "tgate_off"),
         peak,
         cache,
@@ -106,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         print(V2_HEADER)
         for path, result in with_v2.items():
             print(v2_row(path.stem, result))
+    with_dc = {path: r for path, r in results.items() if {"deepcache", "tgate_deepcache"} & set(r["variants"])}
+    if with_dc:
+        print()
+        print(DC_HEADER)
+        for path, result in with_dc.items():
+            print(dc_row(path.stem, result))
     print()
     for path, result in results.items():
         where = f"{result['device']}, ComfyUI {result['comfyui']}, torch {result['torch']}, {result['date']}"

@@ -80,7 +80,7 @@ class Server:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.is_file() else ""
 
     def run(self, workflow: dict) -> tuple[float, list]:
-        """Queue `workflow`, wait for it; (seconds ComfyUI spent executing it, files it saved)."""
+        """Queue `workflow`, wait for it; (seconds ComfyUI spent executing it, files it saved in output/)."""
         status, queued = request(f"{self.url}/prompt", {"prompt": workflow, "client_id": "tgate-examples"})
         if status != 200:
             raise RuntimeError(f"/prompt refused the workflow ({status}): {json.dumps(queued)[:2000]}")
@@ -106,6 +106,7 @@ class Server:
         saved = []
         for output in entry.get("outputs", {}).values():
             for item in [*output.get("images", []), *output.get("videos", []), *output.get("gifs", [])]:
-                if isinstance(item, dict) and "filename" in item:
+                # Saved files only: PreviewImage's go to ComfyUI's temp folder (type "temp"), not to output/.
+                if isinstance(item, dict) and "filename" in item and item.get("type", "output") == "output":
                     saved.append(str(Path(item.get("subfolder", ""), item["filename"])))
         return seconds, saved
