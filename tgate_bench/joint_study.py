@@ -256,13 +256,14 @@ def collect(nodes, model, names, prompts, seeds) -> dict:
     recorded text keys and values and cond/uncond distances."""
     from tgate_testkit import trained
 
+    table = variants()
     runs, gate_steps, record, distances = {}, {}, {}, {}
     for name in names:
         runs[name] = []
         for seed in seeds:
             recording = name == "baseline" and seed == seeds[0]
             samples, gate_steps[name] = sample(
-                nodes, model, variants()[name], prompts, seed, record if recording else None, distances if recording else None
+                nodes, model, table[name], prompts, seed, record if recording else None, distances if recording else None
             )
             runs[name].append(samples)
         print(f"{name}: {trained.score(torch.cat(runs[name]), prompts * len(seeds)).row()}", flush=True)
@@ -362,7 +363,7 @@ def main(argv=None) -> int:
         "",
         *(f"- {n}: keys {numbers(keys[1:])}; values {numbers(values[1:])}" for n, (keys, values) in changes.items()),
         "",
-        "||cond - uncond|| / ||cond|| per step (denoised predictions): " + ", ".join(f"{v:.3g}" for v in distance),
+        "||cond - uncond|| / ||cond|| per step (denoised predictions): " + numbers(distance),
         "",
         environment(),
     ]

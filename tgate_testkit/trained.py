@@ -270,10 +270,10 @@ def build(weights: Path | None = WEIGHTS, device=None):
     return model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
 
 
-def _initialise(module: torch.nn.Module) -> None:
+def reset_layers(module: torch.nn.Module) -> None:
     """ComfyUI's operations skip weight initialisation (comfy.ops disable_weight_init leaves weights
-    empty): give the layers PyTorch's default initialisation (seeded by the caller), and zero the
-    output layer as the original UNet code does."""
+    empty): give the layers PyTorch's default initialisation (seeded by the caller); norms start as
+    the identity (Flux's RMSNorm keeps its weight as `scale`)."""
     with torch.no_grad():
         for sub in module.modules():
             if isinstance(sub, torch.nn.Linear):
@@ -283,6 +283,14 @@ def _initialise(module: torch.nn.Module) -> None:
             elif isinstance(sub, torch.nn.GroupNorm | torch.nn.LayerNorm) and sub.weight is not None:
                 torch.nn.init.ones_(sub.weight)
                 torch.nn.init.zeros_(sub.bias)
+            elif type(sub).__name__ == "RMSNorm" and getattr(sub, "scale", None) is not None:
+                torch.nn.init.ones_(sub.scale)
+
+
+def _initialise(module: torch.nn.Module) -> None:
+    """reset_layers, and the output layer zeroed as the original UNet code does."""
+    reset_layers(module)
+    with torch.no_grad():
         for name, p in module.named_parameters():
             if name.startswith("out.2."):
                 p.zero_()

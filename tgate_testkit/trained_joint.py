@@ -82,18 +82,10 @@ def build(weights: Path | None = WEIGHTS, device=None):
 
 
 def _initialise(module: torch.nn.Module) -> None:
-    """PyTorch's default initialisation where ComfyUI's operations leave weights empty, and the
-    modulations' and the final layer's output zeroed (adaLN-zero, as DiT and Flux train): every block
-    starts as the identity."""
+    """trained.reset_layers, and the modulations' and the final layer's output zeroed (adaLN-zero,
+    as DiT and Flux train): every block starts as the identity."""
+    trained.reset_layers(module)
     with torch.no_grad():
-        for sub in module.modules():
-            if isinstance(sub, torch.nn.Linear):
-                torch.nn.Linear.reset_parameters(sub)
-            elif isinstance(sub, torch.nn.LayerNorm) and sub.weight is not None:
-                torch.nn.init.ones_(sub.weight)
-                torch.nn.init.zeros_(sub.bias)
-            elif type(sub).__name__ == "RMSNorm" and getattr(sub, "scale", None) is not None:
-                torch.nn.init.ones_(sub.scale)
         for name, p in module.named_parameters():
             if ".lin." in name or name.startswith(("final_layer.linear.", "final_layer.adaLN_modulation")):
                 p.zero_()
