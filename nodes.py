@@ -29,9 +29,11 @@ from .tgate import (
     deep_layout,
     family_of,
     gated_attention,
+    gated_text_module,
     guided_by_stand_in,
     sample_with_gate,
     supported_families,
+    text_roles,
 )
 
 log = logging.getLogger("tgate")
@@ -51,9 +53,17 @@ def apply_tgate(model, config: TGateConfig):
     chainable wrappers (see tgate/run.py). Applying T-GATE again replaces the first application.
     """
     family = family_of(model.model.model_config)  # refuses, with the reason, what it cannot serve
-    kinds = KINDS if config.self_attention is not None else (CROSS,)
+    reuse = config.self_attention
+    if family.self_attention is None and reuse is not None and (reuse.sp_interval, reuse.fi_interval) != (1, 1):
+        raise ValueError(
+            f"T-GATE cannot reuse self-attention in this {family.name} model (sp_interval {reuse.sp_interval}, "
+            f"fi_interval {reuse.fi_interval}): its joint attention mixes text and image, so no image-only attention "
+            "output exists to reuse. Set sp_interval and fi_interval to 1, or use the T-GATE node."
+        )
+    kinds = KINDS if reuse is not None and family.self_attention is not None else (CROSS,)
     diffusion_model = model.get_model_object("diffusion_model")
     layers = attention_layers(family, diffusion_model, kinds)
+    roles = text_roles(family, diffusion_model) if family.text_stream is not None else {}
     deep = None
     if config.deep_cache is not None:
         if not family.deep_cache:
@@ -80,7 +90,10 @@ def apply_tgate(model, config: TGateConfig):
     slot = CallSlot()
     for layer, kind in layers.items():
         key = f"diffusion_model.{layer}.forward"
-        forward = gated_attention(layer, kind, patched.get_model_object(key), slot, family.site(kind).tuple_output)
+        if layer in roles:
+            forward = gated_text_module(layer, roles[layer], patched.get_model_object(key), slot, family.text_stream.text_first)
+        else:
+            forward = gated_attention(layer, kind, patched.get_model_object(key), slot, family.site(kind).tuple_output)
         patched.add_object_patch(key, forward)
     for path in deep.skipped if deep else ():
         key = f"diffusion_model.{path}.forward"
@@ -92,7 +105,7 @@ def apply_tgate(model, config: TGateConfig):
     # the guided result it gives (see guided_by_stand_in).
     post_cfg = [f for f in patched.model_options.get("sampler_post_cfg_function", []) if f is not guided_by_stand_in]
     patched.model_options["sampler_post_cfg_function"] = [guided_by_stand_in, *post_cfg]
-    options[CONFIG_KEY] = GatePatch(config, family.name, fidelity_branch, layers, slot, deep)
+    options[CONFIG_KEY] = GatePatch(config, family.name, fidelity_branch, layers, slot, deep, roles)
     if config.fidelity_branch is FidelityBranch.AUTO:
         log.info("T-GATE: %s model; fidelity_branch auto keeps the %s branch", family.name, fidelity_branch.value)
     return patched
@@ -146,8 +159,10 @@ def common_inputs() -> list:
 DESCRIPTION = (
     "Training-free speed-up (T-GATE, Liu et al.) for {families}. Cross-attention settles after the first steps: "
     "at the gate its output is cached and reused, text stops entering the network, and classifier-free guidance "
-    "runs one branch instead of two. Steps before the gate are unchanged. Refuses, with the reason, models without "
-    "separate cross-attention (Flux, SD3, ...); gains little on few-step distilled models."
+    "runs one branch instead of two. In Flux, Chroma and Qwen-Image, whose joint attention mixes text and image "
+    "tokens, the text stream's keys and values are frozen at the gate instead. Steps before the gate are unchanged. "
+    "Refuses, with the reason, the families it cannot serve exactly (SD3, HunyuanVideo, ...); gains little on "
+    "few-step distilled models."
 )
 
 

@@ -16,10 +16,13 @@ from .families import (
     REFUSED,
     SELF,
     Family,
+    TextRole,
+    TextStream,
     UnsupportedModelError,
     attention_layers,
     family_of,
     supported_families,
+    text_roles,
 )
 from .forward import CallSlot, ModelCall, gated_attention
 from .plan import Action, Kept, StepPlan, plan_step, plan_steps
@@ -33,6 +36,7 @@ from .run import (
     sample_with_gate,
 )
 from .schedule import GateSchedule, active_conds
+from .text_stream import gated_text_module
 from .stats import RunCounts, RunStats, add_run_listener, remove_run_listener
 from .store import AttentionStore, ChunkReduction, reduce_chunks
 
@@ -68,6 +72,8 @@ __all__ = [
     "SelfAttentionReuse",
     "StepPlan",
     "TGateConfig",
+    "TextRole",
+    "TextStream",
     "UnsupportedModelError",
     "add_run_listener",
     "apply_model_with_gate",
@@ -77,6 +83,8 @@ __all__ = [
     "deep_layout",
     "family_of",
     "gated_attention",
+    "gated_text_module",
+    "text_roles",
     "fidelity_index",
     "only_lists",
     "stand_ins",

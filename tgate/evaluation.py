@@ -47,9 +47,9 @@ class Evaluation:
             return list(cond_or_uncond)
         return [self.branches[b] if b < len(self.branches) else b for b in cond_or_uncond]
 
-    def reduction(self, cond_or_uncond: Sequence[int]) -> ChunkReduction | None:
+    def reduction(self, cond_or_uncond: Sequence[int], own: bool = False) -> ChunkReduction | None:
         """How a capture reduces one model call of this evaluation (StepPlan.reduction)."""
-        return self.plan.reduction(cond_or_uncond, self.fidelity, self.lists)
+        return self.plan.reduction(cond_or_uncond, self.fidelity, self.lists, own)
 
     def extra_evaluation(self, plan: StepPlan, conds: Sequence[Any]) -> Evaluation:
         """An evaluation other than this main one (PAG's, SAG's, SLG's), of `conds`, planned `plan`

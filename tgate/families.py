@@ -8,6 +8,7 @@ served as SDXL. Adding a family is one entry here, a tiny model builder and its 
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -17,7 +18,10 @@ import torch
 from .branch import FidelityBranch
 from .config import SelfAttentionReuse
 
-CROSS = "cross_attention"  # attention over the text (or other conditioning) tokens: cached at the gate
+# The gate's kind: what carries the text into the image, kept at the last step before the gate and
+# reused after it. In most families that is cross-attention over the text (or other conditioning)
+# tokens; in a joint-attention family it is the text stream's modules (TextStream below).
+CROSS = "cross_attention"
 SELF = "self_attention"  # attention over the latent's own tokens: reused on TGATE-V2's schedule
 KINDS = (CROSS, SELF)  # the kinds of attention the pack patches
 # Whole UNet blocks skipped between DeepCache's refresh steps: one more kind of reuse in the plan
@@ -42,20 +46,51 @@ class AttentionSite:
         return any(f"{c.__module__}.{c.__qualname__}" in self.classes for c in type(module).__mro__)
 
 
+class TextRole(enum.Enum):
+    """What one module of a joint-attention family's text stream does once the text is frozen.
+
+    The image rows read the text only as keys and values in the joint attention, so freezing the
+    modules that make them (READ, JOINED_READ) freezes everything the image sees of the text; what
+    the other text modules compute then feeds only later text rows, which are frozen too (UNREAD,
+    JOINED_UNREAD). The joint attention call itself is left alone: it still computes the text
+    queries' rows, which nothing reads."""
+
+    READ = "read"  # text rows only, read by the image (text keys/values): kept at the gate, returned after it
+    UNREAD = "unread"  # text rows only, read by no image row once READ is frozen: returns zeros after the gate
+    JOINED_READ = "joined_read"  # over [text; image] rows: text rows kept and returned, image rows computed
+    JOINED_UNREAD = "joined_unread"  # over [text; image] rows: image rows computed, text rows zeros
+
+
+@dataclass(frozen=True)
+class TextStream:
+    """Where a joint-attention family computes its text-token rows (COMFYUI_NOTES.md, "Joint-attention
+    families"): the sites of each TextRole. UNREAD modules must keep their input's width (checked
+    when the model is patched), since their zeros take its shape."""
+
+    sites: Mapping[TextRole, AttentionSite]
+    text_first: bool = True  # in joined rows the text rows come first ([text; image]), else last
+
+    def role(self, name: str, module: torch.nn.Module) -> TextRole | None:
+        return next((role for role, site in self.sites.items() if site.matches(name, module)), None)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # as users know it
     model_configs: tuple[str, ...]  # ComfyUI `model_config` class names
-    cross_attention: AttentionSite
-    self_attention: AttentionSite
+    cross_attention: AttentionSite | None  # None: a joint-attention family (text_stream)
+    self_attention: AttentionSite | None  # None: TGATE-V2's self-attention reuse is not served
     auto_branch: FidelityBranch  # what `fidelity_branch = auto` keeps after the gate
     auto_reason: str  # why, from what the family's conditioning nodes put in the negative
     official: tuple[float, SelfAttentionReuse]  # the official code's gate (fraction of steps) and V2 schedule
     # Whether DeepCache can skip its deep blocks: a ComfyUI UNetModel (input_blocks, middle_block,
     # output_blocks) whose block layout and skip connections the tests check (deep.py).
     deep_cache: bool = False
+    # Joint attention: the text stream is the gate's kind, and the gate keeps the fidelity branch's
+    # own text (not the mean of the branches): the joint study's rule (docs/joint/table.md).
+    text_stream: TextStream | None = None
 
-    def site(self, kind: str) -> AttentionSite:
+    def site(self, kind: str) -> AttentionSite | None:
         return self.cross_attention if kind == CROSS else self.self_attention
 
 
@@ -81,7 +116,7 @@ _WAN_CROSS = AttentionSite(
     ("comfy.ldm.wan.model.WanT2VCrossAttention", "comfy.ldm.wan.model.WanI2VCrossAttention"),
 )
 _WAN_SELF = AttentionSite(rf"{_WAN_BLOCKS}\.self_attn", ("comfy.ldm.wan.model.WanSelfAttention",))
-FAMILIES = (
+_CROSS_ATTENTION_FAMILIES = (
     Family(
         name="SD1.x/SD2.x/SDXL",
         model_configs=(
@@ -223,19 +258,101 @@ FAMILIES = (
     ),
 )
 
+_LINEAR = ("torch.nn.modules.linear.Linear",)  # ComfyUI's operations.Linear classes derive from it
+# Flux's blocks (comfy/ldm/flux/layers.py), which Chroma's (comfy/ldm/chroma/layers.py) copy with its
+# own modulation: a double block makes the text keys and values in `txt_attn.qkv` (the text queries
+# with them) and updates the text stream with `txt_attn.proj` and `txt_mlp`; a single block runs
+# `linear1` and `linear2` over [text; image] rows, text first (`torch.cat((txt, img), 1)`), and the
+# final layer drops the text rows. Flux adds into its text rows in place (`txt += ...`, `x += ...`)
+# and Chroma with `addcmul_`: on tensors the block made, never on what these modules return, which
+# are fresh (JOINED_READ's concatenation) or kept and only read (`txt_attn.qkv`'s view and norm).
+_FLUX_STREAM = TextStream(
+    {
+        TextRole.READ: AttentionSite(r"double_blocks\.\d+\.txt_attn\.qkv", _LINEAR),
+        TextRole.UNREAD: AttentionSite(
+            r"double_blocks\.\d+\.(?:txt_attn\.proj|txt_mlp)", (*_LINEAR, "torch.nn.modules.container.Sequential")
+        ),
+        TextRole.JOINED_READ: AttentionSite(r"single_blocks\.\d+\.linear1", _LINEAR),
+        TextRole.JOINED_UNREAD: AttentionSite(r"single_blocks\.\d+\.linear2", _LINEAR),
+    }
+)
+_JOINT_RULE = (
+    "the joint study's rule (docs/joint/table.md): the text frozen as the positive's at the gate kept the "
+    "baseline's accuracy (0.677 against 0.677; the negative's 0.656)"
+)
+JOINT_FAMILIES = (
+    Family(
+        name="Flux",
+        # FluxSchnell and FluxInpaint derive from Flux; Kontext is Flux with ReferenceLatent's image tokens
+        # appended to the image rows, where they stay computed.
+        model_configs=("Flux",),
+        cross_attention=None,
+        self_attention=None,
+        auto_branch=FidelityBranch.COND,
+        auto_reason=(
+            "the positive carries what enters outside the text stream: its pooled CLIP vector and FluxGuidance's "
+            f"guidance in every block's modulation, and Kontext's reference image (ReferenceLatent); and {_JOINT_RULE}"
+        ),
+        official=_SD_OFFICIAL,
+        text_stream=_FLUX_STREAM,
+    ),
+    Family(
+        name="Chroma",
+        model_configs=("Chroma",),
+        cross_attention=None,
+        self_attention=None,
+        auto_branch=FidelityBranch.COND,
+        auto_reason=f"text enters only as tokens (no pooled vector; modulation from the timestep alone), and {_JOINT_RULE}",
+        official=_SD_OFFICIAL,
+        text_stream=_FLUX_STREAM,
+    ),
+    Family(
+        name="Qwen-Image",
+        model_configs=("QwenImage",),
+        cross_attention=None,
+        self_attention=None,
+        auto_branch=FidelityBranch.COND,
+        auto_reason=(
+            "text enters only as tokens (modulation from the timestep alone), Qwen-Image-Edit's reference images "
+            f"(TextEncodeQwenImageEdit, ReferenceLatent) are often on the positive only, and {_JOINT_RULE}"
+        ),
+        official=_SD_OFFICIAL,
+        # comfy/ldm/qwen_image/model.py: each block's attention projects the text with add_q/k/v_proj and
+        # maps the text rows of the joint output with to_add_out; txt_mlp updates the text stream.
+        # The joint attention puts the text first. The text queries feed only text rows: UNREAD.
+        text_stream=TextStream(
+            {
+                TextRole.READ: AttentionSite(r"transformer_blocks\.\d+\.attn\.add_[kv]_proj", _LINEAR),
+                TextRole.UNREAD: AttentionSite(
+                    r"transformer_blocks\.\d+\.(?:attn\.add_q_proj|attn\.to_add_out|txt_mlp)",
+                    (*_LINEAR, "comfy.ldm.qwen_image.model.FeedForward"),
+                ),
+            }
+        ),
+    ),
+)
+FAMILIES = _CROSS_ATTENTION_FAMILIES + JOINT_FAMILIES
+
 # Families (model_config class names, base classes included) that cannot be served exactly, why,
 # and what to use instead. Every class in ComfyUI 0.3.64's comfy.supported_models.models is either
 # served by a family above or refused here, directly or through its base class.
 _JOINT = (
-    "mixes text and image tokens in joint attention, so there is no text-only cross-attention output to cache",
+    "mixes text and image tokens in joint attention, and T-GATE's text stream is built only for Flux, Chroma and "
+    "Qwen-Image so far (each joint family's text modules are listed and tested one by one)",
     "sample it without T-GATE (ComfyUI's EasyCache or LazyCache node can speed it up)",
 )
 REFUSED: Mapping[str, tuple[str, str]] = {
-    # Subclasses refused through their base: FluxSchnell, FluxInpaint (Flux); ChromaRadiance (Chroma);
-    # HunyuanVideoI2V, HunyuanVideoSkyreelsI2V, HunyuanImage21, HunyuanImage21Refiner (HunyuanVideo).
-    **dict.fromkeys(
-        ("SD3", "Flux", "Chroma", "AuraFlow", "QwenImage", "HunyuanVideo", "GenmoMochi", "HiDream", "Lumina2", "Omnigen2"),
-        _JOINT,
+    # Subclasses refused through their base: HunyuanVideoI2V, HunyuanVideoSkyreelsI2V, HunyuanImage21,
+    # HunyuanImage21Refiner (HunyuanVideo).
+    **dict.fromkeys(("SD3", "AuraFlow", "GenmoMochi", "HiDream", "Lumina2", "Omnigen2"), _JOINT),
+    "HunyuanVideo": (
+        "mixes text and image tokens in joint attention and runs guidance distilled into one branch, while its text "
+        "rows are under 0.3 % of a step's work: T-GATE would have nothing to save",
+        "sample it without T-GATE (ComfyUI's EasyCache or LazyCache node can speed it up)",
+    ),
+    "ChromaRadiance": (  # derives from Chroma, which T-GATE serves
+        "is Chroma's pixel-space variant, whose blocks T-GATE has not been tested on yet",
+        "sample it without T-GATE (ComfyUI's EasyCache or LazyCache node can speed it up)",
     ),
     "Hunyuan3Dv2": (  # and Hunyuan3Dv2mini
         "mixes its image-condition tokens and shape latents in joint attention (Flux-style double- and single-stream "
@@ -324,11 +441,14 @@ def family_of(model_config: object) -> Family:
 
 
 def attention_layers(family: Family, diffusion_model: torch.nn.Module, kinds: Iterable[str]) -> dict[str, str]:
-    """{module path under `diffusion_model`: kind} of the family's attention modules of `kinds`.
+    """{module path under `diffusion_model`: kind} of the family's attention modules of `kinds`; in a
+    joint-attention family, its text stream's modules, all of the gate's kind (see text_roles).
 
-    Raises an UnsupportedModelError when the model has no cross-attention module where the family
+    Raises an UnsupportedModelError when the model has nothing of the gate's kind where the family
     keeps it (a checkpoint of another shape, or a model ComfyUI built differently).
     """
+    if family.text_stream is not None:
+        return dict.fromkeys(text_roles(family, diffusion_model), CROSS)
     kinds = tuple(kinds)
     layers = {}
     for name, module in diffusion_model.named_modules():
@@ -341,3 +461,34 @@ def attention_layers(family: Family, diffusion_model: torch.nn.Module, kinds: It
             f"{family.cross_attention.path!r}); it cannot speed it up. Remove the T-GATE node for this model."
         )
     return layers
+
+
+def text_roles(family: Family, diffusion_model: torch.nn.Module) -> dict[str, TextRole]:
+    """{module path: TextRole} of a joint-attention family's text stream in `diffusion_model`."""
+    stream = family.text_stream
+    roles = {}
+    for name, module in diffusion_model.named_modules():
+        role = stream.role(name, module)
+        if role is None:
+            continue
+        if role is TextRole.UNREAD and not _keeps_width(module):
+            raise UnsupportedModelError(
+                f"T-GATE expected {name} of this {family.name} model to keep its input's width, and it does not: "
+                "the model is not built as T-GATE knows this family. Remove the T-GATE node for this model."
+            )
+        roles[name] = role
+    needed = {TextRole.READ} | ({TextRole.JOINED_READ} if TextRole.JOINED_READ in stream.sites else set())
+    missing = sorted(r.value for r in needed - set(roles.values()))
+    if missing:
+        paths = ", ".join(repr(stream.sites[TextRole(r)].path) for r in missing)
+        raise UnsupportedModelError(
+            f"T-GATE found no text-stream modules in this {family.name} model (looked for modules matching {paths}); "
+            "it cannot speed it up. Remove the T-GATE node for this model."
+        )
+    return roles
+
+
+def _keeps_width(module: torch.nn.Module) -> bool:
+    """Whether a linear module, or a stack of them, maps rows of width d to rows of width d."""
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    return bool(linears) and linears[0].in_features == linears[-1].out_features

@@ -35,6 +35,11 @@ class ModelCall(NamedTuple):
     # Filled during the call: the layers whose kept output did not fit (another shape: a patch such as
     # Deep Shrink resized the layer since the capture). They computed; the run then recaptures.
     misfits: list[str]
+    # Joint-attention families (text_stream.py): whether every module that makes what the image reads
+    # of the text returns its kept rows in this call, so the text stream's other modules need not run;
+    # and, filled during the call, the number of text rows the text modules saw.
+    text_frozen: bool = False
+    text_rows: list[int] | None = None
 
 
 class CallSlot:

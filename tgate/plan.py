@@ -51,15 +51,18 @@ class StepPlan:
         """The model runs unchanged: nothing kept, nothing reused, both branches."""
         return self.both_branches and not self.kinds(Action.CAPTURE) and not self.kinds(Action.REUSE)
 
-    def reduction(self, branches: Sequence[int], fidelity: int, lists: int = 2) -> ChunkReduction | None:
+    def reduction(self, branches: Sequence[int], fidelity: int, lists: int = 2, own: bool = False) -> ChunkReduction | None:
         """How a capture reduces one model call whose chunks belong to `branches` (ComfyUI's
         cond_or_uncond), the run's fidelity branch being `fidelity`, in an evaluation of `lists`
-        cond lists; None when nothing is kept."""
+        cond lists; None when nothing is kept. `own`: the gate keeps the fidelity branch's own
+        outputs instead of the mean of the branches (a joint-attention family's text stream)."""
         if not self.kinds(Action.CAPTURE):
             return None
         if not self.mean_of_branches:
             return ChunkReduction(len(branches), tuple(range(len(branches))), (), False)
         stored = tuple(i for i, b in enumerate(branches) if b == fidelity)
+        if own:
+            return ChunkReduction(len(branches), stored, (), False)
         mixed_in = tuple(i for i, b in enumerate(branches) if b != fidelity)
         return ChunkReduction(len(branches), stored, mixed_in, True, chunk_mean=lists > 2)
 

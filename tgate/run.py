@@ -27,7 +27,7 @@ from .clock import StepClock
 from .config import SelfAttentionReuse, TGateConfig
 from .deep import DeepLayout
 from .evaluation import Evaluation
-from .families import CROSS, DEEP, SELF
+from .families import CROSS, DEEP, SELF, TextRole
 from .forward import REPLACED_CROSS, CallSlot, ModelCall, gated_replacement
 from .plan import Action, Kept, StepPlan, extra_evaluation_plan, plan_step, plan_steps
 from .schedule import GateSchedule, active_conds
@@ -62,6 +62,14 @@ class GatePatch:
     layer_kinds: Mapping[str, str]  # {patched attention module path: kind}
     slot: CallSlot = field(default_factory=CallSlot)  # the run and the model call in progress; the forwards hold it
     deep: DeepLayout | None = None  # where DeepCache cuts the UNet; None: DeepCache off
+    # A joint-attention family's text stream (text_stream.py): {module path: TextRole}; empty otherwise.
+    # The gate then keeps the fidelity branch's own text rows, not the mean of the branches.
+    text_roles: Mapping[str, TextRole] = field(default_factory=dict)
+
+    @property
+    def text_read_layers(self) -> frozenset[str]:
+        """The text-stream modules whose rows the image reads: the text is frozen where all return kept rows."""
+        return frozenset(p for p, r in self.text_roles.items() if r in (TextRole.READ, TextRole.JOINED_READ))
 
 
 # Patches ComfyUI applies around every self-attention module (comfy/ldm/modules/attention.py): ToMe
@@ -247,7 +255,17 @@ class GateRun:
         # the same for every list): a guider's lists that run apart, and an extra evaluation's lists
         # that the main evaluation had not (Evaluation.extra_evaluation).
         reuse = self.store.reuse_table(reuse_kinds, chunk_ids, device, partners=True) if reuse_kinds else {}
-        return ModelCall(reuse, plan.kinds(Action.CAPTURE), evaluation.reduction(cond_or_uncond), {}, {}, [])
+        text = self.patch.text_read_layers
+        return ModelCall(
+            reuse,
+            plan.kinds(Action.CAPTURE),
+            evaluation.reduction(cond_or_uncond, own=bool(text)),
+            {},
+            {},
+            [],
+            text_frozen=bool(text) and text.issubset(reuse),
+            text_rows=[],
+        )
 
     def stats(self) -> RunStats:
         """What the run did, for listeners (benchmarks, tests): see stats.py."""
@@ -307,8 +325,9 @@ def sample_with_gate(executor, *args, **kwargs):
             "(an image prompt that starts or ends later) is not seen",
             " and ".join(patches),
         )
-    # A run that never gates has T-GATE off, self-attention reuse included: DeepCache alone acts.
-    self_attention = config.self_attention if schedule.gates else None
+    # A run that never gates has T-GATE off, self-attention reuse included: DeepCache alone acts. A
+    # model with no self-attention patched (joint attention) has none to reuse.
+    self_attention = config.self_attention if schedule.gates and SELF in patch.layer_kinds.values() else None
     refused = layout_patches(options) if self_attention is not None else []
     if refused:
         log.warning(

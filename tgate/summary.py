@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 def run_summary(run: GateRun) -> str:
     s, counts, store = run.schedule, run.counts, run.store
+    cached = "text-stream modules" if run.patch.text_roles else "cross-attention layers"
     if not s.gates:
         text = f"T-GATE: gate_at past the last of {s.num_steps} steps, so only DeepCache acts; "
         if counts.stopped:
@@ -34,10 +35,10 @@ def run_summary(run: GateRun) -> str:
         alone = f"the {BRANCH_NAMES[main.fidelity]} branch" if main.lists <= 2 else f"one of {run.guider}'s cond lists"
         text += (
             f"{counts.single_branch_evaluations} evaluations ran {alone} "
-            f"alone on {store.layers(CROSS)} cached cross-attention layers ({store.nbytes / 2**20:.1f} MiB)"
+            f"alone on {store.layers(CROSS)} cached {cached} ({store.nbytes / 2**20:.1f} MiB)"
         )
     else:
-        text += f"no evaluation ran one branch alone ({store.layers(CROSS)} cached cross-attention layers)"
+        text += f"no evaluation ran one branch alone ({store.layers(CROSS)} cached {cached})"
     if run.self_attention is not None:
         text += (
             f"; self-attention was reused in {counts.self_attention_reuses} evaluations "

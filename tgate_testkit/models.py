@@ -24,6 +24,7 @@ class Architecture:
     prompt_tokens: int = 0  # of context_tokens, those of the prompt; the rest is the text encoder's padding,
     # marked in an `attention_mask` as T5 encoders return it (0: no mask)
     zero_padding: bool = False  # the text encoder zeroes its padding tokens (zero_out_masked, Cosmos's T5)
+    no_pooled: bool = False  # the text encoder gives pooled_output None (Chroma's T5 alone)
     cond_values: tuple = ()  # (key, value) pairs the family's conditioning node sets on positive and negative alike
     latent: tuple[int, ...] = (4,)  # a latent's shape per image before height and width: (channels,) or (channels, frames)
     downscale: int = 8  # image pixels per latent cell, across and down
@@ -278,7 +279,8 @@ _TINY_PIXART_SIGMA = dict(
 )
 _TINY_PIXART_ALPHA = dict(_TINY_PIXART_SIGMA, image_model="pixart_alpha", micro_condition=True)
 
-# Joint attention, no cross-attention: what the node must refuse.
+# Joint attention (model_detection.py's configurations, narrowed): Flux with two double and two
+# single blocks, Chroma (Flux blocks, modulation from its distilled guidance layer) and Qwen-Image.
 _TINY_FLUX = dict(
     image_model="flux",
     in_channels=16,
@@ -288,13 +290,42 @@ _TINY_FLUX = dict(
     hidden_size=32,
     mlp_ratio=2.0,
     num_heads=2,
-    depth=1,
-    depth_single_blocks=1,
+    depth=2,
+    depth_single_blocks=2,
     axes_dim=[4, 6, 6],
     theta=10000,
     patch_size=2,
     qkv_bias=True,
     guidance_embed=False,
+)
+_TINY_CHROMA = dict(
+    image_model="chroma",
+    in_channels=64,
+    out_channels=64,
+    context_in_dim=8,
+    hidden_size=32,
+    mlp_ratio=2.0,
+    num_heads=2,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=[4, 6, 6],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    in_dim=64,  # the approximator's input: timestep, guidance and block-index embeddings (16 + 16 + 32)
+    out_dim=32,  # = hidden_size
+    hidden_dim=32,
+    n_layers=1,
+)
+_TINY_QWEN_IMAGE = dict(
+    image_model="qwen_image",
+    in_channels=64,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    axes_dims_rope=(4, 6, 6),
 )
 
 ARCHITECTURES = {
@@ -319,7 +350,9 @@ ARCHITECTURES = {
     "pixart-alpha": Architecture("PixArtAlpha", _PIXART_ALPHA, context_tokens=120, context_width=4096),
     "tiny-pixart-sigma": Architecture("PixArtSigma", _TINY_PIXART_SIGMA, context_tokens=7, context_width=32),
     "tiny-pixart-alpha": Architecture("PixArtAlpha", _TINY_PIXART_ALPHA, context_tokens=7, context_width=32),
-    "tiny-flux": Architecture("Flux", _TINY_FLUX, context_tokens=8, context_width=8, latent=(16,)),
+    "tiny-flux": Architecture("Flux", _TINY_FLUX, context_tokens=8, context_width=8, pooled=8, latent=(16,)),
+    "tiny-chroma": Architecture("Chroma", _TINY_CHROMA, context_tokens=8, context_width=8, no_pooled=True, latent=(16,)),
+    "tiny-qwen-image": Architecture("QwenImage", _TINY_QWEN_IMAGE, context_tokens=8, context_width=32, latent=(16, 1)),
     "tiny-ace-step": Architecture(
         "ACEStep", _TINY_ACE_STEP, context_tokens=8, context_width=32, fixed_latent=(8, 16, 32), lyrics_tokens=12
     ),
@@ -361,7 +394,7 @@ def random_cond(arch: str | Architecture, seed: int, batch: int = 1, size: int =
     arch = ARCHITECTURES[arch] if isinstance(arch, str) else arch
     g = torch.Generator().manual_seed(seed)
     context = torch.randn(batch, arch.context_tokens, arch.context_dim, generator=g)
-    options = {}
+    options = {"pooled_output": None} if arch.no_pooled else {}
     if arch.pooled:
         pooled = torch.randn(batch, arch.pooled, generator=torch.Generator().manual_seed(seed + 1000))
         options = dict(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0, target_width=size, target_height=size)

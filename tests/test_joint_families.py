@@ -1,0 +1,287 @@
+"""T-GATE on the joint-attention families (Flux, Chroma, Qwen-Image): tiny random-weight models of
+ComfyUI's own classes, sampled by ComfyUI's sampler through the nodes, against an independent
+reference written here from the rule the joint study chose (docs/joint/table.md).
+
+The reference drives ComfyUI's model directly (BaseModel.apply_model, inputs from the model's own
+extra_conds) with its own euler loop and classifier-free guidance, each branch in its own call,
+and freezes the text with nothing but torch forward hooks on the modules that make the text keys
+and values (listed here, from the model code, not from the pack): at the last step before the gate
+it keeps the fidelity branch's text rows of their outputs; after it, one branch runs and the hooks
+put the kept rows back. Everything else of the text stream it computes as usual; the pack skips
+what of it no image row reads, and the image rows must come out the same.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tgate_testkit.models import ARCHITECTURES, build_model, random_cond
+
+STEPS = 10
+CFG = 4.0
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str
+    # Modules whose outputs hold the text keys and values: (path suffix, joined) where joined means
+    # the module runs over [text; image] rows, text first, and only its text rows are frozen.
+    frozen: tuple[tuple[str, bool], ...]
+    text_only: tuple[str, ...]  # every module computing text rows only (path suffixes)
+    joined: tuple[str, ...]  # every module computing [text; image] rows
+
+
+FLUX_FROZEN = ((".txt_attn.qkv", False), (".linear1", True))
+FLUX_TEXT = (".txt_attn.qkv", ".txt_attn.proj", ".txt_mlp")
+CASES = {
+    "flux": Case("tiny-flux", FLUX_FROZEN, FLUX_TEXT, (".linear1", ".linear2")),
+    "chroma": Case("tiny-chroma", FLUX_FROZEN, FLUX_TEXT, (".linear1", ".linear2")),
+    "qwen-image": Case(
+        "tiny-qwen-image",
+        ((".attn.add_k_proj", False), (".attn.add_v_proj", False)),
+        (".attn.add_q_proj", ".attn.add_k_proj", ".attn.add_v_proj", ".attn.to_add_out", ".txt_mlp"),
+        (),
+    ),
+}
+_MODELS: dict = {}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request, comfy):
+    case = CASES[request.param]
+    if case.arch not in _MODELS:
+        _MODELS[case.arch] = build_model(case.arch, seed=4)
+    return case, _MODELS[case.arch]
+
+
+def conds(case: Case, tokens: tuple[int, int] | None = None):
+    """The positive and negative conditioning; `tokens`: their text lengths, where they differ."""
+    positive, negative = random_cond(case.arch, 1), random_cond(case.arch, 2)
+    if tokens is not None:
+        positive = [[positive[0][0][:, : tokens[0]], positive[0][1]]]
+        negative = [[negative[0][0][:, : tokens[1]], negative[0][1]]]
+    return positive, negative
+
+
+def latent(case: Case, size: int = 64) -> torch.Tensor:
+    return ARCHITECTURES[case.arch].empty_latent(1, size)
+
+
+def reference(patcher, case: Case, positive, negative, gate_at: float, fidelity: str = "cond", seed: int = 0, size=64):
+    """T-GATE's joint rule, computed independently (see the module docstring)."""
+    import comfy.sample as sample
+    import comfy.samplers as samplers
+
+    base = patcher.model
+    model_sampling = patcher.get_model_object("model_sampling")
+    sigmas = samplers.calculate_sigmas(model_sampling, "normal", STEPS)
+    gate_sigma = model_sampling.percent_to_sigma(gate_at)
+    gate = max(1, sum(1 for s in sigmas[:-1].tolist() if s >= gate_sigma))
+    empty = latent(case, size)
+    x = model_sampling.noise_scaling(sigmas[0], sample.prepare_noise(empty, seed), empty, max_denoise=True)
+
+    def inputs(cond):
+        params = dict(cond[0][1], cross_attn=cond[0][0], device=x.device, noise=x, width=size, height=size)
+        return {k: v.cond for k, v in base.extra_conds(**params).items()}
+
+    branch = {"cond": inputs(positive), "uncond": inputs(negative)}
+    text_rows = {"cond": positive[0][0].shape[1], "uncond": negative[0][0].shape[1]}
+    modules = {
+        name: (module, joined)
+        for name, module in base.diffusion_model.named_modules()
+        for suffix, joined in case.frozen
+        if name.endswith(suffix)
+    }
+    assert modules
+    kept: dict[str, torch.Tensor] = {}
+    rows = text_rows[fidelity]
+
+    def keep(name, joined):
+        return lambda m, a, out: kept.__setitem__(name, (out[:, :rows] if joined else out).clone())
+
+    def put_back(name, joined):
+        return lambda m, a, out: torch.cat((kept[name], out[:, rows:]), 1) if joined else kept[name]
+
+    for i in range(STEPS):
+        sigma = sigmas[i : i + 1]
+        if i < gate:
+            outs = {}
+            for b in ("uncond", "cond"):
+                hooks = []
+                if i == gate - 1 and b == fidelity:
+                    hooks = [m.register_forward_hook(keep(n, j)) for n, (m, j) in modules.items()]
+                outs[b] = base.apply_model(x, sigma, **branch[b])
+                for h in hooks:
+                    h.remove()
+            denoised = outs["uncond"] + (outs["cond"] - outs["uncond"]) * CFG
+        else:
+            hooks = [m.register_forward_hook(put_back(n, j)) for n, (m, j) in modules.items()]
+            denoised = base.apply_model(x, sigma, **branch[fidelity])
+            for h in hooks:
+                h.remove()
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])  # euler
+    return base.process_latent_out(x), gate
+
+
+def sample(comfy, patched, case, positive, negative, size=64, **settings):
+    return comfy.sample(patched, positive, negative, latent=latent(case, size), steps=STEPS, cfg=CFG, **settings)
+
+
+def test_the_family_is_served_by_its_text_stream(comfy, case):
+    case, model = case
+    engine = comfy.engine
+    family = engine.family_of(model.model.model_config)
+    roles = engine.text_roles(family, model.model.diffusion_model)
+    names = list(roles)
+    assert family.text_stream is not None and family.cross_attention is None
+    every = case.text_only + case.joined
+    assert {s for s in every if any(n.endswith(s) for n in names)} == set(every)  # every text module has a role
+    assert all(n.endswith(every) for n in names)
+
+
+def test_gate_one_is_bit_identical_for_both_nodes(comfy, case):
+    case, model = case
+    positive, negative = conds(case)
+    base = sample(comfy, model, case, positive, negative)
+    for patched in (comfy.tgate(model, gate_at=1.0), comfy.tgate_advanced(model, gate_at=1.0, sp_interval=1, fi_interval=1)):
+        assert torch.equal(sample(comfy, patched, case, positive, negative), base)
+
+
+@pytest.mark.parametrize("fidelity", ["cond", "uncond"])
+def test_the_node_matches_the_reference_rule(comfy, case, fidelity):
+    case, model = case
+    positive, negative = conds(case)
+    expected, gate = reference(model, case, positive, negative, 0.4, fidelity)
+    assert 0 < gate < STEPS
+    got = sample(comfy, comfy.tgate(model, gate_at=0.4, fidelity_branch=fidelity), case, positive, negative)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # The rule makes a difference the comparison can see: plain CFG, and the text left live after the gate.
+    plain = sample(comfy, model, case, positive, negative)
+    assert (plain - expected).abs().max() > 1e-2
+
+
+def test_text_lengths_that_differ_run_apart_and_keep_the_fidelity_branchs_rows(comfy, case):
+    """Unpadded text (Chroma, Qwen-Image): a negative shorter than the positive runs in its own model
+    call; the capture keeps the positive's rows from its call, and the negative's call keeps nothing."""
+    case, model = case
+    positive, negative = conds(case, tokens=(8, 5))
+    expected, _ = reference(model, case, positive, negative, 0.4, "cond")
+    got = sample(comfy, comfy.tgate(model, gate_at=0.4, fidelity_branch="cond"), case, positive, negative)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _flops_per_call(comfy, patched, model, case, positive, negative):
+    """For each model call, {text-stream module path: FLOPs it ran}, counted by torch's FLOP counter
+    around each module's call."""
+    calls: list[dict] = []
+    diffusion_model = model.model.diffusion_model
+    suffixes = case.text_only + case.joined
+    counting: list[FlopCounterMode] = []
+
+    def pre(module, args):
+        counting.append(FlopCounterMode(display=False))
+        counting[-1].__enter__()
+
+    def post(name):
+        def hook(module, args, out):
+            counter = counting.pop()
+            counter.__exit__(None, None, None)
+            calls[-1][name] = counter.get_total_flops()
+
+        return hook
+
+    handles = [diffusion_model.register_forward_pre_hook(lambda m, a: calls.append({}))]
+    for name, module in diffusion_model.named_modules():
+        if name.endswith(suffixes):
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post(name))]
+    try:
+        sample(comfy, patched, case, positive, negative)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def test_after_the_gate_one_branch_and_no_text_rows_computed(comfy, case):
+    case, model = case
+    positive, negative = conds(case)
+    calls = _flops_per_call(comfy, comfy.tgate(model, gate_at=0.4, fidelity_branch="auto"), model, case, positive, negative)
+    plain = _flops_per_call(comfy, model, model, case, positive, negative)
+    assert len(plain) == len(calls) == STEPS  # the branches batched in one call per step
+    gate = next(i for i, call in enumerate(calls) if call != plain[i])
+    assert 0 < gate < STEPS
+    text, image = positive[0][0].shape[1], latent(case).shape[-1] ** 2 // 4
+    for after in calls[gate:]:
+        assert after.keys() == plain[0].keys() and len(after) > 0
+        for name, flops in after.items():
+            if name.endswith(case.joined):  # one branch's image rows alone
+                assert flops == plain[0][name] // 2 * image // (text + image), name
+            else:
+                assert flops == 0, name
+
+
+def test_a_kept_text_row_is_never_changed_in_place(comfy, case):
+    """Flux adds into its text rows in place (`txt += ...`, Chroma `addcmul_`): what T-GATE keeps at
+    the gate must be what it returns at the last step."""
+    case, model = case
+    patched = comfy.tgate(model, gate_at=0.4, fidelity_branch="auto")
+    slot = patched.model_options["transformer_options"]["tgate"].slot
+    snapshots = {}
+
+    def callback(step, x0, x, total):
+        entries = {k: {c: e.view().clone() for c, e in v.items()} for k, v in slot.run.store._entries.items()}
+        snapshots.setdefault("first", entries if entries else None)
+        if entries:
+            snapshots["last"] = {k: {c: e.view() for c, e in v.items()} for k, v in slot.run.store._entries.items()}
+            snapshots.setdefault("kept", entries)
+
+    positive, negative = conds(case)
+    sample(comfy, patched, case, positive, negative, callback=callback)
+    kept, last = snapshots["kept"], snapshots["last"]
+    assert kept and kept.keys() == last.keys()
+    for layer in kept:
+        for chunk, tensor in kept[layer].items():
+            assert torch.equal(tensor, last[layer][chunk]), layer
+
+
+def test_a_second_size_with_the_same_model_captures_anew(comfy, case):
+    """A hires pass samples the same patched model at another size: its run keeps its own text rows."""
+    case, model = case
+    patched = comfy.tgate(model, gate_at=0.4, fidelity_branch="auto")
+    positive, negative = conds(case)
+    sample(comfy, patched, case, positive, negative)
+    got = sample(comfy, patched, case, positive, negative, size=96)
+    expected, _ = reference(model, case, positive, negative, 0.4, "cond", size=96)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_cancelled_run_leaves_nothing_behind(comfy, case):
+    import comfy.model_management as mm
+
+    case, model = case
+    patched = comfy.tgate(model, gate_at=0.4, fidelity_branch="auto")
+    slot = patched.model_options["transformer_options"]["tgate"].slot
+    kept = []
+
+    def cancel(step, x0, x, total):
+        kept.extend(weakref.ref(e.block) for v in slot.run.store._entries.values() for e in v.values())
+        if step == STEPS - 2:
+            raise mm.InterruptProcessingException()
+
+    positive, negative = conds(case)
+    with pytest.raises(mm.InterruptProcessingException):
+        sample(comfy, patched, case, positive, negative, callback=cancel)
+    gc.collect()
+    assert kept and all(ref() is None for ref in kept), "a kept text row outlived its cancelled run"
+
+
+def test_self_attention_reuse_is_refused_with_the_fix(comfy, case):
+    case, model = case
+    with pytest.raises(ValueError, match="sp_interval and fi_interval to 1"):
+        comfy.tgate_advanced(model, gate_at=0.4, sp_interval=3, fi_interval=1)

@@ -1,0 +1,99 @@
+"""The forward each module of a joint-attention family's text stream runs while T-GATE is on.
+
+In a joint-attention model (Flux, Chroma, Qwen-Image...) text enters as tokens that every block
+carries in a text stream and mixes into one joint attention with the image tokens. The image rows
+read the text only as keys and values there, so T-GATE freezes the modules that make them (the gate
+keeps the fidelity branch's own rows, the joint study's rule) and, once they are frozen, skips what
+only feeds later text rows. The roles are data (families.TextRole, per family in families.py); the
+plan is the cross-attention one (the text stream is the gate's kind), carried out per model call
+through the same CallSlot and ModelCall as the attention forwards (forward.py).
+
+Image rows come out as the model computes them from the frozen text: a joined module computes its
+image rows alone and joins them to the kept text rows. The joint attention call itself is left
+alone, so the text queries are still computed, and their rows (which nothing reads) too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .families import CROSS, TextRole
+from .forward import CallSlot, ModelCall
+from .store import occurrence_key, reduce_chunks
+
+
+def gated_text_module(
+    layer: str, role: TextRole, forward: Callable[..., torch.Tensor], slot: CallSlot, text_first: bool = True
+) -> Callable[..., torch.Tensor]:
+    """Wrap the `forward` of a text-stream module of `role` for T-GATE; its ModelCall comes from `slot`.
+    `text_first`: in joined rows the text rows come first (Flux: [text; image]), else last."""
+    forward = getattr(forward, "tgate_original", forward)  # never wrap our own wrapper twice
+
+    def text_rows_of(rows: torch.Tensor, count: int) -> torch.Tensor:
+        return rows[:, :count] if text_first else rows[:, rows.shape[1] - count :]
+
+    def image_rows_of(rows: torch.Tensor, count: int) -> torch.Tensor:
+        return rows[:, count:] if text_first else rows[:, : rows.shape[1] - count]
+
+    def joined(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return torch.cat((text, image) if text_first else (image, text), 1)
+
+    def tgate_text_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        call = slot.call
+        if call is None:
+            return forward(x, *args, **kwargs)
+        if role is TextRole.UNREAD:
+            # Nothing the image reads depends on it once the text is frozen.
+            return torch.zeros_like(x) if call.text_frozen else forward(x, *args, **kwargs)
+        if role is TextRole.JOINED_UNREAD:
+            count = _text_rows(call)
+            if not call.text_frozen or count is None:
+                return forward(x, *args, **kwargs)
+            image = forward(image_rows_of(x, count), *args, **kwargs)
+            return joined(image.new_zeros((image.shape[0], count, image.shape[2])), image)
+        key = _key(call, layer)
+        kept = call.reuse.get(key)
+        if role is TextRole.READ:
+            call.text_rows.append(x.shape[1])
+            if kept is not None:
+                if kept.shape[:-1] == x.shape[:-1]:
+                    return kept  # computes nothing
+                call.misfits.append(key)
+            out = forward(x, *args, **kwargs)
+            _capture(call, key, out)
+            return out
+        # JOINED_READ
+        count = _text_rows(call)
+        if kept is not None:
+            if kept.shape[0] == x.shape[0] and x.shape[1] > kept.shape[1] and count in (None, kept.shape[1]):
+                return joined(kept, forward(image_rows_of(x, kept.shape[1]), *args, **kwargs))
+            call.misfits.append(key)
+        out = forward(x, *args, **kwargs)
+        if count is not None:
+            _capture(call, key, text_rows_of(out, count))
+        return out
+
+    tgate_text_forward.tgate_original = forward
+    return tgate_text_forward
+
+
+def _key(call: ModelCall, layer: str) -> str:
+    """The key this run of `layer` is kept under in `call` (store.occurrence_key)."""
+    n = call.calls.get(layer, 0)
+    call.calls[layer] = n + 1
+    return occurrence_key(layer, n)
+
+
+def _text_rows(call: ModelCall) -> int | None:
+    """How many text rows the call's text modules saw last (None before any ran)."""
+    return call.text_rows[-1] if call.text_rows else None
+
+
+def _capture(call: ModelCall, key: str, rows: torch.Tensor) -> None:
+    """Keep what the call's reduction keeps of `rows` (the fidelity branch's chunks; a call of the
+    other branch alone keeps nothing)."""
+    if CROSS in call.capture_kinds and call.reduction is not None and call.reduction.stored:
+        call.captured[key] = reduce_chunks(rows, call.reduction)
