@@ -667,15 +667,16 @@ def test_7_the_advanced_node_syncs_no_more_and_never_inside_attention(comfy, sd1
 
 
 # -- 8. bad input ---------------------------------------------------------------------------------
-def test_8_a_model_without_cross_attention_gets_a_clear_error(comfy):
+def test_8_a_model_the_pack_cannot_serve_gets_a_clear_error(comfy):
     from tgate_testkit.models import build_model
 
-    flux = build_model("tiny-flux")
+    sd3 = build_model("tiny-sd3")
     with pytest.raises(comfy.engine.UnsupportedModelError) as error:
-        comfy.tgate(flux)
+        comfy.tgate(sd3)
     message = str(error.value)
-    assert "Flux" in message and "cross-attention" in message and "joint attention" in message
-    assert not flux.object_patches  # nothing was changed
+    assert "SD3" in message and "joint attention" in message and "Flux, Chroma and Qwen-Image" in message
+    assert "Remove the T-GATE node" in message
+    assert not sd3.object_patches  # nothing was changed
     # What ComfyUI reports as the error's type: the pack's name, not the folder path it was loaded from.
     import execution
 

@@ -36,9 +36,9 @@ from .run import (
     sample_with_gate,
 )
 from .schedule import GateSchedule, active_conds
-from .text_stream import gated_text_module
 from .stats import RunCounts, RunStats, add_run_listener, remove_run_listener
 from .store import AttentionStore, ChunkReduction, reduce_chunks
+from .text_stream import gated_text_module
 
 __all__ = [
     "CACHE_DEVICES",

@@ -429,8 +429,8 @@ def family_of(model_config: object) -> Family:
         if name in REFUSED:
             why, instead = REFUSED[name]
             raise UnsupportedModelError(
-                f"T-GATE cannot patch this {names[0]} model: T-GATE needs separate cross-attention layers, "
-                f"and {names[0]} {why}. Remove the T-GATE node for this model and {instead}. "
+                f"T-GATE cannot patch this {names[0]} model: {names[0]} {why}. "
+                f"Remove the T-GATE node for this model and {instead}. "
                 f"T-GATE serves {supported_families()}."
             )
     raise UnsupportedModelError(

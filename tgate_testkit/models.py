@@ -317,6 +317,18 @@ _TINY_CHROMA = dict(
     hidden_dim=32,
     n_layers=1,
 )
+# SD3's MMDiT (hidden 64 x depth), refused for now.
+_TINY_SD3 = dict(
+    in_channels=16,
+    out_channels=16,
+    patch_size=2,
+    depth=2,
+    adm_in_channels=32,
+    pos_embed_max_size=16,
+    num_patches=256,
+    pos_embed_scaling_factor=None,
+    context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 8, "out_features": 128}},
+)
 _TINY_QWEN_IMAGE = dict(
     image_model="qwen_image",
     in_channels=64,
@@ -351,6 +363,7 @@ ARCHITECTURES = {
     "tiny-pixart-sigma": Architecture("PixArtSigma", _TINY_PIXART_SIGMA, context_tokens=7, context_width=32),
     "tiny-pixart-alpha": Architecture("PixArtAlpha", _TINY_PIXART_ALPHA, context_tokens=7, context_width=32),
     "tiny-flux": Architecture("Flux", _TINY_FLUX, context_tokens=8, context_width=8, pooled=8, latent=(16,)),
+    "tiny-sd3": Architecture("SD3", _TINY_SD3, context_tokens=8, context_width=8, pooled=32, latent=(16,)),
     "tiny-chroma": Architecture("Chroma", _TINY_CHROMA, context_tokens=8, context_width=8, no_pooled=True, latent=(16,)),
     "tiny-qwen-image": Architecture("QwenImage", _TINY_QWEN_IMAGE, context_tokens=8, context_width=32, latent=(16, 1)),
     "tiny-ace-step": Architecture(
