@@ -75,9 +75,13 @@ def latent(case: Case, size: int = 64) -> torch.Tensor:
 
 def reference(patcher, case: Case, positive, negative, gate_at: float, fidelity: str = "cond", seed: int = 0, size=64):
     """T-GATE's joint rule, computed independently (see the module docstring)."""
+    import comfy.model_management as mm
     import comfy.sample as sample
     import comfy.samplers as samplers
 
+    # The model is driven directly, as built: a patcher sampled before (a LoRA's clone) may have left
+    # its weight patches on the shared modules, which unloading takes off.
+    mm.unload_all_models()
     base = patcher.model
     model_sampling = patcher.get_model_object("model_sampling")
     sigmas = samplers.calculate_sigmas(model_sampling, "normal", STEPS)

@@ -310,10 +310,11 @@ def sample_with_gate(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     if schedule.gates:
         log.info(
-            "T-GATE: gating after step %d of %d (gate_at %.2f); cross-attention is cached there",
+            "T-GATE: gating after step %d of %d (gate_at %.2f); %s cached there",
             schedule.gate_step,
             schedule.num_steps,
             config.gate_at,
+            "the text stream's keys and values are" if patch.text_roles else "cross-attention is",
         )
     else:
         log.info("T-GATE: gate_at %.2f is past the last of %d steps; DeepCache alone", config.gate_at, schedule.num_steps)
