@@ -73,7 +73,7 @@ def latent(case: Case, size: int = 64) -> torch.Tensor:
     return ARCHITECTURES[case.arch].empty_latent(1, size)
 
 
-def reference(patcher, case: Case, positive, negative, gate_at: float, fidelity: str = "cond", seed: int = 0, size=64):
+def reference(patcher, case: Case, positive, negative, gate_at: float, fidelity: str = "cond", seed: int = 0, size=64, cfg=CFG):
     """T-GATE's joint rule, computed independently (see the module docstring)."""
     import comfy.model_management as mm
     import comfy.sample as sample
@@ -123,7 +123,7 @@ def reference(patcher, case: Case, positive, negative, gate_at: float, fidelity:
                 outs[b] = base.apply_model(x, sigma, **branch[b])
                 for h in hooks:
                     h.remove()
-            denoised = outs["uncond"] + (outs["cond"] - outs["uncond"]) * CFG
+            denoised = outs["uncond"] + (outs["cond"] - outs["uncond"]) * cfg
         else:
             hooks = [m.register_forward_hook(put_back(n, j)) for n, (m, j) in modules.items()]
             denoised = base.apply_model(x, sigma, **branch[fidelity])
@@ -133,8 +133,8 @@ def reference(patcher, case: Case, positive, negative, gate_at: float, fidelity:
     return base.process_latent_out(x), gate
 
 
-def sample(comfy, patched, case, positive, negative, size=64, **settings):
-    return comfy.sample(patched, positive, negative, latent=latent(case, size), steps=STEPS, cfg=CFG, **settings)
+def sample(comfy, patched, case, positive, negative, size=64, cfg=CFG, **settings):
+    return comfy.sample(patched, positive, negative, latent=latent(case, size), steps=STEPS, cfg=cfg, **settings)
 
 
 def test_the_family_is_served_by_its_text_stream(comfy, case):
@@ -168,6 +168,17 @@ def test_the_node_matches_the_reference_rule(comfy, case, fidelity):
     # The rule makes a difference the comparison can see: plain CFG, and the text left live after the gate.
     plain = sample(comfy, model, case, positive, negative)
     assert (plain - expected).abs().max() > 1e-2
+
+
+def test_at_cfg_one_the_distilled_case_freezes_the_text_alone(comfy, case):
+    """Flux dev and schnell sample at CFG 1 (ComfyUI then evaluates the positive alone): the gate
+    saves the text rows only, and the result is the reference's frozen text."""
+    case, model = case
+    positive, negative = conds(case)
+    expected, _ = reference(model, case, positive, negative, 0.4, "cond", cfg=1.0)
+    got = sample(comfy, comfy.tgate(model, gate_at=0.4, fidelity_branch="auto"), case, positive, negative, cfg=1.0)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (sample(comfy, model, case, positive, negative, cfg=1.0) - expected).abs().max() > 1e-3
 
 
 def test_text_lengths_that_differ_run_apart_and_keep_the_fidelity_branchs_rows(comfy, case):
