@@ -280,47 +280,43 @@ _JOINT_RULE = (
     "the joint study's rule (docs/joint/table.md): the text frozen as the positive's at the gate kept the "
     "baseline's accuracy (0.677 against 0.677; the negative's 0.656)"
 )
+
+
+def _joint(name: str, model_configs: tuple[str, ...], text_stream: TextStream, why: str) -> Family:
+    """A joint-attention family: the text stream is the gate's kind, no self-attention reuse, and
+    `auto` keeps the positive (`why`, and the study's rule)."""
+    return Family(
+        name=name,
+        model_configs=model_configs,
+        cross_attention=None,
+        self_attention=None,
+        auto_branch=FidelityBranch.COND,
+        auto_reason=f"{why}; and {_JOINT_RULE}",
+        official=_SD_OFFICIAL,
+        text_stream=text_stream,
+    )
+
+
 JOINT_FAMILIES = (
-    Family(
-        name="Flux",
-        # FluxSchnell and FluxInpaint derive from Flux; Kontext is Flux with ReferenceLatent's image tokens
-        # appended to the image rows, where they stay computed.
-        model_configs=("Flux",),
-        cross_attention=None,
-        self_attention=None,
-        auto_branch=FidelityBranch.COND,
-        auto_reason=(
-            "the positive carries what enters outside the text stream: its pooled CLIP vector and FluxGuidance's "
-            f"guidance in every block's modulation, and Kontext's reference image (ReferenceLatent); and {_JOINT_RULE}"
-        ),
-        official=_SD_OFFICIAL,
-        text_stream=_FLUX_STREAM,
+    # FluxSchnell and FluxInpaint derive from Flux; Kontext is Flux with ReferenceLatent's image tokens
+    # appended to the image rows, where they stay computed.
+    _joint(
+        "Flux",
+        ("Flux",),
+        _FLUX_STREAM,
+        "the positive carries what enters outside the text stream: its pooled CLIP vector and FluxGuidance's "
+        "guidance in every block's modulation, and Kontext's reference image (ReferenceLatent)",
     ),
-    Family(
-        name="Chroma",
-        model_configs=("Chroma",),
-        cross_attention=None,
-        self_attention=None,
-        auto_branch=FidelityBranch.COND,
-        auto_reason=f"text enters only as tokens (no pooled vector; modulation from the timestep alone), and {_JOINT_RULE}",
-        official=_SD_OFFICIAL,
-        text_stream=_FLUX_STREAM,
+    _joint(
+        "Chroma", ("Chroma",), _FLUX_STREAM, "text enters only as tokens (no pooled vector; modulation from the timestep alone)"
     ),
-    Family(
-        name="Qwen-Image",
-        model_configs=("QwenImage",),
-        cross_attention=None,
-        self_attention=None,
-        auto_branch=FidelityBranch.COND,
-        auto_reason=(
-            "text enters only as tokens (modulation from the timestep alone), Qwen-Image-Edit's reference images "
-            f"(TextEncodeQwenImageEdit, ReferenceLatent) are often on the positive only, and {_JOINT_RULE}"
-        ),
-        official=_SD_OFFICIAL,
-        # comfy/ldm/qwen_image/model.py: each block's attention projects the text with add_q/k/v_proj and
-        # maps the text rows of the joint output with to_add_out; txt_mlp updates the text stream.
-        # The joint attention puts the text first. The text queries feed only text rows: UNREAD.
-        text_stream=TextStream(
+    # comfy/ldm/qwen_image/model.py: each block's attention projects the text with add_q/k/v_proj and
+    # maps the text rows of the joint output with to_add_out; txt_mlp updates the text stream. The
+    # joint attention puts the text first. The text queries feed only text rows: UNREAD.
+    _joint(
+        "Qwen-Image",
+        ("QwenImage",),
+        TextStream(
             {
                 TextRole.READ: AttentionSite(r"transformer_blocks\.\d+\.attn\.add_[kv]_proj", _LINEAR),
                 TextRole.UNREAD: AttentionSite(
@@ -329,6 +325,8 @@ JOINT_FAMILIES = (
                 ),
             }
         ),
+        "text enters only as tokens (modulation from the timestep alone), and Qwen-Image-Edit's reference images "
+        "(TextEncodeQwenImageEdit, ReferenceLatent) are often on the positive only",
     ),
 )
 FAMILIES = _CROSS_ATTENTION_FAMILIES + JOINT_FAMILIES

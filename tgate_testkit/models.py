@@ -298,25 +298,16 @@ _TINY_FLUX = dict(
     qkv_bias=True,
     guidance_embed=False,
 )
-_TINY_CHROMA = dict(
-    image_model="chroma",
-    in_channels=64,
-    out_channels=64,
-    context_in_dim=8,
-    hidden_size=32,
-    mlp_ratio=2.0,
-    num_heads=2,
-    depth=2,
-    depth_single_blocks=2,
-    axes_dim=[4, 6, 6],
-    theta=10000,
-    patch_size=2,
-    qkv_bias=True,
-    in_dim=64,  # the approximator's input: timestep, guidance and block-index embeddings (16 + 16 + 32)
-    out_dim=32,  # = hidden_size
-    hidden_dim=32,
-    n_layers=1,
-)
+_TINY_CHROMA = {
+    **{k: v for k, v in _TINY_FLUX.items() if k not in ("vec_in_dim", "guidance_embed")},  # Chroma has neither
+    "image_model": "chroma",
+    "in_channels": 64,
+    "out_channels": 64,
+    "in_dim": 64,  # the approximator's input: timestep, guidance and block-index embeddings (16 + 16 + 32)
+    "out_dim": 32,  # = hidden_size
+    "hidden_dim": 32,
+    "n_layers": 1,
+}
 # SD3's MMDiT (hidden 64 x depth), refused for now.
 _TINY_SD3 = dict(
     in_channels=16,
