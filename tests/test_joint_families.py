@@ -35,13 +35,30 @@ class Case:
     frozen: tuple[tuple[str, bool], ...]
     text_only: tuple[str, ...]  # every module computing text rows only (path suffixes)
     joined: tuple[str, ...]  # every module computing [text; image] rows
+    text_extra: int = 0  # rows the model puts before the text in its text stream (AuraFlow's registers)
+    size: int = 64  # the image's pixels across
 
 
+AURA_LAYERS = (("double_layers", 0), ("single_layers", 0), ("single_layers", 1))
 FLUX_FROZEN = ((".txt_attn.qkv", False), (".linear1", True))
 FLUX_TEXT = (".txt_attn.qkv", ".txt_attn.proj", ".txt_mlp")
 CASES = {
     "flux": Case("tiny-flux", FLUX_FROZEN, FLUX_TEXT, (".linear1", ".linear2")),
     "chroma": Case("tiny-chroma", FLUX_FROZEN, FLUX_TEXT, (".linear1", ".linear2")),
+    "sd3": Case(
+        "tiny-sd3",
+        ((".context_block.attn.qkv", False),),
+        (".context_block.attn.qkv", ".context_block.attn.proj", ".context_block.mlp"),
+        (),
+    ),
+    "auraflow": Case(
+        "tiny-auraflow",
+        tuple((f"{layers}.{n}.attn.w1{p}", layers == "single_layers") for layers, n in AURA_LAYERS for p in "kv"),
+        tuple(f"double_layers.0.{m}" for m in ("attn.w1q", "attn.w1k", "attn.w1v", "attn.w1o", "mlpC")),
+        tuple(f"single_layers.{n}.{m}" for n in (0, 1) for m in ("attn.w1q", "attn.w1k", "attn.w1v", "attn.w1o", "mlp")),
+        text_extra=8,
+        size=128,
+    ),
     "qwen-image": Case(
         "tiny-qwen-image",
         ((".attn.add_k_proj", False), (".attn.add_v_proj", False)),
@@ -69,11 +86,11 @@ def conds(case: Case, tokens: tuple[int, int] | None = None):
     return positive, negative
 
 
-def latent(case: Case, size: int = 64) -> torch.Tensor:
-    return ARCHITECTURES[case.arch].empty_latent(1, size)
+def latent(case: Case, size: int | None = None) -> torch.Tensor:
+    return ARCHITECTURES[case.arch].empty_latent(1, size or case.size)
 
 
-def reference(patcher, case: Case, positive, negative, gate_at: float, fidelity: str = "cond", seed: int = 0, size=64, cfg=CFG):
+def reference(patcher, case: Case, positive, negative, gate_at: float, fidelity: str = "cond", seed: int = 0, size=None, cfg=CFG):
     """T-GATE's joint rule, computed independently (see the module docstring)."""
     import comfy.model_management as mm
     import comfy.sample as sample
@@ -87,6 +104,7 @@ def reference(patcher, case: Case, positive, negative, gate_at: float, fidelity:
     sigmas = samplers.calculate_sigmas(model_sampling, "normal", STEPS)
     gate_sigma = model_sampling.percent_to_sigma(gate_at)
     gate = max(1, sum(1 for s in sigmas[:-1].tolist() if s >= gate_sigma))
+    size = size or case.size
     empty = latent(case, size)
     x = model_sampling.noise_scaling(sigmas[0], sample.prepare_noise(empty, seed), empty, max_denoise=True)
 
@@ -95,13 +113,12 @@ def reference(patcher, case: Case, positive, negative, gate_at: float, fidelity:
         return {k: v.cond for k, v in base.extra_conds(**params).items()}
 
     branch = {"cond": inputs(positive), "uncond": inputs(negative)}
-    text_rows = {"cond": positive[0][0].shape[1], "uncond": negative[0][0].shape[1]}
-    modules = {
-        name: (module, joined)
-        for name, module in base.diffusion_model.named_modules()
-        for suffix, joined in case.frozen
-        if name.endswith(suffix)
-    }
+    text_rows = {"cond": positive[0][0].shape[1] + case.text_extra, "uncond": negative[0][0].shape[1] + case.text_extra}
+    modules = {}
+    for name, module in base.diffusion_model.named_modules():
+        joined = next((j for suffix, j in case.frozen if name.endswith(suffix)), None)
+        if joined is not None:
+            modules[name] = (module, joined)
     assert modules
     kept: dict[str, torch.Tensor] = {}
     rows = text_rows[fidelity]
@@ -133,7 +150,7 @@ def reference(patcher, case: Case, positive, negative, gate_at: float, fidelity:
     return base.process_latent_out(x), gate
 
 
-def sample(comfy, patched, case, positive, negative, size=64, cfg=CFG, **settings):
+def sample(comfy, patched, case, positive, negative, size=None, cfg=CFG, **settings):
     return comfy.sample(patched, positive, negative, latent=latent(case, size), steps=STEPS, cfg=cfg, **settings)
 
 
@@ -231,7 +248,7 @@ def test_after_the_gate_one_branch_and_no_text_rows_computed(comfy, case):
     assert len(plain) == len(calls) == STEPS  # the branches batched in one call per step
     gate = next(i for i, call in enumerate(calls) if call != plain[i])
     assert 0 < gate < STEPS
-    text, image = positive[0][0].shape[1], latent(case).shape[-1] ** 2 // 4
+    text, image = positive[0][0].shape[1] + case.text_extra, latent(case).shape[-1] ** 2 // 4
     for after in calls[gate:]:
         assert after.keys() == plain[0].keys() and len(after) > 0
         for name, flops in after.items():

@@ -310,6 +310,44 @@ JOINT_FAMILIES = (
     _joint(
         "Chroma", ("Chroma",), _FLUX_STREAM, "text enters only as tokens (no pooled vector; modulation from the timestep alone)"
     ),
+    # SD3/SD3.5 (comfy/ldm/modules/diffusionmodules/mmdit.py): `_block_mixing` runs each joint block's
+    # context_block.pre_attention, whose `attn.qkv` makes the text queries, keys and values, joins them
+    # before the image's (text first), and maps the text rows with `attn.proj` and `mlp` in
+    # post_attention; the last block's context block is `pre_only` (no proj, no mlp).
+    _joint(
+        "SD3/SD3.5",
+        ("SD3",),
+        TextStream(
+            {
+                TextRole.READ: AttentionSite(r"joint_blocks\.\d+\.context_block\.attn\.qkv", _LINEAR),
+                TextRole.UNREAD: AttentionSite(
+                    r"joint_blocks\.\d+\.context_block\.(?:attn\.proj|mlp)",
+                    (*_LINEAR, "comfy.ldm.modules.diffusionmodules.mmdit.Mlp"),
+                ),
+            }
+        ),
+        "the positive carries its own pooled CLIP vectors, which enter every block's modulation",
+    ),
+    # AuraFlow (comfy/ldm/aura/mmdit.py): 8 register tokens precede the text in the text stream. Double
+    # layers project it with attn.w1q/w1k/w1v, map its rows with attn.w1o and mlpC; single layers run
+    # over [registers and text; image] rows, text first.
+    _joint(
+        "AuraFlow",
+        ("AuraFlow",),
+        TextStream(
+            {
+                TextRole.READ: AttentionSite(r"double_layers\.\d+\.attn\.w1[kv]", _LINEAR),
+                TextRole.UNREAD: AttentionSite(
+                    r"double_layers\.\d+\.(?:attn\.w1q|attn\.w1o|mlpC)", (*_LINEAR, "comfy.ldm.aura.mmdit.MLP")
+                ),
+                TextRole.JOINED_READ: AttentionSite(r"single_layers\.\d+\.attn\.w1[kv]", _LINEAR),
+                TextRole.JOINED_UNREAD: AttentionSite(
+                    r"single_layers\.\d+\.(?:attn\.w1q|attn\.w1o|mlp)", (*_LINEAR, "comfy.ldm.aura.mmdit.MLP")
+                ),
+            }
+        ),
+        "text enters only as tokens (modulation from the timestep alone)",
+    ),
     # comfy/ldm/qwen_image/model.py: each block's attention projects the text with add_q/k/v_proj and
     # maps the text rows of the joint output with to_add_out; txt_mlp updates the text stream. The
     # joint attention puts the text first. The text queries feed only text rows: UNREAD.
@@ -335,14 +373,14 @@ FAMILIES = _CROSS_ATTENTION_FAMILIES + JOINT_FAMILIES
 # and what to use instead. Every class in ComfyUI 0.3.64's comfy.supported_models.models is either
 # served by a family above or refused here, directly or through its base class.
 _JOINT = (
-    "mixes text and image tokens in joint attention, and T-GATE's text stream is built only for Flux, Chroma and "
-    "Qwen-Image so far (each joint family's text modules are listed and tested one by one)",
+    "mixes text and image tokens in joint attention, and T-GATE's text stream is built only for Flux, Chroma, "
+    "Qwen-Image, SD3/SD3.5 and AuraFlow so far (each joint family's text modules are listed and tested one by one)",
     "sample it without T-GATE (ComfyUI's EasyCache or LazyCache node can speed it up)",
 )
 REFUSED: Mapping[str, tuple[str, str]] = {
     # Subclasses refused through their base: HunyuanVideoI2V, HunyuanVideoSkyreelsI2V, HunyuanImage21,
     # HunyuanImage21Refiner (HunyuanVideo).
-    **dict.fromkeys(("SD3", "AuraFlow", "GenmoMochi", "HiDream", "Lumina2", "Omnigen2"), _JOINT),
+    **dict.fromkeys(("GenmoMochi", "HiDream", "Lumina2", "Omnigen2"), _JOINT),
     "HunyuanVideo": (
         "mixes text and image tokens in joint attention and runs guidance distilled into one branch, while its text "
         "rows are under 0.3 % of a step's work: T-GATE would have nothing to save",

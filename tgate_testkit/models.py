@@ -308,7 +308,7 @@ _TINY_CHROMA = {
     "hidden_dim": 32,
     "n_layers": 1,
 }
-# SD3's MMDiT (hidden 64 x depth), refused for now.
+# SD3's MMDiT (hidden 64 x depth) and AuraFlow (4-channel latent; max_seq: 8 x 8 patches, a 128 px image).
 _TINY_SD3 = dict(
     in_channels=16,
     out_channels=16,
@@ -319,6 +319,18 @@ _TINY_SD3 = dict(
     num_patches=256,
     pos_embed_scaling_factor=None,
     context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 8, "out_features": 128}},
+)
+_TINY_AURAFLOW = dict(
+    in_channels=4,
+    out_channels=4,
+    patch_size=2,
+    dim=32,
+    n_layers=3,
+    n_double_layers=1,
+    n_heads=2,
+    global_conddim=32,
+    cond_seq_dim=8,
+    max_seq=64,
 )
 _TINY_QWEN_IMAGE = dict(
     image_model="qwen_image",
@@ -355,6 +367,7 @@ ARCHITECTURES = {
     "tiny-pixart-alpha": Architecture("PixArtAlpha", _TINY_PIXART_ALPHA, context_tokens=7, context_width=32),
     "tiny-flux": Architecture("Flux", _TINY_FLUX, context_tokens=8, context_width=8, pooled=8, latent=(16,)),
     "tiny-sd3": Architecture("SD3", _TINY_SD3, context_tokens=8, context_width=8, pooled=32, latent=(16,)),
+    "tiny-auraflow": Architecture("AuraFlow", _TINY_AURAFLOW, context_tokens=8, context_width=8, no_pooled=True),
     "tiny-chroma": Architecture("Chroma", _TINY_CHROMA, context_tokens=8, context_width=8, no_pooled=True, latent=(16,)),
     "tiny-qwen-image": Architecture("QwenImage", _TINY_QWEN_IMAGE, context_tokens=8, context_width=32, latent=(16, 1)),
     "tiny-ace-step": Architecture(
@@ -389,6 +402,10 @@ def build_model(arch: str | Architecture, dtype: torch.dtype = torch.float32, se
     model = config.get_model({}, device=device)
     model.diffusion_model.to(device=device, dtype=dtype)
     randomize(model, seed)
+    pos_embed = getattr(model.diffusion_model, "pos_embed", None)
+    if isinstance(pos_embed, torch.Tensor) and not isinstance(pos_embed, torch.nn.Parameter):
+        # SD3's position embedding is a buffer a checkpoint fills; ComfyUI leaves it uninitialised.
+        pos_embed.normal_(0.0, 0.02, generator=torch.Generator(device=pos_embed.device).manual_seed(seed))
     return model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
 
 
