@@ -131,6 +131,30 @@ def test_a_lora_on_the_text_modules_reaches_the_kept_rows(comfy, family):
     assert (unpatched - expected).abs().max() > 1e-2  # the LoRA makes a difference the check sees
 
 
+def test_a_flux_post_input_patch_that_adds_text_tokens_is_frozen_with_them(comfy):
+    """PuLID-style packs change Flux's streams after its input layers (a `post_input` patch): here two
+    more text tokens. The text rows are counted where the text modules see them, so the added tokens
+    are frozen with the rest."""
+    from dataclasses import replace
+
+    from test_joint_families import reference
+
+    case, model = CASES["flux"], _model("flux")
+    extra = torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(3))
+
+    def add_tokens(streams):
+        txt, ids = streams["txt"], streams["txt_ids"]
+        more = torch.cat((txt, extra.to(txt).expand(txt.shape[0], -1, -1)), 1)
+        return {**streams, "txt": more, "txt_ids": torch.cat((ids, ids[:, :2]), 1)}
+
+    patched = comfy.tgate(model, fidelity_branch="auto")
+    patched.set_model_post_input_patch(add_tokens)
+    positive, negative = conds(case)
+    options = {"patches": {"post_input": [add_tokens]}}
+    expected, _ = reference(model, replace(case, text_extra=2), positive, negative, 0.4, "cond", transformer_options=options)
+    torch.testing.assert_close(sample(comfy, patched, case, positive, negative), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_a_ksampler_advanced_split_gates_in_the_first_run_and_captures_again_in_the_second(comfy):
     """Two KSamplerAdvanced runs over one schedule (steps 0-5 with leftover noise, then 5-10): the gate
     falls in the first; the second starts past it, captures at its first step and runs one branch."""

@@ -90,7 +90,18 @@ def latent(case: Case, size: int | None = None) -> torch.Tensor:
     return ARCHITECTURES[case.arch].empty_latent(1, size or case.size)
 
 
-def reference(patcher, case: Case, positive, negative, gate_at: float, fidelity: str = "cond", seed: int = 0, size=None, cfg=CFG):
+def reference(
+    patcher,
+    case: Case,
+    positive,
+    negative,
+    gate_at: float,
+    fidelity: str = "cond",
+    seed: int = 0,
+    size=None,
+    cfg=CFG,
+    transformer_options=None,
+):
     """T-GATE's joint rule, computed independently (see the module docstring)."""
     import comfy.model_management as mm
     import comfy.sample as sample
@@ -110,7 +121,8 @@ def reference(patcher, case: Case, positive, negative, gate_at: float, fidelity:
 
     def inputs(cond):
         params = dict(cond[0][1], cross_attn=cond[0][0], device=x.device, noise=x, width=size, height=size)
-        return {k: v.cond for k, v in base.extra_conds(**params).items()}
+        out = {k: v.cond for k, v in base.extra_conds(**params).items()}
+        return {**out, "transformer_options": transformer_options} if transformer_options else out
 
     branch = {"cond": inputs(positive), "uncond": inputs(negative)}
     text_rows = {"cond": positive[0][0].shape[1] + case.text_extra, "uncond": negative[0][0].shape[1] + case.text_extra}
