@@ -155,6 +155,37 @@ def test_a_flux_post_input_patch_that_adds_text_tokens_is_frozen_with_them(comfy
     torch.testing.assert_close(sample(comfy, patched, case, positive, negative), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_flux_controlnet_keeps_acting_on_the_branch_that_runs(comfy):
+    """A Flux ControlNet (XLabs-style, a model of ComfyUI's ControlNetFlux class) recomputes its own
+    text stream every step and adds residuals to the image rows only: T-GATE leaves it alone, and its
+    effect persists after the gate on the branch that runs."""
+    import comfy.controlnet as controlnet
+    import comfy.ldm.flux.controlnet as flux_controlnet
+    import comfy.model_management as mm
+    import comfy.ops as ops
+
+    from tgate_testkit.models import ARCHITECTURES, randomize
+
+    case, model = CASES["flux"], _model("flux")
+    unet = {k: v for k, v in ARCHITECTURES[case.arch].unet.items() if k != "image_model"}
+    control_model = flux_controlnet.ControlNetFlux(operations=ops.disable_weight_init, **unet)
+    randomize(control_model, 21)
+    control = controlnet.ControlNet(control_model, load_device=mm.get_torch_device(), extra_conds=["y", "guidance"])
+    image = torch.rand(1, case.size, case.size, 3, generator=torch.Generator().manual_seed(2))
+    positive, negative = conds(case)
+    with_control = comfy.nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, image, 1.0, 0.0, 1.0)
+    plain = sample(comfy, model, case, positive, negative)
+    control_alone = sample(comfy, model, case, *with_control)
+    gated = comfy.tgate(model, fidelity_branch="auto")
+    with RunLog().on() as log:
+        both = sample(comfy, gated, case, *with_control)
+    assert log.runs[0]["single_branch_evaluations"] > 0 and torch.isfinite(both).all()
+    tgate_alone = sample(comfy, gated, case, positive, negative)
+    effect = (both - tgate_alone).norm() / (control_alone - plain).norm()
+    assert 0.25 < effect < 4.0, f"effect ratio {effect:.3f}"
+    assert torch.equal(sample(comfy, comfy.tgate(model, gate_at=1.0), case, *with_control), control_alone)
+
+
 def test_a_ksampler_advanced_split_gates_in_the_first_run_and_captures_again_in_the_second(comfy):
     """Two KSamplerAdvanced runs over one schedule (steps 0-5 with leftover noise, then 5-10): the gate
     falls in the first; the second starts past it, captures at its first step and runs one branch."""
