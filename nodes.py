@@ -31,6 +31,7 @@ from .tgate import (
     gated_attention,
     gated_text_module,
     guided_by_stand_in,
+    output_width,
     sample_with_gate,
     supported_families,
     text_roles,
@@ -91,7 +92,10 @@ def apply_tgate(model, config: TGateConfig):
     for layer, kind in layers.items():
         key = f"diffusion_model.{layer}.forward"
         if layer in roles:
-            forward = gated_text_module(layer, roles[layer], patched.get_model_object(key), slot, family.text_stream.text_first)
+            width = output_width(diffusion_model.get_submodule(layer))
+            forward = gated_text_module(
+                layer, roles[layer], patched.get_model_object(key), slot, family.text_stream.text_first, width
+            )
         else:
             forward = gated_attention(layer, kind, patched.get_model_object(key), slot, family.site(kind).tuple_output)
         patched.add_object_patch(key, forward)

@@ -21,6 +21,7 @@ from .families import (
     UnsupportedModelError,
     attention_layers,
     family_of,
+    output_width,
     supported_families,
     text_roles,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "family_of",
     "gated_attention",
     "gated_text_module",
+    "output_width",
     "text_roles",
     "fidelity_index",
     "only_lists",

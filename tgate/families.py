@@ -64,8 +64,8 @@ class TextRole(enum.Enum):
 @dataclass(frozen=True)
 class TextStream:
     """Where a joint-attention family computes its text-token rows (COMFYUI_NOTES.md, "Joint-attention
-    families"): the sites of each TextRole. UNREAD modules must keep their input's width (checked
-    when the model is patched), since their zeros take its shape."""
+    families"): the sites of each TextRole. An UNREAD module must be linear or a stack of linear
+    layers ending with its output projection, whose width its zeros take."""
 
     sites: Mapping[TextRole, AttentionSite]
     text_first: bool = True  # in joined rows the text rows come first ([text; image]), else last
@@ -507,10 +507,10 @@ def text_roles(family: Family, diffusion_model: torch.nn.Module) -> dict[str, Te
         role = stream.role(name, module)
         if role is None:
             continue
-        if role is TextRole.UNREAD and not _keeps_width(module):
+        if role is TextRole.UNREAD and output_width(module) is None:
             raise UnsupportedModelError(
-                f"T-GATE expected {name} of this {family.name} model to keep its input's width, and it does not: "
-                "the model is not built as T-GATE knows this family. Remove the T-GATE node for this model."
+                f"T-GATE expected {name} of this {family.name} model to be a linear module or a stack of them, and "
+                "it is not: the model is not built as T-GATE knows this family. Remove the T-GATE node for this model."
             )
         roles[name] = role
     needed = {TextRole.READ} | ({TextRole.JOINED_READ} if TextRole.JOINED_READ in stream.sites else set())
@@ -524,7 +524,8 @@ def text_roles(family: Family, diffusion_model: torch.nn.Module) -> dict[str, Te
     return roles
 
 
-def _keeps_width(module: torch.nn.Module) -> bool:
-    """Whether a linear module, or a stack of them, maps rows of width d to rows of width d."""
+def output_width(module: torch.nn.Module) -> int | None:
+    """The width of the rows a linear module, or a stack of them ending with one (an MLP), returns:
+    its last linear layer's; None where it has none."""
     linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
-    return bool(linears) and linears[0].in_features == linears[-1].out_features
+    return linears[-1].out_features if linears else None

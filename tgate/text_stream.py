@@ -26,10 +26,16 @@ from .store import occurrence_key, reduce_chunks
 
 
 def gated_text_module(
-    layer: str, role: TextRole, forward: Callable[..., torch.Tensor], slot: CallSlot, text_first: bool = True
+    layer: str,
+    role: TextRole,
+    forward: Callable[..., torch.Tensor],
+    slot: CallSlot,
+    text_first: bool = True,
+    width: int | None = None,
 ) -> Callable[..., torch.Tensor]:
     """Wrap the `forward` of a text-stream module of `role` for T-GATE; its ModelCall comes from `slot`.
-    `text_first`: in joined rows the text rows come first (Flux: [text; image]), else last."""
+    `text_first`: in joined rows the text rows come first (Flux: [text; image]), else last. `width`:
+    an UNREAD module's output width (families.output_width)."""
     forward = getattr(forward, "tgate_original", forward)  # never wrap our own wrapper twice
 
     def text_rows_of(rows: torch.Tensor, count: int) -> torch.Tensor:
@@ -47,7 +53,7 @@ def gated_text_module(
             return forward(x, *args, **kwargs)
         if role is TextRole.UNREAD:
             # Nothing the image reads depends on it once the text is frozen.
-            return torch.zeros_like(x) if call.text_frozen else forward(x, *args, **kwargs)
+            return x.new_zeros((*x.shape[:-1], width)) if call.text_frozen else forward(x, *args, **kwargs)
         if role is TextRole.JOINED_UNREAD:
             count = _text_rows(call)
             if not call.text_frozen or count is None:
