@@ -59,6 +59,12 @@ CASES = {
         text_extra=8,
         size=128,
     ),
+    "mochi": Case(
+        "tiny-mochi",
+        ((".attn.qkv_y", False),),
+        ("blocks.0.attn.qkv_y", "blocks.1.attn.qkv_y", "blocks.0.attn.proj_y", "blocks.0.mlp_y"),
+        (),
+    ),
     "qwen-image": Case(
         "tiny-qwen-image",
         ((".attn.add_k_proj", False), (".attn.add_v_proj", False)),
@@ -81,8 +87,14 @@ def conds(case: Case, tokens: tuple[int, int] | None = None):
     """The positive and negative conditioning; `tokens`: their text lengths, where they differ."""
     positive, negative = random_cond(case.arch, 1), random_cond(case.arch, 2)
     if tokens is not None:
-        positive = [[positive[0][0][:, : tokens[0]], positive[0][1]]]
-        negative = [[negative[0][0][:, : tokens[1]], negative[0][1]]]
+
+        def cut(cond, n):
+            options = dict(cond[0][1])
+            if options.get("attention_mask") is not None:
+                options["attention_mask"] = options["attention_mask"][:, :n]
+            return [[cond[0][0][:, :n], options]]
+
+        positive, negative = cut(positive, tokens[0]), cut(negative, tokens[1])
     return positive, negative
 
 

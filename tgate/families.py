@@ -348,6 +348,23 @@ JOINT_FAMILIES = (
         ),
         "text enters only as tokens (modulation from the timestep alone)",
     ),
+    # Mochi (comfy/ldm/genmo/joint_model/asymm_models_joint.py): each block's asymmetric attention
+    # projects the text with attn.qkv_y (image rows first in the joint attention, the text cropped to
+    # its unpadded tokens), maps the text rows with attn.proj_y (to the text's narrower width) and
+    # mlp_y; the last block does not update the text (proj_y is an Identity there, no mlp_y).
+    _joint(
+        "Mochi",
+        ("GenmoMochi",),
+        TextStream(
+            {
+                TextRole.READ: AttentionSite(r"blocks\.\d+\.attn\.qkv_y", _LINEAR),
+                TextRole.UNREAD: AttentionSite(
+                    r"blocks\.\d+\.(?:attn\.proj_y|mlp_y)", (*_LINEAR, "comfy.ldm.genmo.joint_model.layers.FeedForward")
+                ),
+            }
+        ),
+        "the positive carries its own attention-pooled T5 vector, which enters every block's modulation",
+    ),
     # comfy/ldm/qwen_image/model.py: each block's attention projects the text with add_q/k/v_proj and
     # maps the text rows of the joint output with to_add_out; txt_mlp updates the text stream. The
     # joint attention puts the text first. The text queries feed only text rows: UNREAD.
@@ -374,13 +391,18 @@ FAMILIES = _CROSS_ATTENTION_FAMILIES + JOINT_FAMILIES
 # served by a family above or refused here, directly or through its base class.
 _JOINT = (
     "mixes text and image tokens in joint attention, and T-GATE's text stream is built only for Flux, Chroma, "
-    "Qwen-Image, SD3/SD3.5 and AuraFlow so far (each joint family's text modules are listed and tested one by one)",
+    "Qwen-Image, SD3/SD3.5, AuraFlow and Mochi so far (each joint family's text modules are listed and tested one by one)",
     "sample it without T-GATE (ComfyUI's EasyCache or LazyCache node can speed it up)",
 )
 REFUSED: Mapping[str, tuple[str, str]] = {
     # Subclasses refused through their base: HunyuanVideoI2V, HunyuanVideoSkyreelsI2V, HunyuanImage21,
     # HunyuanImage21Refiner (HunyuanVideo).
-    **dict.fromkeys(("GenmoMochi", "HiDream", "Lumina2", "Omnigen2"), _JOINT),
+    **dict.fromkeys(("HiDream", "Omnigen2"), _JOINT),
+    "Lumina2": (
+        "packs each caption's unpadded tokens right before its image rows, so within one model call the text "
+        "rows end at a different row for each image; T-GATE's text stream is not built for that yet",
+        "sample it without T-GATE (ComfyUI's EasyCache or LazyCache node can speed it up)",
+    ),
     "HunyuanVideo": (
         "mixes text and image tokens in joint attention and runs guidance distilled into one branch, while its text "
         "rows are under 0.3 % of a step's work: T-GATE would have nothing to save",

@@ -332,6 +332,33 @@ _TINY_AURAFLOW = dict(
     cond_seq_dim=8,
     max_seq=64,
 )
+# Mochi (model_detection.py's configuration, narrowed): 2 blocks, the last of which does not update
+# the text; T5 text padded to t5_token_length with a mask, as ComfyUI's Mochi encoder gives it.
+_TINY_MOCHI = dict(
+    image_model="mochi_preview",
+    depth=2,
+    patch_size=2,
+    num_heads=2,
+    hidden_size_x=32,
+    hidden_size_y=16,
+    mlp_ratio_x=384.0,  # the block asserts an image MLP 12288 wide (Mochi's 1536 x 8)
+    mlp_ratio_y=2.0,
+    learn_sigma=False,
+    in_channels=12,
+    qk_norm=True,
+    qkv_bias=False,
+    out_bias=True,
+    attn_drop=0.0,
+    patch_embed_bias=True,
+    posenc_preserve_area=True,
+    timestep_mlp_bias=True,
+    attend_to_padding=False,
+    timestep_scale=1000.0,
+    use_t5=True,
+    t5_feat_dim=8,
+    t5_token_length=8,
+    rope_theta=10000.0,
+)
 _TINY_QWEN_IMAGE = dict(
     image_model="qwen_image",
     in_channels=64,
@@ -368,6 +395,7 @@ ARCHITECTURES = {
     "tiny-flux": Architecture("Flux", _TINY_FLUX, context_tokens=8, context_width=8, pooled=8, latent=(16,)),
     "tiny-sd3": Architecture("SD3", _TINY_SD3, context_tokens=8, context_width=8, pooled=32, latent=(16,)),
     "tiny-auraflow": Architecture("AuraFlow", _TINY_AURAFLOW, context_tokens=8, context_width=8, no_pooled=True),
+    "tiny-mochi": Architecture("GenmoMochi", _TINY_MOCHI, context_tokens=8, context_width=8, prompt_tokens=6, latent=(12, 2)),
     "tiny-chroma": Architecture("Chroma", _TINY_CHROMA, context_tokens=8, context_width=8, no_pooled=True, latent=(16,)),
     "tiny-qwen-image": Architecture("QwenImage", _TINY_QWEN_IMAGE, context_tokens=8, context_width=32, latent=(16, 1)),
     "tiny-ace-step": Architecture(
