@@ -92,9 +92,10 @@ def apply_tgate(model, config: TGateConfig):
     for layer, kind in layers.items():
         key = f"diffusion_model.{layer}.forward"
         if layer in roles:
-            width = output_width(diffusion_model.get_submodule(layer))
+            module, stream = diffusion_model.get_submodule(layer), family.text_stream
+            width, columns = output_width(module), stream.joined_read_columns * getattr(module, "in_features", 0)
             forward = gated_text_module(
-                layer, roles[layer], patched.get_model_object(key), slot, family.text_stream.text_first, width
+                layer, roles[layer], patched.get_model_object(key), slot, stream.text_first, width, columns
             )
         else:
             forward = gated_attention(layer, kind, patched.get_model_object(key), slot, family.site(kind).tuple_output)

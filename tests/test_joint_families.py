@@ -36,6 +36,9 @@ class Case:
     text_only: tuple[str, ...]  # every module computing text rows only (path suffixes)
     joined: tuple[str, ...]  # every module computing [text; image] rows
     text_extra: int = 0  # rows the model puts before the text in its text stream (AuraFlow's registers)
+    # Of a joined module's text rows, the columns the image reads, in multiples of its input width (0:
+    # all): Flux's linear1 gives q, k, v (3 x hidden), then the MLP input, which only feeds linear2.
+    joined_columns: int = 0
     size: int = 64  # the image's pixels across
 
 
@@ -43,8 +46,8 @@ AURA_LAYERS = (("double_layers", 0), ("single_layers", 0), ("single_layers", 1))
 FLUX_FROZEN = ((".txt_attn.qkv", False), (".linear1", True))
 FLUX_TEXT = (".txt_attn.qkv", ".txt_attn.proj", ".txt_mlp")
 CASES = {
-    "flux": Case("tiny-flux", FLUX_FROZEN, FLUX_TEXT, (".linear1", ".linear2")),
-    "chroma": Case("tiny-chroma", FLUX_FROZEN, FLUX_TEXT, (".linear1", ".linear2")),
+    "flux": Case("tiny-flux", FLUX_FROZEN, FLUX_TEXT, (".linear1", ".linear2"), joined_columns=3),
+    "chroma": Case("tiny-chroma", FLUX_FROZEN, FLUX_TEXT, (".linear1", ".linear2"), joined_columns=3),
     "sd3": Case(
         "tiny-sd3",
         ((".context_block.attn.qkv", False),),
@@ -280,6 +283,25 @@ def test_after_the_gate_one_branch_and_no_text_rows_computed(comfy, case):
                 assert flops == plain[0][name] // 2 * image // (text + image), name
             else:
                 assert flops == 0, name
+
+
+def test_what_is_kept_is_the_fidelity_branchs_read_rows_alone(comfy, case):
+    """The cache holds, for the one branch that runs after the gate, each frozen module's text rows, of
+    a joined module only the columns the image reads: its size, counted from the model's modules."""
+    from tgate_testkit.logs import RunLog
+
+    case, model = case
+    positive, negative = conds(case)
+    rows = positive[0][0].shape[1] + case.text_extra
+    expected = 0
+    for name, module in model.model.diffusion_model.named_modules():
+        joined = next((j for suffix, j in case.frozen if name.endswith(suffix)), None)
+        if joined is not None:
+            columns = case.joined_columns * module.in_features if joined and case.joined_columns else module.out_features
+            expected += rows * columns * 4  # fp32
+    with RunLog().on() as log:
+        sample(comfy, comfy.tgate(model, gate_at=0.4, fidelity_branch="auto"), case, positive, negative)
+    assert expected > 0 and log.runs[0]["cache_bytes"] == expected
 
 
 def test_a_kept_text_row_is_never_changed_in_place(comfy, case):

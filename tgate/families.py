@@ -69,6 +69,10 @@ class TextStream:
 
     sites: Mapping[TextRole, AttentionSite]
     text_first: bool = True  # in joined rows the text rows come first ([text; image]), else last
+    # Of a JOINED_READ module's text rows, the columns the image reads, in multiples of the module's
+    # input width (0: all). The rest are kept as zeros: Flux's single blocks' `linear1` gives the
+    # queries, keys and values (3 x hidden), then the MLP's input, which feeds only the unread `linear2`.
+    joined_read_columns: int = 0
 
     def role(self, name: str, module: torch.nn.Module) -> TextRole | None:
         return next((role for role, site in self.sites.items() if site.matches(name, module)), None)
@@ -274,7 +278,8 @@ _FLUX_STREAM = TextStream(
         ),
         TextRole.JOINED_READ: AttentionSite(r"single_blocks\.\d+\.linear1", _LINEAR),
         TextRole.JOINED_UNREAD: AttentionSite(r"single_blocks\.\d+\.linear2", _LINEAR),
-    }
+    },
+    joined_read_columns=3,
 )
 _JOINT_RULE = (
     "the joint study's rule (docs/joint/table.md): the text frozen as the positive's at the gate kept the "

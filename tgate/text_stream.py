@@ -32,10 +32,13 @@ def gated_text_module(
     slot: CallSlot,
     text_first: bool = True,
     width: int | None = None,
+    columns: int = 0,
 ) -> Callable[..., torch.Tensor]:
     """Wrap the `forward` of a text-stream module of `role` for T-GATE; its ModelCall comes from `slot`.
     `text_first`: in joined rows the text rows come first (Flux: [text; image]), else last. `width`:
-    an UNREAD module's output width (families.output_width)."""
+    an UNREAD module's output width (families.output_width). `columns`: of a JOINED_READ module's
+    text rows, how many leading columns the image reads and the capture keeps (0: all); the others
+    come back as zeros."""
     forward = getattr(forward, "tgate_original", forward)  # never wrap our own wrapper twice
 
     def text_rows_of(rows: torch.Tensor, count: int) -> torch.Tensor:
@@ -45,6 +48,8 @@ def gated_text_module(
         return rows[:, count:] if text_first else rows[:, : rows.shape[1] - count]
 
     def joined(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if text.shape[-1] < image.shape[-1]:  # the unread columns (TextStream.joined_read_columns)
+            text = torch.cat((text, text.new_zeros((*text.shape[:-1], image.shape[-1] - text.shape[-1]))), -1)
         return torch.cat((text, image) if text_first else (image, text), 1)
 
     def tgate_text_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -79,7 +84,8 @@ def gated_text_module(
             call.misfits.append(key)
         out = forward(x, *args, **kwargs)
         if count is not None:
-            _capture(call, key, text_rows_of(out, count))
+            rows = text_rows_of(out, count)
+            _capture(call, key, rows[..., :columns] if columns else rows)
         return out
 
     tgate_text_forward.tgate_original = forward
