@@ -285,6 +285,25 @@ def test_after_the_gate_one_branch_and_no_text_rows_computed(comfy, case):
                 assert flops == 0, name
 
 
+@pytest.mark.parametrize("family", ["flux", "qwen-image"])
+def test_reference_images_on_the_positive_stay_computed_image_rows(comfy, family):
+    """Flux Kontext and Qwen-Image-Edit append a reference image's tokens to the image rows
+    (ReferenceLatent sets them on the positive only): they are image rows, computed every step, and
+    the positive, which `auto` keeps, has them after the gate."""
+    case = CASES[family]
+    if case.arch not in _MODELS:
+        _MODELS[case.arch] = build_model(case.arch, seed=4)
+    model = _MODELS[case.arch]
+    positive, negative = conds(case)
+    reference_image = torch.randn(latent(case).shape, generator=torch.Generator().manual_seed(9))
+    positive = [[positive[0][0], {**positive[0][1], "reference_latents": [reference_image]}]]
+    expected, _ = reference(model, case, positive, negative, 0.4, "cond")
+    got = sample(comfy, comfy.tgate(model, gate_at=0.4, fidelity_branch="auto"), case, positive, negative)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    without, _ = reference(model, case, conds(case)[0], negative, 0.4, "cond")
+    assert (without - expected).abs().max() > 1e-3  # the reference image makes a difference the check sees
+
+
 def test_what_is_kept_is_the_fidelity_branchs_read_rows_alone(comfy, case):
     """The cache holds, for the one branch that runs after the gate, each frozen module's text rows, of
     a joined module only the columns the image reads: its size, counted from the model's modules."""
