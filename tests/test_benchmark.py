@@ -385,3 +385,54 @@ def test_the_report_gives_every_peer_and_a_deepcache_row(tmp_path, capsys):
     assert "| peer:TGateApplySimple 1.250x; peer:DeepCache 2.500x |" in rows[0]
     assert "| 2.000x | 4.000x | 2.000x | peer:TGateApplySimple 1.250x; peer:DeepCache 2.500x |" in rows[1]
     assert rows[1].endswith("deepcache 9, peer:DeepCache 9, tgate_deepcache 9 |")
+
+
+# -- text share: the text rows' part of a joint-attention model call's FLOPs -------------------------
+
+
+def test_text_share_of_tiny_flux_matches_the_rows_counted_by_hand(comfy):
+    """tgate_bench.text_share on tiny Flux at 64² (8 text + 16 image rows) against FLOPs computed here
+    from each linear layer's input rows (2 x rows x in x out) and the joint attention's shapes (QK^T and
+    PV: 2 x 2 x rows x rows x width per block, the text queries' rows of them text), with the module
+    paths of COMFYUI_NOTES.md; counted on the meta device and on the CPU alike."""
+    import torch
+
+    from tgate_bench.text_share import text_share
+    from tgate_testkit.models import ARCHITECTURES, build_model
+
+    arch = ARCHITECTURES["tiny-flux"]
+    model = build_model(arch)
+    rows, hooks = {}, []
+
+    def count_rows(name):
+        return lambda module, args, out: rows.__setitem__(name, args[0].numel() // args[0].shape[-1])
+
+    for name, module in model.model.diffusion_model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            hooks.append(module.register_forward_hook(count_rows(name)))
+    on_cpu = text_share(model, arch, 64, device="cpu")
+    for hook in hooks:
+        hook.remove()
+    on_meta = text_share(build_model(arch, device="meta"), arch, 64)
+    assert on_meta["total_flops"] == on_cpu["total_flops"] and on_meta["text_share"] == on_cpu["text_share"]
+
+    modules = dict(model.model.diffusion_model.named_modules())
+    text, image = 8, (64 // 8 // 2) ** 2
+    assert (on_cpu["text_rows"], on_cpu["image_rows"]) == (text, image)
+    flops = {name: 2 * n * modules[name].in_features * modules[name].out_features for name, n in rows.items()}
+    text_only = (".txt_mod.lin", ".txt_attn.qkv", ".txt_attn.proj", ".txt_mlp.0", ".txt_mlp.2")
+    assert all(rows[n] == text for n in rows if n.endswith(text_only[1:]))  # every text row, and only those
+    joined = [n for n in rows if n.endswith((".linear1", ".linear2"))]
+    assert joined and all(rows[n] == text + image for n in joined)
+    width, blocks = arch.unet["hidden_size"], arch.unet["depth"] + arch.unet["depth_single_blocks"]
+    attention = blocks * 4 * (text + image) ** 2 * width
+    assert on_cpu["total_flops"] == sum(flops.values()) + attention == on_cpu["attention_flops"] + sum(flops.values())
+    by_hand = (
+        sum(f for n, f in flops.items() if n == "txt_in" or n.endswith(text_only))
+        + sum(flops[n] * text // (text + image) for n in joined)
+        + blocks * 4 * text * (text + image) * width
+    )
+    assert 0 < on_cpu["text_share"] < 1
+    assert on_cpu["text_share"] == pytest.approx(by_hand / on_cpu["total_flops"], rel=1e-12)
+    # T-GATE skips the text stream's modules but not the modulation, txt_in or the text queries.
+    assert 0 < on_cpu["skipped_share"] < on_cpu["text_share"]

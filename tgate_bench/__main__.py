@@ -109,6 +109,13 @@ def parse_args(argv=None):
         help="warn when a variant's timed runs spread by more than this, (max - min) / median in percent "
         f"(default {MAX_SPREAD_PCT:g})",
     )
+    p.add_argument(
+        "--text-share",
+        action="store_true",
+        help="joint-attention families: also count the text rows' share of one model call's FLOPs at --size and "
+        "1024, at this depth and the real checkpoint's (tgate_bench.text_share, shapes only)",
+    )
+    p.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's)")
     p.add_argument("--json", type=Path, help="write the results here")
     return p.parse_args(argv)
 
@@ -146,6 +153,8 @@ def main(argv=None) -> int:
 
     from tgate_testkit.models import build_model, random_cond
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if "TGate" not in nodes.NODE_CLASS_MAPPINGS:
         load_pack(nodes, PACK_ROOT)
     tgate_node = nodes.NODE_CLASS_MAPPINGS["TGate"]
@@ -425,6 +434,20 @@ def main(argv=None) -> int:
             print(format_profile(profile_result))
     profile_result = profile_result or None
 
+    shares = None
+    if args.text_share:
+        from .text_share import format_share, text_share
+
+        print()
+        shares, depths = [], {"benchmark": None}
+        if arch.full_depth:
+            depths["full"] = dict(arch.unet, **dict(arch.full_depth))
+        for depth, unet in depths.items():
+            for size in dict.fromkeys((args.size, 1024)):
+                share = text_share(build_model(arch, dtype=dtype, unet=unet, device="meta"), arch, size) | {"depth": depth}
+                shares.append(share)
+                print(format_share(f"{args.arch} ({depth} depth)", share), flush=True)
+
     if args.json:
         payload = {
             "command": "python -m tgate_bench " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -439,6 +462,7 @@ def main(argv=None) -> int:
             "bound": bound,
             "spread_warning": warning,
             "profile": profile_result,
+            "text_share": shares,
             "failed_variants": failed,
             "peers": peers,
             "run_order": run_order,

@@ -31,6 +31,7 @@ class Architecture:
     fixed_latent: tuple[int, ...] = ()  # a latent's whole shape where it does not follow the image size (audio)
     lyrics_tokens: int = 0  # ACE-Step: how many lyrics token ids the conditioning carries; 0 for none
     image_tokens: int = 0  # CLIP-vision tokens given as clip_vision_output (Wan i2v: 257 x 1280); 0 for none
+    full_depth: tuple = ()  # (key, value) pairs of the real checkpoint's block counts where `unet` has fewer
 
     @property
     def context_dim(self) -> int:
@@ -370,6 +371,51 @@ _TINY_QWEN_IMAGE = dict(
     axes_dims_rope=(4, 6, 6),
 )
 
+# Full-width joint-attention models (comfy/model_detection.py's configurations for the real checkpoints)
+# with FEWER BLOCKS, so that they fit and run on a 24 GB CPU machine: every block keeps its real widths,
+# heads and text length, so a block's cost and the text rows' share of it are the real model's.
+# Flux dev (19 double + 38 single blocks) and Chroma (the same blocks) here with 2 double + 4 single
+# (the real 1:2 ratio), about 1.3B weights; Qwen-Image with 3 of its 60 blocks, about 1.1B.
+# Flux dev: guidance embedding, pooled CLIP-L (768), T5-XXL padded to 256 tokens (ComfyUI's Flux
+# tokenizer, min_length 256, no mask), FluxGuidance 3.5 on both conds.
+_FLUX_DEV = dict(
+    image_model="flux",
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=768,
+    context_in_dim=4096,
+    hidden_size=3072,
+    mlp_ratio=4.0,
+    num_heads=24,
+    depth=2,  # of 19
+    depth_single_blocks=4,  # of 38
+    axes_dim=[16, 56, 56],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    guidance_embed=True,
+)
+_FLUX_DEPTH = (("depth", 19), ("depth_single_blocks", 38))  # the real checkpoints' (Flux dev and schnell, Chroma)
+# Chroma: Flux's blocks without vector_in and guidance_in (modulations from the distilled guidance
+# layer, 5 layers 5120 wide); latents are 16 channels (its img_in takes 64 = 16 x 2 x 2); T5-XXL
+# unpadded (64 tokens: a long prompt).
+_CHROMA = dict(
+    {k: v for k, v in _FLUX_DEV.items() if k not in ("vec_in_dim", "guidance_embed")},
+    image_model="chroma",
+    in_channels=64,
+    out_channels=64,
+    in_dim=64,
+    out_dim=3072,
+    hidden_dim=5120,
+    n_layers=5,
+)
+# Qwen-Image: 24 heads x 128 = 3072, Qwen2.5-VL's 3584-wide text unpadded (64 tokens), 3 of its 60
+# blocks; model detection reads in_channels from img_in (64 = 16 latent channels x 2 x 2). Chroma's
+# distilled guidance layer runs over 344 modulation rows whatever the depth, and every model's
+# embedders and final layer are there once: with fewer blocks these weigh more in a step than in the
+# real model (tgate_bench.text_share --full-depth counts the real depth, shapes only).
+_QWEN_IMAGE = dict(image_model="qwen_image", in_channels=64, num_layers=3)
+
 ARCHITECTURES = {
     "sd15": Architecture("SD15", _SD15, context_tokens=77),
     "sdxl": Architecture("SDXL", _SDXL, context_tokens=77, pooled=1280),
@@ -392,6 +438,22 @@ ARCHITECTURES = {
     "pixart-alpha": Architecture("PixArtAlpha", _PIXART_ALPHA, context_tokens=120, context_width=4096),
     "tiny-pixart-sigma": Architecture("PixArtSigma", _TINY_PIXART_SIGMA, context_tokens=7, context_width=32),
     "tiny-pixart-alpha": Architecture("PixArtAlpha", _TINY_PIXART_ALPHA, context_tokens=7, context_width=32),
+    "flux-dev": Architecture(
+        "Flux",
+        _FLUX_DEV,
+        context_tokens=256,
+        context_width=4096,
+        pooled=768,
+        cond_values=(("guidance", 3.5),),
+        latent=(16,),
+        full_depth=_FLUX_DEPTH,
+    ),
+    "chroma": Architecture(
+        "Chroma", _CHROMA, context_tokens=64, context_width=4096, no_pooled=True, latent=(16,), full_depth=_FLUX_DEPTH
+    ),
+    "qwen-image": Architecture(
+        "QwenImage", _QWEN_IMAGE, context_tokens=64, context_width=3584, latent=(16, 1), full_depth=(("num_layers", 60),)
+    ),
     "tiny-flux": Architecture("Flux", _TINY_FLUX, context_tokens=8, context_width=8, pooled=8, latent=(16,)),
     "tiny-sd3": Architecture("SD3", _TINY_SD3, context_tokens=8, context_width=8, pooled=32, latent=(16,)),
     "tiny-auraflow": Architecture("AuraFlow", _TINY_AURAFLOW, context_tokens=8, context_width=8, no_pooled=True),
@@ -417,8 +479,11 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
                 p.normal_(0.0, 0.1, generator=g)
 
 
-def build_model(arch: str | Architecture, dtype: torch.dtype = torch.float32, seed: int = 0, unet: dict | None = None):
-    """A ComfyUI ModelPatcher around a random-weight model of `arch`, built on ComfyUI's device."""
+def build_model(
+    arch: str | Architecture, dtype: torch.dtype = torch.float32, seed: int = 0, unet: dict | None = None, device=None
+):
+    """A ComfyUI ModelPatcher around a random-weight model of `arch`, built on `device` (default
+    ComfyUI's; "meta" gives shapes without weights, for counting FLOPs)."""
     import comfy.model_management as mm
     import comfy.model_patcher as model_patcher
     import comfy.supported_models as supported_models
@@ -426,14 +491,15 @@ def build_model(arch: str | Architecture, dtype: torch.dtype = torch.float32, se
     arch = ARCHITECTURES[arch] if isinstance(arch, str) else arch
     config = getattr(supported_models, arch.model_config)(unet or arch.unet)
     config.set_inference_dtype(dtype, None)
-    device = mm.get_torch_device()
+    device = torch.device(device) if device else mm.get_torch_device()
     model = config.get_model({}, device=device)
     model.diffusion_model.to(device=device, dtype=dtype)
-    randomize(model, seed)
-    pos_embed = getattr(model.diffusion_model, "pos_embed", None)
-    if isinstance(pos_embed, torch.Tensor) and not isinstance(pos_embed, torch.nn.Parameter):
-        # SD3's position embedding is a buffer a checkpoint fills; ComfyUI leaves it uninitialised.
-        pos_embed.normal_(0.0, 0.02, generator=torch.Generator(device=pos_embed.device).manual_seed(seed))
+    if device.type != "meta":
+        randomize(model, seed)
+        pos_embed = getattr(model.diffusion_model, "pos_embed", None)
+        if isinstance(pos_embed, torch.Tensor) and not isinstance(pos_embed, torch.nn.Parameter):
+            # SD3's position embedding is a buffer a checkpoint fills; ComfyUI leaves it uninitialised.
+            pos_embed.normal_(0.0, 0.02, generator=torch.Generator(device=pos_embed.device).manual_seed(seed))
     return model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
 
 
