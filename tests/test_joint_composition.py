@@ -38,6 +38,12 @@ def _lora(model):
         "attn.add_k_proj.weight",
         "attn.add_v_proj.weight",
         "attn.to_q.weight",
+        "context_block.attn.qkv.weight",
+        "x_block.attn.qkv.weight",
+        "attn.w1k.weight",
+        "attn.w2q.weight",
+        "attn.qkv_y.weight",
+        "attn.qkv_x.weight",
     )
     keys = [k for k in patched.model_state_dict() if k.endswith(suffixes)]
     g = torch.Generator().manual_seed(13)
