@@ -436,3 +436,20 @@ def test_text_share_of_tiny_flux_matches_the_rows_counted_by_hand(comfy):
     assert on_cpu["text_share"] == pytest.approx(by_hand / on_cpu["total_flops"], rel=1e-12)
     # T-GATE skips the text stream's modules but not the modulation, txt_in or the text queries.
     assert 0 < on_cpu["skipped_share"] < on_cpu["text_share"]
+
+
+def test_every_gpu_suite_row_is_a_valid_benchmark_command():
+    """The GPU suite runs unattended on a lent machine: a row the benchmark would refuse wastes it."""
+    import shlex
+
+    from tgate_bench.__main__ import parse_args
+    from tgate_testkit.models import ARCHITECTURES
+
+    script = (PACK_ROOT / "tgate_bench" / "gpu_suite.sh").read_text()
+    block = script.split("<<'ROWS'\n", 1)[1].split("\nROWS", 1)[0]
+    rows = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    assert len(rows) > 10 and any(row[0] == "flux-1024-b1" for row in rows)
+    for name, *args in rows:
+        parsed = parse_args(args)  # exits on an unknown option or value
+        if parsed.full_depth:
+            assert ARCHITECTURES[parsed.arch].full_depth, name

@@ -61,6 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=512, help="image size in pixels (latent is size/8)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--frames", type=int, help="latent frames of a video model (default: the architecture's)")
+    p.add_argument(
+        "--full-depth",
+        action="store_true",
+        help="build the real checkpoint's block count where the architecture has fewer (flux-dev, chroma, qwen-image: "
+        "for a GPU; the CPU rows use fewer blocks)",
+    )
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--sampler", default="euler")
@@ -171,6 +177,10 @@ def main(argv=None) -> int:
         if len(arch.latent) != 2:
             raise SystemExit(f"--frames: {args.arch} is not a video model")
         arch = dataclasses.replace(arch, latent=(arch.latent[0], args.frames))
+    if args.full_depth:
+        if not arch.full_depth:
+            raise SystemExit(f"--full-depth: {args.arch} already has its checkpoint's depth")
+        arch = dataclasses.replace(arch, unet=dict(arch.unet, **dict(arch.full_depth)))
     print(f"building {args.arch} with random weights ({dtype}, {device})", flush=True)
     model = build_model(arch, dtype=dtype)
     latent = arch.empty_latent(args.batch, args.size)  # the family's latent for images (or videos) of this size

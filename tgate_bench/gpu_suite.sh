@@ -32,6 +32,9 @@ sd15-512-b1-dc   --arch sd15 --size 512 --batch 1 --runs 9 --variants baseline,c
 sd15-512-b4-dc   --arch sd15 --size 512 --batch 4 --variants baseline,cfg1,tgate,deepcache,@deepcache,tgate_deepcache
 sdxl-1024-b1-dc  --arch sdxl --size 1024 --batch 1 --runs 9 --variants baseline,cfg1,tgate,deepcache,@deepcache,tgate_deepcache
 sdxl-1024-b4-dc  --arch sdxl --size 1024 --batch 4 --variants baseline,cfg1,tgate,deepcache,@deepcache,tgate_deepcache
+flux-1024-b1     --arch flux-dev --full-depth --dtype bf16 --size 1024 --batch 1 --steps 20 --cfg 1 --runs 5 --variants baseline,tgate
+chroma-1024-b1   --arch chroma --full-depth --dtype bf16 --size 1024 --batch 1 --steps 26 --cfg 4 --runs 5 --variants baseline,cfg1,tgate
+qwen-1024-b1     --arch qwen-image --full-depth --dtype bf16 --size 1024 --batch 1 --steps 20 --cfg 2.5 --runs 5 --variants baseline,cfg1,tgate
 tiny-smoke       --arch tiny-sd15 --size 128 --runs 2
 ROWS
 }
