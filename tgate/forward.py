@@ -134,9 +134,7 @@ def _reusable(call: ModelCall, layer: str, query: torch.Tensor) -> tuple[str, to
     """The key this run of `layer` is kept under in `call`, and the output to return instead of
     computing, if any. An attention output has its query's shape: a kept output of another shape
     does not fit, and the layer computes (the run sees the misfit and recaptures)."""
-    n = call.calls.get(layer, 0)
-    call.calls[layer] = n + 1
-    key = occurrence_key(layer, n)
+    key = next_occurrence(call, layer)
     reused = call.reuse.get(key)
     if reused is None:
         return key, None
@@ -144,6 +142,14 @@ def _reusable(call: ModelCall, layer: str, query: torch.Tensor) -> tuple[str, to
         call.misfits.append(key)
         return key, None
     return key, reused
+
+
+def next_occurrence(call: ModelCall, layer: str) -> str:
+    """The key this run of `layer` is kept under in `call`: its first run in the call under the layer,
+    later ones under store.occurrence_key (VACE's blocks run once per control)."""
+    n = call.calls.get(layer, 0)
+    call.calls[layer] = n + 1
+    return occurrence_key(layer, n)
 
 
 def _query(args: tuple, kwargs: dict) -> torch.Tensor:

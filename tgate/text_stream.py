@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from .families import CROSS, TextRole
-from .forward import CallSlot, ModelCall
-from .store import occurrence_key, reduce_chunks
+from .forward import CallSlot, ModelCall, next_occurrence
+from .store import reduce_chunks
 
 
 def gated_text_module(
@@ -65,7 +65,7 @@ def gated_text_module(
                 return forward(x, *args, **kwargs)
             image = forward(image_rows_of(x, count), *args, **kwargs)
             return joined(image.new_zeros((image.shape[0], count, image.shape[2])), image)
-        key = _key(call, layer)
+        key = next_occurrence(call, layer)
         kept = call.reuse.get(key)
         if role is TextRole.READ:
             call.text_rows.append(x.shape[1])
@@ -90,13 +90,6 @@ def gated_text_module(
 
     tgate_text_forward.tgate_original = forward
     return tgate_text_forward
-
-
-def _key(call: ModelCall, layer: str) -> str:
-    """The key this run of `layer` is kept under in `call` (store.occurrence_key)."""
-    n = call.calls.get(layer, 0)
-    call.calls[layer] = n + 1
-    return occurrence_key(layer, n)
 
 
 def _text_rows(call: ModelCall) -> int | None:
