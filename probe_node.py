@@ -29,7 +29,13 @@ WRAPPER_KEY = "tgate_probe"
 # there 0.05 suggests step 12 of 25 (gate_at 0.46), inside the range where prompt-following holds
 # (gate_at 0.3 and later); 0.07 and above suggest step 5 or earlier, where it drops by 0.1 or more.
 DEFAULT_THRESHOLD = 0.05
-JOINT_THRESHOLD = 0.05  # placeholder, chosen below
+# On a joint-attention family the same `threshold` input is read against the cond/uncond distance of
+# the predictions (tgate/probe.py says why). Chosen on the trained joint model at the joint study's
+# settings (python -m tgate_bench.joint_probe; docs/choosing-the-gate.md, "Joint-attention models"):
+# 0.05 suggests step 8 of 25 (gate_at 0.3), before the default gate (step 11), and the positive's text
+# frozen there keeps prompt-following within the study's 0.05 of the baseline. It equals
+# DEFAULT_THRESHOLD, so the input's one default serves both rules (tests/test_probe.py checks that).
+JOINT_THRESHOLD = 0.05
 
 RULE = (
     "The suggested gate is the first step from which the mean relative change of cross-attention "
@@ -37,7 +43,10 @@ RULE = (
     "CFG branches) stays below `threshold` until the step before the last (the last step is left out: "
     "schedules such as normal end with a jump every layer follows); it is converted to gate_at with the model's "
     "sigmas (ComfyUI's percent convention), so T-GATE fed this value gates at that step on the same "
-    "steps, sampler and scheduler. 1.0 (never gate) when the mean never stays below it."
+    "steps, sampler and scheduler. 1.0 (never gate) when the mean never stays below it. On a joint-attention "
+    "model (Flux, Chroma, Qwen-Image, SD3, AuraFlow), whose text stream keeps changing with the timestep, it is "
+    "the first step from which the distance of CFG's two predictions, ||cond - uncond|| / ||cond||, stays below "
+    "`threshold` to the last step."
 )
 
 
@@ -177,8 +186,9 @@ class TGateProbe(io.ComfyNode):
             category="model_patches/unet",
             description=(
                 "Samples exactly like KSampler (T-GATE off) and measures, for every cross- and self-attention layer, "
-                "how much its output changes from one step to the next, per CFG branch. Plots it and suggests where "
-                f"to gate. {RULE} Serves {supported_families()}."
+                "how much its output changes from one step to the next, per CFG branch (on a joint-attention model, "
+                "its text stream's modules, and the distance between the cond and uncond predictions). Plots it and "
+                f"suggests where to gate. {RULE} Serves {supported_families()}."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to probe; cloned, never changed. T-GATE, if applied, is off."),
@@ -198,9 +208,10 @@ class TGateProbe(io.ComfyNode):
                     max=10.0,
                     step=0.005,
                     tooltip=(
-                        f"{RULE} The default {DEFAULT_THRESHOLD} (5 % change per step) is a heuristic, checked on one small "
-                        "trained model only (there it gates where prompt-following holds; 0.07 gated too early): read the "
-                        "plot, and compare images gated at the suggestion and earlier."
+                        f"{RULE} The default {DEFAULT_THRESHOLD} (5 % change per step; on a joint model, 5 % apart) is a "
+                        "heuristic, checked on one small trained model of each kind only (there it gates where "
+                        "prompt-following holds; 0.07 gated too early on the cross-attention one): read the plot, and "
+                        "compare images gated at the suggestion and earlier."
                     ),
                 ),
             ],
@@ -208,7 +219,8 @@ class TGateProbe(io.ComfyNode):
                 io.Latent.Output(tooltip="The ungated result, as KSampler gives it: compare it with the gated one."),
                 io.Image.Output(
                     tooltip=f"The plot ({WIDTH}x{HEIGHT}): step on x, relative change on a log y axis, one thin curve "
-                    "per depth group of layers, the mean in bold, the threshold, the suggested and the official gate."
+                    "per depth group of layers, the mean in bold, the threshold, the suggested and the official gate; "
+                    "on a joint-attention model the cond/uncond distance (with the threshold) beside the text stream's change."
                 ),
                 io.Float.Output(
                     display_name="suggested_gate_at",

@@ -92,10 +92,10 @@ def _change_panel(ax, result: ProbeResult, marks: Marks, change: torch.Tensor, k
         ax.axhline(marks.threshold, color="tab:red", linestyle=":", linewidth=1.4, label=f"threshold {marks.threshold:g}")
     _gate_lines(ax, marks, steps)
     if result.distance_sums is not None:
-        name = "text stream (not the gate's signal: it follows the timestep)"
+        name = "text stream (for reference)"
     else:
         name = "cross-attention (text)" if kind == CROSS else "self-attention"
-    ax.set_title(f"{name}: {len(layers)} layers", fontsize=11 if result.distance_sums is not None else 12)
+    ax.set_title(f"{name}: {len(layers)} layers", fontsize=12)
     ax.set_yscale("log")
     ax.set_xlim(0.5, max(steps - 0.5, 1.5))
     ax.set_xlabel("step t (change of each layer's output from step t-1 to t)", fontsize=10)
