@@ -305,6 +305,9 @@ def test_the_joint_threshold_is_the_one_chosen_on_the_trained_joint_model(comfy)
     from tgate_bench.joint_study import HOLDS
 
     threshold = probe_module(comfy).JOINT_THRESHOLD
+    # One `threshold` input serves both rules: its default must be the joint threshold too.
+    default = next(i for i in probe_node(comfy).GET_SCHEMA().inputs if i.id == "threshold").default
+    assert default == threshold
     study = json.loads((PACK_ROOT / "docs" / "joint" / "results.json").read_text())
     measured = json.loads((PACK_ROOT / "docs" / "joint" / "probe.json").read_text())
     step = suggest_gate_from_distance(study["cond_uncond_distance"], threshold)
