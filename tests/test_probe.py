@@ -1,9 +1,12 @@
 """The T-GATE probe node on every family: it runs, its plot has the promised size, its numbers match a
 recomputation with plain forward hooks on the same run, its suggestion fed to T-GATE gates at the
-suggested step, it counts the first evaluation of each step, and it reads nothing back while sampling."""
+suggested step, it counts the first evaluation of each step, and it reads nothing back while sampling.
+On the joint-attention families its cond/uncond distance matches the predictions a model function
+wrapper sees on the same run, and the gate is suggested from it."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -11,9 +14,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import PACK_ROOT
+from test_joint_families import CASES as JOINT_CASES
+from test_joint_families import conds as joint_conds
+from test_joint_families import latent as joint_latent
 from test_transformer_families import CASES, inputs
 
-from tgate.probe import gate_at_for_step, gate_step_of, suggest_gate_step
+from tgate.probe import gate_at_for_step, gate_step_of, suggest_gate_from_distance, suggest_gate_step
+from tgate_testkit.models import build_model
 from tgate_testkit.recorders import ModelCalls, SyncCounter
 
 STEPS = 12
@@ -275,3 +283,128 @@ def test_the_schema(comfy):
     assert schema.display_name == "T-GATE probe" and schema.category == comfy.TGate.GET_SCHEMA().category
     threshold = next(i for i in schema.inputs if i.id == "threshold")
     assert "heuristic" in threshold.tooltip and "stays below" in threshold.tooltip
+
+
+def test_the_distance_rule():
+    """A joint family's rule: the first step from which the cond/uncond distance stays below the threshold,
+    the last step included (the distance has no end jump); never step 0; NaN (cfg 1) never gates."""
+    nan = math.nan
+    assert suggest_gate_from_distance([0.5, 0.2, 0.04, 0.03, 0.01], 0.05) == 2
+    assert suggest_gate_from_distance([0.5, 0.04, 0.06, 0.03, 0.01], 0.05) == 3  # must STAY below
+    assert suggest_gate_from_distance([0.5, 0.2, 0.04, 0.03, 0.06], 0.05) == 5  # the last step counts: do not gate
+    assert suggest_gate_from_distance([0.5, 0.2, 0.1, 0.07, 0.06], 0.05) == 5  # never: do not gate
+    assert suggest_gate_from_distance([0.01, 0.01, 0.01], 0.05) == 1  # never before the first step
+    assert suggest_gate_from_distance([nan, nan, nan], 0.05) == 3  # cfg 1: no distance, do not gate
+    assert suggest_gate_from_distance([0.5], 0.05) == 1 and suggest_gate_from_distance([], 0.05) == 0
+
+
+def test_the_joint_threshold_is_the_one_chosen_on_the_trained_joint_model(comfy):
+    """JOINT_THRESHOLD on the study's recorded distances (docs/joint/results.json) suggests the step that
+    tgate_bench.joint_probe measured (docs/joint/probe.json), at or before the default gate's step, where
+    the positive's text frozen kept prompt-following within the study's margin of the baseline."""
+    from tgate_bench.joint_study import HOLDS
+
+    threshold = probe_module(comfy).JOINT_THRESHOLD
+    # One `threshold` input serves both rules: its default must be the joint threshold too.
+    default = next(i for i in probe_node(comfy).GET_SCHEMA().inputs if i.id == "threshold").default
+    assert default == threshold
+    study = json.loads((PACK_ROOT / "docs" / "joint" / "results.json").read_text())
+    measured = json.loads((PACK_ROOT / "docs" / "joint" / "probe.json").read_text())
+    step = suggest_gate_from_distance(study["cond_uncond_distance"], threshold)
+    row = measured["thresholds"][str(threshold)]
+    assert step == row["step"] <= study["results"]["frozen_cond_0.4"]["gate_step"]
+    assert row["accuracy"] >= measured["baseline_accuracy"] - HOLDS and row["holds"]
+    assert measured["largest_relative_difference_from_results_json"] < 1e-4  # the probe's distance is the study's
+
+
+class Predictions:
+    """A model function wrapper (ComfyUI's unet wrapper, below the CFG function the probe wraps): the
+    denoised prediction of every model call and the call's chunk layout."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[int], torch.Tensor]] = []
+
+    def wrapper(self):
+        """The wrapper function: a closure, since ComfyUI deep-copies the model options (a wrapper object
+        would record into its copy)."""
+        calls = self.calls
+
+        def wrapper(apply_model, args):
+            out = apply_model(args["input"], args["timestep"], **args["c"])
+            calls.append((list(args["cond_or_uncond"]), out.detach().double().clone()))
+            return out
+
+        return wrapper
+
+    def distance(self) -> list[float]:
+        """Per call: ||cond - uncond|| / ||cond|| per sample, averaged over the batch."""
+        values = []
+        for layout, out in self.calls:
+            chunks = out.chunk(len(layout))
+            cond, uncond = (chunks[layout.index(b)].flatten(1) for b in (0, 1))
+            values.append(float(((cond - uncond).norm(dim=1) / cond.norm(dim=1)).mean()))
+        return values
+
+
+_JOINT_MODELS: dict = {}
+
+
+@pytest.mark.parametrize("name", sorted(JOINT_CASES))
+def test_the_probe_on_a_joint_family_reports_the_cond_uncond_distance(comfy, monkeypatch, name):
+    joint = JOINT_CASES[name]
+    if joint.arch not in _JOINT_MODELS:
+        _JOINT_MODELS[joint.arch] = build_model(joint.arch, seed=4)
+    model = _JOINT_MODELS[joint.arch].clone()
+    predictions = Predictions()
+    model.set_model_unet_function_wrapper(predictions.wrapper())
+    positive, negative = joint_conds(joint)
+    case = ProbeCase(joint.arch, lambda comfy: (positive, negative, joint_latent(joint)), 4.0, (*joint.text_only, *joint.joined))
+    (latent, image, gate_at, summary), result, marks, hooks = run_probe(comfy, monkeypatch, case, model)
+    assert image.shape == (1, HEIGHT, WIDTH, 3) and float(image.std()) > 0.05 and torch.isfinite(latent["samples"]).all()
+    assert "cond/uncond distance" in summary and "Text-stream mean change" in summary and "Official gate" in summary
+    # euler: one evaluation per step, both branches in one call; the distance is the wrapper's.
+    assert len(predictions.calls) == STEPS and all(sorted(layout) == [0, 1] for layout, _ in predictions.calls)
+    expected = predictions.distance()
+    assert all(0.0 < v < math.inf for v in expected)
+    torch.testing.assert_close(torch.tensor(result.cond_uncond_distance()), torch.tensor(expected), rtol=1e-4, atol=1e-7)
+    # The text stream is recorded as before: every module of it, the cross kind, as plain hooks see it.
+    assert set(result.layers) == {n for call in hooks.calls for n in call["out"]} and set(result.kinds) == {"cross_attention"}
+    change = result.relative_change()
+    for index, layer in enumerate(result.layers):
+        for branch in (0, 1):
+            recomputed = torch.tensor(hooks.relative_change(hooks.calls, layer, branch), dtype=change.dtype)
+            torch.testing.assert_close(change[:, index, branch], recomputed, rtol=2e-4, atol=1e-7, equal_nan=True)
+    # The suggestion: the distance rule on the wrapper's distances, converted with the model's sigmas.
+    assert marks.suggested_step == suggest_gate_from_distance(expected, 0.05)
+    assert gate_at == marks.suggested_gate_at
+    if marks.suggested_step < STEPS:
+        percent_to_sigma = model.get_model_object("model_sampling").percent_to_sigma
+        assert gate_step_of(result.sigmas, gate_at, percent_to_sigma) == marks.suggested_step
+
+
+def test_the_probe_on_a_joint_family_at_cfg_one_suggests_no_gate(comfy, monkeypatch):
+    """No uncond branch, no distance: NaN at every step, no suggestion, and the summary says why."""
+    joint = JOINT_CASES["flux"]
+    positive, negative = joint_conds(joint)
+    case = ProbeCase(joint.arch, lambda comfy: (positive, negative, joint_latent(joint)), 1.0, ())
+    (_, image, gate_at, summary), result, marks, _ = run_probe(comfy, monkeypatch, case, build_model(joint.arch, seed=4))
+    assert all(math.isnan(v) for v in result.cond_uncond_distance()) and len(result.cond_uncond_distance()) == STEPS
+    assert marks.suggested_step == STEPS and gate_at == 1.0 and "no uncond branch" in summary
+    assert image.shape == (1, HEIGHT, WIDTH, 3)
+
+
+def test_no_host_sync_while_probing_a_joint_family(comfy):
+    """The distance, like the sums, is accumulated on the device: no sync in the text stream, and none
+    beyond KSampler's but the read-back at the end."""
+    joint = JOINT_CASES["flux"]
+    model = build_model(joint.arch, seed=4)
+    positive, negative = joint_conds(joint)
+    args = (0, STEPS, 4.0, "euler", "normal", positive, negative, {"samples": joint_latent(joint)}, 1.0)
+    counts = []
+    for run in (comfy.nodes.common_ksampler, probe_module(comfy).record_run):
+        counter = SyncCounter()
+        with counter.around_attention(model, (*joint.text_only, *joint.joined)):
+            run(model, *args)
+        counts.append((counter.total, counter.in_attention))
+    (plain, _), (probe, in_attention) = counts
+    assert in_attention == 0 and probe - plain <= 4, counts

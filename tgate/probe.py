@@ -18,6 +18,14 @@ sigma_t. The step is worked out on the device from the evaluation's sigma tensor
 sigmas, so no sigma is read on the host. Extra model calls made by PAG, SAG and the like (one or
 three cond lists, see the node) are not recorded.
 
+On a joint-attention family (families.Family.text_stream) the text-stream modules are recorded as
+the cross kind, but their change says little: their modulation depends on the timestep, so they keep
+changing 2-10 % per step all run long (docs/joint/table.md). What tells how much the text still
+matters there is how far apart CFG's two predictions are: with `distance=True` the recorder also
+accumulates, per step, the cond/uncond distance ||cond - uncond|| / ||cond|| of the main evaluation's
+denoised predictions (per sample, averaged over the batch: the joint study's quantity), on the device
+as the sums are, and the gate is suggested from it (suggest_gate_from_distance).
+
 Nothing here imports ComfyUI; the node (probe_node.py) drives the recorder from ComfyUI's wrappers.
 """
 
@@ -40,8 +48,10 @@ NUM, DEN, COUNT = 0, 1, 2  # the last axis of the recorder's sums
 class ProbeRecorder:
     """Records the step-to-step change of the outputs of `layers` ({module path: kind}) during one run."""
 
-    def __init__(self, layers: Mapping[str, str]):
+    def __init__(self, layers: Mapping[str, str], distance: bool = False):
         self.layers = tuple(layers)
+        self.distance = distance  # also record the cond/uncond distance (record_predictions)
+        self.distance_sums: torch.Tensor | None = None  # [steps, (sum of distances, count)], on the device
         self.kinds = tuple(layers[name] for name in self.layers)
         self._index = {name: i for i, name in enumerate(self.layers)}
         self.sums: torch.Tensor | None = None  # [steps, layers, branches, (num, den, count)], on the device
@@ -60,7 +70,7 @@ class ProbeRecorder:
     def start_run(self, sigmas: torch.Tensor) -> None:
         """A sampling run starts with these sigmas (final sigma included); kept, read back at the end."""
         self.sigmas = sigmas.detach()
-        self.sums = self._keys = self._last_step = None
+        self.sums = self.distance_sums = self._keys = self._last_step = None
         self._previous.clear()
 
     @contextlib.contextmanager
@@ -140,13 +150,30 @@ class ProbeRecorder:
             self.sums[:, layer, branch].index_add_(0, step.view(1), values.view(1, 3))
             self._previous[key] = (torch.where(fresh, step, recorded_at), torch.where(fresh, chunk, before))
 
+    def record_predictions(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> None:
+        """The main evaluation's denoised predictions of the positive and the negative (None at CFG 1,
+        where there is no distance): adds their distance to the step's, if `distance` and it is the
+        first evaluation of its step. Called inside evaluation(); nothing is read on the host."""
+        if not (self.distance and self.active) or uncond is None:
+            return
+        cond, uncond = cond.detach().float().flatten(1), uncond.detach().float().flatten(1)
+        per_sample = torch.linalg.vector_norm(cond - uncond, dim=1) / torch.linalg.vector_norm(cond, dim=1).clamp_min(1e-30)
+        if self.distance_sums is None or self.distance_sums.device != cond.device:
+            self.distance_sums = torch.zeros(self._keys.shape[0], 2, device=cond.device)
+        step, fresh = self._step.to(cond.device), self._fresh.to(cond.device)
+        values = torch.where(fresh, torch.stack((per_sample.mean(), torch.ones_like(per_sample[0]))), 0.0)
+        self.distance_sums.index_add_(0, step.view(1), values.view(1, 2))
+
     # -- the result -------------------------------------------------------------------------------
     def result(self) -> ProbeResult:
         """Read the sums and the sigmas back to the host, once, and drop the kept outputs."""
         self._previous.clear()
         sums = self.sums.cpu() if self.sums is not None else torch.zeros(0, len(self.layers), len(BRANCH_NAMES), 3)
         sigmas = tuple(self.sigmas.float().cpu().tolist()) if self.sigmas is not None else ()
-        return ProbeResult(self.layers, self.kinds, sums, sigmas)
+        distance = None
+        if self.distance:
+            distance = self.distance_sums.cpu() if self.distance_sums is not None else torch.zeros(0, 2)
+        return ProbeResult(self.layers, self.kinds, sums, sigmas, distance)
 
 
 @dataclass(frozen=True)
@@ -155,6 +182,7 @@ class ProbeResult:
     kinds: tuple[str, ...]
     sums: torch.Tensor  # [steps, layers, branches, (num, den, count)] on the host
     sigmas: tuple[float, ...]  # the run's sigmas, final sigma included
+    distance_sums: torch.Tensor | None = None  # [steps, (sum, count)] on the host; None: not recorded
 
     @property
     def num_steps(self) -> int:
@@ -183,6 +211,15 @@ class ProbeResult:
         change = change.reshape(change.shape[0], -1)
         return [float(row.nanmean()) if (~row.isnan()).any() else math.nan for row in change]
 
+    def cond_uncond_distance(self) -> list[float]:
+        """Per step, ||cond - uncond|| / ||cond|| of the first evaluation's denoised predictions (per sample,
+        averaged over the batch); NaN where not recorded (CFG 1: no uncond). Empty if not recorded at all."""
+        if self.distance_sums is None:
+            return []
+        total, count = self.distance_sums.double().unbind(-1)
+        values = [float(s / c) if c > 0 else math.nan for s, c in zip(total.tolist(), count.tolist(), strict=True)]
+        return (values + [math.nan] * self.num_steps)[: self.num_steps or len(values)]
+
 
 def suggest_gate_step(mean_change: Sequence[float], threshold: float) -> int:
     """The first step g (1 <= g <= steps) from which the mean relative change of cross-attention stays
@@ -197,6 +234,24 @@ def suggest_gate_step(mean_change: Sequence[float], threshold: float) -> int:
     gate = steps
     for t in range(steps - 2 if steps > 2 else steps - 1, 0, -1):
         value = mean_change[t]
+        if math.isnan(value) or value >= threshold:
+            break
+        gate = t
+    return max(gate, 1) if steps else 0
+
+
+def suggest_gate_from_distance(distance: Sequence[float], threshold: float) -> int:
+    """For a joint-attention family: the first step g (1 <= g <= steps) from which the cond/uncond distance
+    of the predictions stays below `threshold` at every step t >= g, the last included. Gating at g keeps
+    the text as it was at step g-1 and runs one branch from step g on, so every step from g on loses
+    what the uncond branch would have added: the distance there. The last step is not left out as in
+    suggest_gate_step: the distance is not a change from the step before, and it has no jump at the end
+    (it falls to 0.001 on the trained joint model). Equal to the number of steps (do not gate) when the
+    distance at the last step is not below it, or was not recorded (NaN: CFG 1)."""
+    steps = len(distance)
+    gate = steps
+    for t in range(steps - 1, 0, -1):
+        value = distance[t]
         if math.isnan(value) or value >= threshold:
             break
         gate = t
@@ -246,5 +301,6 @@ __all__ = [
     "gate_at_for_step",
     "gate_step_of",
     "percent_of_sigma",
+    "suggest_gate_from_distance",
     "suggest_gate_step",
 ]
