@@ -3,7 +3,7 @@ torch.utils.flop_counter.FlopCounterMode and attributed per module.
 
     python -m tgate_bench.text_share --arch flux-dev --size 256 1024 --threads 1
 
-One model call (batch 1, one branch) of a joint-attention family (Flux, Chroma, Qwen-Image) at each
+One model call (batch 1, one branch) of a joint-attention family (Flux, Chroma, Qwen-Image, SD3) at each
 size. The counter counts matrix products (linear layers and attention); each linear layer's FLOPs
 are read from the counter around its own call, and attribute to the text by the module's path:
 - text-only modules (the text stream's rows: Flux's `txt_in` and double blocks' `txt_*`, Qwen-Image's
@@ -38,8 +38,14 @@ TEXT_ONLY = {
     "Chroma": r"txt_in|double_blocks\.\d+\.txt_(?:norm1|attn\.qkv|attn\.norm|attn\.proj|norm2|mlp)",
     "QwenImage": r"txt_norm|txt_in|transformer_blocks\.\d+\.(?:txt_mod|txt_norm1|txt_norm2|txt_mlp"
     r"|attn\.add_[qkv]_proj|attn\.norm_added_[qk]|attn\.to_add_out)",
+    "SD3": r"context_embedder|joint_blocks\.\d+\.context_block",
 }
-JOINED = {"Flux": r"single_blocks\.\d+\.linear[12]", "Chroma": r"single_blocks\.\d+\.linear[12]", "QwenImage": r"(?!)"}
+JOINED = {
+    "Flux": r"single_blocks\.\d+\.linear[12]",
+    "Chroma": r"single_blocks\.\d+\.linear[12]",
+    "QwenImage": r"(?!)",
+    "SD3": r"(?!)",
+}
 
 
 def _family_key(model_config) -> str:

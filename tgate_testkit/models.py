@@ -415,6 +415,24 @@ _CHROMA = dict(
 # embedders and final layer are there once: with fewer blocks these weigh more in a step than in the
 # real model (tgate_bench.text_share --full-depth counts the real depth, shapes only).
 _QWEN_IMAGE = dict(image_model="qwen_image", in_channels=64, num_layers=3)
+# SD3.5 Large, as model detection reads its checkpoint: depth 38 sets the width (64 x 38 = 2432) and
+# the heads (38); `num_blocks` runs 4 of its 38 joint blocks. Text: CLIP-L + CLIP-G (77 tokens, padded
+# to T5's 4096 width) then T5 (77 tokens), pooled 2048.
+_SD35_LARGE = dict(
+    in_channels=16,
+    out_channels=16,
+    patch_size=2,
+    depth=38,
+    num_blocks=4,
+    input_size=None,
+    adm_in_channels=2048,
+    context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 2432}},
+    num_patches=36864,
+    pos_embed_max_size=192,
+    qk_norm="rms",
+    pos_embed_scaling_factor=None,
+    x_block_self_attn_layers=[],
+)
 
 ARCHITECTURES = {
     "sd15": Architecture("SD15", _SD15, context_tokens=77),
@@ -453,6 +471,9 @@ ARCHITECTURES = {
     ),
     "qwen-image": Architecture(
         "QwenImage", _QWEN_IMAGE, context_tokens=64, context_width=3584, latent=(16, 1), full_depth=(("num_layers", 60),)
+    ),
+    "sd35-large": Architecture(
+        "SD3", _SD35_LARGE, context_tokens=154, context_width=4096, pooled=2048, latent=(16,), full_depth=(("num_blocks", 38),)
     ),
     "tiny-flux": Architecture("Flux", _TINY_FLUX, context_tokens=8, context_width=8, pooled=8, latent=(16,)),
     "tiny-sd3": Architecture("SD3", _TINY_SD3, context_tokens=8, context_width=8, pooled=32, latent=(16,)),
