@@ -48,10 +48,7 @@ def test_the_examples_command_runs_the_sd15_probe_advanced_and_sd35_workflows(fi
     assert any(f.startswith("TGATE_probe_ungated") for f in probe) and any(f.startswith("TGATE_0") for f in probe)
     assert f"using {files['sdxl']}" in run.stdout  # the module's files, not written again
     # The joint-attention example: T-GATE froze the MMDiT's text stream (the pack's log line in the server's log).
-    assert (
-        "T-GATE: gating after step 9 of 20 (gate_at 0.40); the text stream's keys and values are cached there"
-        in (base / "comfyui-server.log").read_text()
-    )
+    assert "the text stream's keys and values are cached there" in (base / "comfyui-server.log").read_text()
 
 
 def test_each_file_loads_through_comfyuis_loaders_as_its_model_type(files):
