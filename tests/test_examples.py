@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import COMFYUI_MISSING, COMFYUI_PATH, PACK_ROOT
 
-RUN = ["tgate_sd15_txt2img", "tgate_sd15_probe", "tgate_advanced_sdxl_txt2img"]
+RUN = ["tgate_sd15_txt2img", "tgate_sd15_probe", "tgate_advanced_sdxl_txt2img", "tgate_sd35_txt2img"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def files(comfy, base):
     return {name: model_files.write(name, base / "models") for name in model_files.FILES}
 
 
-def test_the_examples_command_runs_the_sd15_probe_and_advanced_workflows(files, base, tmp_path):
+def test_the_examples_command_runs_the_sd15_probe_advanced_and_sd35_workflows(files, base, tmp_path):
     report = tmp_path / "results.json"
     command = [sys.executable, "-m", "tgate_bench.examples", "--models-dir", str(base), "--json", str(report)]
     command += ["--workflows", ",".join(RUN), "--comfyui", str(COMFYUI_PATH), "--steps", "6"]  # 6 of 25 steps: quicker
@@ -47,6 +47,8 @@ def test_the_examples_command_runs_the_sd15_probe_and_advanced_workflows(files, 
     probe = results[RUN.index("tgate_sd15_probe")]["outputs"]  # the probe's ungated image and T-GATE's, both saved
     assert any(f.startswith("TGATE_probe_ungated") for f in probe) and any(f.startswith("TGATE_0") for f in probe)
     assert f"using {files['sdxl']}" in run.stdout  # the module's files, not written again
+    # The joint-attention example: T-GATE froze the MMDiT's text stream (the pack's log line in the server's log).
+    assert "the text stream's keys and values are cached there" in (base / "comfyui-server.log").read_text()
 
 
 def test_each_file_loads_through_comfyuis_loaders_as_its_model_type(files):
@@ -61,12 +63,18 @@ def test_each_file_loads_through_comfyuis_loaders_as_its_model_type(files):
     for name, model_class, config_name, clip_class in (
         ("sd15", model_base.BaseModel, "SD15", "SD1ClipModel"),
         ("sdxl", model_base.SDXL, "SDXL", "SDXLClipModel"),
+        ("sd35", model_base.SD3, "SD3", "SD3ClipModel"),
     ):
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(files[name]))
         assert type(model.model) is model_class and type(model.model.model_config).__name__ == config_name
-        assert type(clip.cond_stage_model).__name__ == clip_class and vae.latent_channels == 4
-    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a red fox"))  # SDXL's: CLIP-L and the 3-layer CLIP-G
-    assert cond[0][0].shape == (1, 77, 2048) and cond[0][1]["pooled_output"].shape == (1, 1280)
+        assert type(clip.cond_stage_model).__name__.rstrip("_") == clip_class
+        assert vae.latent_channels == (16 if name == "sd35" else 4)
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize("a red fox"))
+        if name == "sdxl":  # CLIP-L and the 3-layer CLIP-G
+            assert cond[0][0].shape == (1, 77, 2048) and cond[0][1]["pooled_output"].shape == (1, 1280)
+    # SD3.5's: CLIP-L and CLIP-G padded to T5's width, then T5-XXL's tokens; the MMDiT's buffer filled
+    assert cond[0][0].shape == (1, 154, 4096) and cond[0][1]["pooled_output"].shape == (1, 2048) and cond[0][0].isfinite().all()
+    assert model.model.diffusion_model.pos_embed.isfinite().all() and model.model.model_config.unet_config["qk_norm"] == "rms"
 
     for name, config_name in (("pixart-sigma", "PixArtSigma"), ("wan21", "WAN21_T2V")):
         assert type(comfy.sd.load_diffusion_model(str(files[name])).model.model_config).__name__ == config_name
@@ -133,3 +141,21 @@ def test_the_examples_command_fails_on_a_workflow_neither_run_nor_skipped(tmp_pa
     assert examples.unaccounted() == []
     (tmp_path / "tgate_sd15_probe.json").unlink()
     assert examples.unaccounted() == [f"tgate_sd15_probe is listed but {tmp_path / 'tgate_sd15_probe'}.json does not exist"]
+
+
+def test_a_workflow_fails_where_tgate_did_not_act_or_the_image_is_not_finite(tmp_path):
+    from PIL import Image
+
+    from tgate_bench import examples
+
+    summary = "T-GATE: 9 of 20 steps planned with text, then ...; {} of 40 CFG branch evaluations saved; 0.3 s per step\n"
+    assert examples.not_acted("got prompt\n" + summary.format(11)) == ""
+    assert "saved no CFG branch evaluation" in examples.not_acted(summary.format(0))
+    assert "no T-GATE run summary" in examples.not_acted("got prompt\nPrompt executed in 1 s\n")
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(tmp_path / "flat.png")  # what SaveImage writes for a NaN image
+    Image.effect_noise((8, 8), 40).save(tmp_path / "noise.png")
+    (tmp_path / "clip.mp4").write_bytes(b"not an image")  # videos are not read
+    assert examples.not_finite(tmp_path, ["noise.png", "clip.mp4"], "") == ""
+    assert "flat.png is one flat colour" in examples.not_finite(tmp_path, ["noise.png", "flat.png"], "")
+    warning = "RuntimeWarning: invalid value encountered in cast"
+    assert examples.NAN_CAST in examples.not_finite(tmp_path, ["noise.png"], warning)

@@ -9,13 +9,16 @@ neither (or a name in either without its file) makes the command fail before it 
 DIR (default: a new temporary folder) is the server's --base-directory: the files go to DIR/models/...,
 a copy of this pack and comfy_tiny_options.py to DIR/custom_nodes, images to DIR/output. ComfyUI's
 own models folder is used only if you pass it. Image sizes, video frames and steps are reduced so a
-CPU runs each workflow in seconds (printed as it goes); the rest of each graph is the file's.
+CPU runs each workflow in seconds (printed as it goes); the rest of each graph is the file's. A workflow
+passes when it runs, saves its outputs, T-GATE acted in the T-GATE run (the pack's run summary in the
+server's log saved CFG branch evaluations) and its saved images are finite (not one flat colour).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -34,6 +37,7 @@ PLANS = {
     "tgate_sd15_probe": ({"ckpt_name": "sd15"}, {"width": 64, "height": 64}),
     "tgate_sdxl_txt2img": ({"ckpt_name": "sdxl"}, {"width": 64, "height": 64}),
     "tgate_advanced_sdxl_txt2img": ({"ckpt_name": "sdxl"}, {"width": 64, "height": 64}),
+    "tgate_sd35_txt2img": ({"ckpt_name": "sd35"}, {"width": 64, "height": 64}),
     "tgate_deepcache_sdxl_txt2img": ({"ckpt_name": "sdxl"}, {"width": 64, "height": 64}),
     "tgate_pixart_sigma_txt2img": (
         {"unet_name": "pixart-sigma", "clip_name": "pixart-t5", "vae_name": "sdxl-vae"},
@@ -53,6 +57,11 @@ NOTES = {
 }
 LATENT_NODES = ("EmptyLatentImage", "EmptyHunyuanLatentVideo", "EmptySD3LatentImage")
 TGATE_NODES = ("TGate", "TGateAdvanced")
+# The pack's summary of each sampling run (tgate/summary.py), in the server's log: T-GATE acted where a
+# run of the T-GATE prompt saved CFG branch evaluations.
+SUMMARY = re.compile(r"^T-GATE: .*; (\d+) of (\d+) CFG branch evaluations saved", re.MULTILINE)
+# What numpy prints when SaveImage casts a NaN image to 8 bits (once per server process).
+NAN_CAST = "invalid value encountered in cast"
 
 
 def log(message: str) -> None:
@@ -146,6 +155,40 @@ def prepare_base(base: Path, names: list[str]) -> None:
     shutil.copy(PACK_ROOT / "tgate_testkit" / "comfy_tiny_options.py", nodes / "tgate_tiny_options.py")
 
 
+def server_log(server: Server, start: int = 0) -> str:
+    """The server's log from byte `start` on."""
+    with open(server.log_path, "rb") as f:
+        f.seek(start)
+        return f.read().decode(errors="replace")
+
+
+def not_acted(log_text: str) -> str:
+    """Why the T-GATE prompt's log shows T-GATE did not act (no run saved a CFG branch evaluation); empty if it acted."""
+    saved = [int(m.group(1)) for m in SUMMARY.finditer(log_text)]
+    if any(saved):
+        return ""
+    return "T-GATE did not act: " + ("its runs saved no CFG branch evaluation" if saved else "no T-GATE run summary in the log")
+
+
+def not_finite(output: Path, saved: list, log_text: str) -> str:
+    """Why the saved outputs look non-finite, empty if they do not: numpy's warning for a NaN cast, or an
+    image of one flat colour (SaveImage writes NaN as 0). Only images Pillow opens are read (not videos)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if NAN_CAST in log_text:
+        return f"non-finite output: the log says {NAN_CAST!r}"
+    for name in saved:
+        try:
+            with Image.open(output / name) as image:
+                pixels = np.asarray(image.convert("RGB"))
+        except UnidentifiedImageError:
+            continue
+        if pixels.min() == pixels.max():
+            return f"non-finite output: {name} is one flat colour ({pixels.min()})"
+    return ""
+
+
 def run_workflow(server: Server, name: str, steps: int | None) -> Result:
     files, sizes = PLANS[name]
     workflow, changes = prepare(json.loads((WORKFLOWS / f"{name}.json").read_text()), files, sizes, steps)
@@ -154,8 +197,10 @@ def run_workflow(server: Server, name: str, steps: int | None) -> Result:
         # Loading and text encoding are cached by ComfyUI after the first run: a 1-step warm-up pays them.
         seconds, _ = server.run(with_gate_at(workflow, steps=1))
         log(f"{name}: warm-up (1 step, loads the models) {seconds:.1f} s")
+        start = server.log_path.stat().st_size
         tgate, saved = server.run(workflow)
         log(f"{name}: with T-GATE {tgate:.1f} s, saved {', '.join(saved) or 'nothing'}")
+        tgate_log = server_log(server, start)
         off, _ = server.run(with_gate_at(workflow, gate_at=1.0))
         log(f"{name}: with gate_at 1.0 {off:.1f} s")
     except Exception as e:  # noqa: BLE001 - reported per workflow
@@ -163,7 +208,10 @@ def run_workflow(server: Server, name: str, steps: int | None) -> Result:
         return Result(name, False, error=str(e))
     if not saved:
         return Result(name, False, tgate, off, saved, error="the workflow saved no output")
-    return Result(name, True, tgate, off, saved)
+    problem = not_acted(tgate_log) or not_finite(server.base / "output", saved, tgate_log)
+    if problem:
+        log(f"{name}: FAILED: {problem}")
+    return Result(name, not problem, tgate, off, saved, error=problem)
 
 
 def table(results: list[Result]) -> str:

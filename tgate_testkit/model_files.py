@@ -20,7 +20,7 @@ import torch
 
 from .comfy_tiny_options import MARKER
 from .encoders import SD_VAE, umt5_tokenizer, wan21_vae_module
-from .models import ARCHITECTURES, randomize
+from .models import ARCHITECTURES, fill_pos_embed, randomize
 
 # -- SD1.5 ----------------------------------------------------------------------------------------
 # A checkpoint ComfyUI's CheckpointLoaderSimple detects as SD1.5: the UNet has SD1.5's widths
@@ -96,6 +96,21 @@ SDXL_CHECKPOINT_UNET = dict(
 TINY_CLIP_G = {"clip_g_model_config": {"num_hidden_layers": 3}}
 
 
+def _checkpoint(path: Path, model, clip, vae, seed: int, options: dict) -> Path:
+    """A single-file checkpoint as ComfyUI saves one (model.state_dict_for_saving): the diffusion model in
+    fp16, the text encoders and the VAE in fp8, the text encoders' configuration override carried along."""
+    for i, module in enumerate((model.diffusion_model, clip, vae)):
+        randomize(module, seed + i)
+    fill_pos_embed(model.diffusion_model, seed)
+    state = model.state_dict_for_saving(clip_state_dict=clip.state_dict(), vae_state_dict=vae.state_dict())
+    unet = "model.diffusion_model."
+    state = {
+        **_fp8({k: v for k, v in state.items() if not k.startswith(unet)}),
+        **_fp16({k: v for k, v in state.items() if k.startswith(unet)}),
+    }
+    return _save(state, path, options)
+
+
 def write_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
     import comfy.ldm.models.autoencoder as autoencoder
     import comfy.sdxl_clip as sdxl_clip
@@ -104,15 +119,7 @@ def write_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
     model = supported_models.SDXL(dict(SDXL_CHECKPOINT_UNET)).get_model({})
     clip = sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32, model_options=TINY_CLIP_G)
     vae = autoencoder.AutoencoderKL(ddconfig=SD_VAE, embed_dim=4)
-    for i, module in enumerate((model.diffusion_model, clip, vae)):
-        randomize(module, seed + i)
-    state = model.state_dict_for_saving(clip_state_dict=clip.state_dict(), vae_state_dict=vae.state_dict())
-    unet = "model.diffusion_model."
-    state = {
-        **_fp8({k: v for k, v in state.items() if not k.startswith(unet)}),
-        **_fp16({k: v for k, v in state.items() if k.startswith(unet)}),
-    }
-    return _save(state, path, TINY_CLIP_G)
+    return _checkpoint(path, model, clip, vae, seed, TINY_CLIP_G)
 
 
 # -- PixArt-Sigma --------------------------------------------------------------------------------
@@ -193,11 +200,46 @@ def write_wan21_vae(path: Path, seed: int = 0) -> Path:
     return _save(_fp8(module.state_dict()), path)
 
 
+# -- SD3.5 ---------------------------------------------------------------------------------------
+# A checkpoint CheckpointLoaderSimple detects as SD3 (ComfyUI's SD3.5 template loads one file): the
+# MMDiT is tiny-sd3 with SD3.5 Large's RMS query/key norm (detection reads depth from x_embedder's
+# width, 64 per block: 2 blocks, 128 wide) and the widths the text encoders fix: a 4096-wide context
+# (T5-XXL; CLIP-L + CLIP-G padded) and a 2048-wide pooled vector (CLIP-L + CLIP-G). pos_embed covers
+# 16 x 16 patches (SD3.5's 192 x 192): a 256 px image at most. The text encoders are CLIP-L (real),
+# the 3-layer CLIP-G and the thin T5-XXL of the PixArt file; the VAE is SD3's 16-channel one, real
+# size (ComfyUI fixes its widths) and without quant convolutions, as SD3's.
+SD35_CHECKPOINT_UNET = dict(
+    ARCHITECTURES["tiny-sd3"].unet,
+    adm_in_channels=2048,
+    qk_norm="rms",
+    context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+)
+TINY_SD35_TEXT = {**TINY_CLIP_G, **TINY_T5XXL}
+
+
+def write_sd35_checkpoint(path: Path, seed: int = 0) -> Path:
+    import comfy.ldm.models.autoencoder as autoencoder
+    import comfy.supported_models as supported_models
+    import comfy.text_encoders.sd3_clip as sd3_clip
+
+    model = supported_models.SD3(dict(SD35_CHECKPOINT_UNET)).get_model({})
+    clip = sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=True, dtype_t5=torch.float16)(
+        device="cpu", dtype=torch.float32, model_options=TINY_SD35_TEXT
+    )
+    vae = autoencoder.AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": dict(SD_VAE, z_channels=16)},
+        decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": dict(SD_VAE, z_channels=16)},
+    )
+    return _checkpoint(path, model, clip, vae, seed, TINY_SD35_TEXT)
+
+
 # -- what each example workflow loads --------------------------------------------------------------
 # (ComfyUI models subfolder, file name, writer): names say tiny and never match a real checkpoint.
 FILES = {
     "sd15": ("checkpoints", "tgate-tiny-sd15.safetensors", write_sd15_checkpoint),
     "sdxl": ("checkpoints", "tgate-tiny-sdxl.safetensors", write_sdxl_checkpoint),
+    "sd35": ("checkpoints", "tgate-tiny-sd35.safetensors", write_sd35_checkpoint),
     "pixart-sigma": ("diffusion_models", "tgate-tiny-pixart-sigma.safetensors", write_pixart_sigma_unet),
     "pixart-t5": ("text_encoders", "tgate-tiny-pixart-t5xxl.safetensors", write_pixart_t5),
     "sdxl-vae": ("vae", "tgate-tiny-sdxl-vae.safetensors", write_sd_vae),

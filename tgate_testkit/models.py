@@ -500,6 +500,15 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
                 p.normal_(0.0, 0.1, generator=g)
 
 
+def fill_pos_embed(diffusion_model: torch.nn.Module, seed: int) -> None:
+    """SD3's position embedding is a buffer a checkpoint fills; ComfyUI leaves it uninitialised (NaN or
+    garbage): seeded small values here. Other models are left as they are."""
+    pos_embed = getattr(diffusion_model, "pos_embed", None)
+    if isinstance(pos_embed, torch.Tensor) and not isinstance(pos_embed, torch.nn.Parameter):
+        with torch.no_grad():
+            pos_embed.normal_(0.0, 0.02, generator=torch.Generator(device=pos_embed.device).manual_seed(seed))
+
+
 def build_model(
     arch: str | Architecture, dtype: torch.dtype = torch.float32, seed: int = 0, unet: dict | None = None, device=None
 ):
@@ -517,10 +526,7 @@ def build_model(
     model.diffusion_model.to(device=device, dtype=dtype)
     if device.type != "meta":
         randomize(model, seed)
-        pos_embed = getattr(model.diffusion_model, "pos_embed", None)
-        if isinstance(pos_embed, torch.Tensor) and not isinstance(pos_embed, torch.nn.Parameter):
-            # SD3's position embedding is a buffer a checkpoint fills; ComfyUI leaves it uninitialised.
-            pos_embed.normal_(0.0, 0.02, generator=torch.Generator(device=pos_embed.device).manual_seed(seed))
+        fill_pos_embed(model.diffusion_model, seed)
     return model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
 
 
