@@ -670,13 +670,12 @@ def test_7_the_advanced_node_syncs_no_more_and_never_inside_attention(comfy, sd1
 def test_8_a_model_the_pack_cannot_serve_gets_a_clear_error(comfy):
     from tgate_testkit.models import build_model
 
-    sd3 = build_model("tiny-sd3")
+    lumina = build_model("tiny-lumina2")
     with pytest.raises(comfy.engine.UnsupportedModelError) as error:
-        comfy.tgate(sd3)
+        comfy.tgate(lumina)
     message = str(error.value)
-    assert "SD3" in message and "joint attention" in message and "Flux, Chroma and Qwen-Image" in message
-    assert "Remove the T-GATE node" in message
-    assert not sd3.object_patches  # nothing was changed
+    assert "Lumina2" in message and "caption" in message and "Remove the T-GATE node" in message
+    assert not lumina.object_patches  # nothing was changed
     # What ComfyUI reports as the error's type: the pack's name, not the folder path it was loaded from.
     import execution
 

@@ -360,6 +360,21 @@ _TINY_MOCHI = dict(
     t5_token_length=8,
     rope_theta=10000.0,
 )
+# Lumina 2 (NextDiT), refused: what the refusal tests build.
+_TINY_LUMINA2 = dict(
+    image_model="lumina2",
+    patch_size=2,
+    in_channels=16,
+    dim=32,
+    cap_feat_dim=8,
+    n_layers=1,
+    n_refiner_layers=1,
+    n_heads=2,
+    n_kv_heads=2,
+    qk_norm=True,
+    axes_dims=[4, 6, 6],
+    axes_lens=[32, 32, 32],
+)
 _TINY_QWEN_IMAGE = dict(
     image_model="qwen_image",
     in_channels=64,
@@ -476,6 +491,7 @@ ARCHITECTURES = {
         "SD3", _SD35_LARGE, context_tokens=154, context_width=4096, pooled=2048, latent=(16,), full_depth=(("num_blocks", 38),)
     ),
     "tiny-flux": Architecture("Flux", _TINY_FLUX, context_tokens=8, context_width=8, pooled=8, latent=(16,)),
+    "tiny-lumina2": Architecture("Lumina2", _TINY_LUMINA2, context_tokens=8, context_width=8, no_pooled=True, latent=(16,)),
     "tiny-sd3": Architecture("SD3", _TINY_SD3, context_tokens=8, context_width=8, pooled=32, latent=(16,)),
     "tiny-auraflow": Architecture("AuraFlow", _TINY_AURAFLOW, context_tokens=8, context_width=8, no_pooled=True),
     "tiny-mochi": Architecture("GenmoMochi", _TINY_MOCHI, context_tokens=8, context_width=8, prompt_tokens=6, latent=(12, 2)),
