@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from tgate_bench.peers import PeerError, PeerSpec, load_peer, parse_variants
-from tgate_testkit.comfy_env import MISSING, PACK_ROOT, find_comfyui, import_comfyui, load_pack
+from tgate_testkit.comfy_env import PACK_ROOT, comfyui_or_exit, import_comfyui, load_pack
 from tgate_testkit.logs import RunLog
 from tgate_testkit.models import ARCHITECTURES
 
@@ -148,9 +148,7 @@ def plan_variants(args) -> list[str | PeerSpec]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     entries = plan_variants(args)  # before anything loads: a malformed entry stops here
-    comfy_path = find_comfyui(args.comfyui)
-    if comfy_path is None:
-        raise SystemExit(MISSING)
+    comfy_path = comfyui_or_exit(args.comfyui)
     nodes = import_comfyui(comfy_path)
     import comfy.model_management as mm
     import comfy.patcher_extension

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tgate_testkit.comfy_env import MISSING, PACK_ROOT, find_comfyui
+from tgate_testkit.comfy_env import PACK_ROOT, comfyui_or_exit
 
 STEPS = 10  # gate_at 0.4 gates after 4 of 10 normal steps
 
@@ -82,10 +82,7 @@ def main(argv=None) -> int:
     action.add_argument("--compare", type=Path, help="compare the results with those saved in this file")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, else two folders above the pack)")
     args = p.parse_args(argv)
-    comfy_path = find_comfyui(args.comfyui)
-    if comfy_path is None:
-        print(MISSING, file=sys.stderr)
-        return 2
+    comfy_path = comfyui_or_exit(args.comfyui)
     from tgate_testkit.runtime import ComfyRuntime
 
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tgate_testkit.comfy_env import MISSING, PACK_ROOT, find_comfyui
+from tgate_testkit.comfy_env import PACK_ROOT, comfyui_or_exit
 
 THRESHOLDS = (0.1, 0.07, 0.05, 0.03)  # steps 5, 6, 8 and 11 (the default gate) on this model
 
@@ -33,11 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=PACK_ROOT / "docs" / "joint")
     args = p.parse_args(argv)
-    comfy_path = find_comfyui(args.comfyui)
-    if comfy_path is None:
-        print(MISSING, file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads)
+    comfy_path = comfyui_or_exit(args.comfyui, args.threads)
     from tgate_testkit.runtime import ComfyRuntime
 
     nodes = ComfyRuntime.load(comfy_path, PACK_ROOT).nodes

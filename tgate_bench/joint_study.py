@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tgate_testkit.comfy_env import MISSING, PACK_ROOT, find_comfyui, import_comfyui
+from tgate_testkit.comfy_env import PACK_ROOT, comfyui_or_exit, import_comfyui
 
 STEPS, CFG, SAMPLER, SCHEDULER, SEEDS = 25, 5.0, "euler", "simple", (0, 1)
 GATES = (0.2, 0.4, 0.6)
@@ -292,11 +291,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=PACK_ROOT / "docs" / "joint")
     args = p.parse_args(argv)
     seeds = tuple(int(v) for v in args.seeds.split(","))
-    comfy_path = find_comfyui(args.comfyui)
-    if comfy_path is None:
-        print(MISSING, file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads)
+    comfy_path = comfyui_or_exit(args.comfyui, args.threads)
     nodes = import_comfyui(comfy_path)
     import comfy.utils
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from tgate_testkit.comfy_env import MISSING, PACK_ROOT, find_comfyui, import_comfyui, load_pack
+from tgate_testkit.comfy_env import PACK_ROOT, comfyui_or_exit, import_comfyui, load_pack
 from tgate_testkit.models import ARCHITECTURES, build_model, random_cond
 
 
@@ -28,10 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--runs", type=int, default=5)
     args = p.parse_args(argv)
-    comfy_path = find_comfyui(args.comfyui)
-    if comfy_path is None:
-        print(MISSING, file=sys.stderr)
-        return 2
+    comfy_path = comfyui_or_exit(args.comfyui)
     nodes = import_comfyui(comfy_path)
     if "TGateProbe" not in nodes.NODE_CLASS_MAPPINGS:
         load_pack(nodes, PACK_ROOT)

@@ -168,12 +168,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from tgate_testkit.comfy_env import MISSING, find_comfyui, import_comfyui
+    from tgate_testkit.comfy_env import comfyui_or_exit, import_comfyui
     from tgate_testkit.models import ARCHITECTURES, build_model
 
-    comfy_path = find_comfyui(args.comfyui)
-    if comfy_path is None:
-        raise SystemExit(MISSING)
+    comfy_path = comfyui_or_exit(args.comfyui)
     import_comfyui(comfy_path)
     arch = ARCHITECTURES[args.arch]
     unet = dict(arch.unet, **dict(arch.full_depth)) if args.full_depth else None

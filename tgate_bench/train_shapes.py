@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from tgate_testkit.comfy_env import MISSING, find_comfyui, import_comfyui
+from tgate_testkit.comfy_env import comfyui_or_exit, import_comfyui
 
 
 def save(module: torch.nn.Module, path: Path, metadata: dict) -> None:
@@ -54,11 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--out", type=Path, default=None, help="weights file (default: the model's file in tgate_testkit/weights/)")
     args = p.parse_args(argv)
-    comfy_path = find_comfyui(args.comfyui)
-    if comfy_path is None:
-        print(MISSING, file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads)
+    comfy_path = comfyui_or_exit(args.comfyui, args.threads)
     import_comfyui(comfy_path)
     from tgate_testkit import trained, trained_joint
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tgate_testkit.comfy_env import MISSING, PACK_ROOT, find_comfyui
+from tgate_testkit.comfy_env import PACK_ROOT, comfyui_or_exit
 
 DEFAULT_GATE = 0.4  # both T-GATE nodes' default gate_at
 HOLDS = 0.05  # accuracy "holds" within this of the baseline's (the tests' margin)
@@ -163,11 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=PACK_ROOT / "docs" / "trained")
     p.add_argument("--weights", type=Path, default=None, help="default: tgate_testkit/weights/shapes-unet.safetensors")
     args = p.parse_args(argv)
-    comfy_path = find_comfyui(args.comfyui)
-    if comfy_path is None:
-        print(MISSING, file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads)
+    comfy_path = comfyui_or_exit(args.comfyui, args.threads)
     from tgate_testkit.runtime import ComfyRuntime
 
     runtime = ComfyRuntime.load(comfy_path, PACK_ROOT)

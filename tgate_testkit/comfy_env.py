@@ -19,6 +19,20 @@ def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
+def comfyui_or_exit(explicit: str | os.PathLike | None = None, threads: int | None = None) -> Path:
+    """The ComfyUI folder a command-line tool runs against (find_comfyui), or exit status 2 with how to
+    set it; `threads`: torch's thread count for the tool."""
+    comfy_path = find_comfyui(explicit)
+    if comfy_path is None:
+        print(MISSING, file=sys.stderr)
+        raise SystemExit(2)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    return comfy_path
+
+
 def import_comfyui(comfy_path: Path):
     """Put ComfyUI first on sys.path (its `nodes` must win over this pack's) and import it."""
     path = str(comfy_path)
