@@ -31,7 +31,6 @@ from .tgate import (
     gated_attention,
     gated_text_module,
     guided_by_stand_in,
-    output_width,
     sample_with_gate,
     supported_families,
     text_roles,
@@ -92,11 +91,8 @@ def apply_tgate(model, config: TGateConfig):
     for layer, kind in layers.items():
         key = f"diffusion_model.{layer}.forward"
         if layer in roles:
-            module, stream = diffusion_model.get_submodule(layer), family.text_stream
-            width, columns = output_width(module), stream.joined_read_columns * getattr(module, "in_features", 0)
-            forward = gated_text_module(
-                layer, roles[layer], patched.get_model_object(key), slot, stream.text_first, width, columns
-            )
+            module = diffusion_model.get_submodule(layer)
+            forward = gated_text_module(layer, roles[layer], patched.get_model_object(key), slot, family.text_stream, module)
         else:
             forward = gated_attention(layer, kind, patched.get_model_object(key), slot, family.site(kind).tuple_output)
         patched.add_object_patch(key, forward)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -66,7 +67,7 @@ class GatePatch:
     # The gate then keeps the fidelity branch's own text rows, not the mean of the branches.
     text_roles: Mapping[str, TextRole] = field(default_factory=dict)
 
-    @property
+    @cached_property  # read by every model call: worked out once
     def text_read_layers(self) -> frozenset[str]:
         """The text-stream modules whose rows the image reads: the text is frozen where all return kept rows."""
         return frozenset(p for p, r in self.text_roles.items() if r in (TextRole.READ, TextRole.JOINED_READ))

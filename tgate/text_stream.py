@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .families import CROSS, TextRole
+from .families import CROSS, TextRole, TextStream, output_width
 from .forward import CallSlot, ModelCall, next_occurrence
 from .store import reduce_chunks
 
@@ -30,16 +30,17 @@ def gated_text_module(
     role: TextRole,
     forward: Callable[..., torch.Tensor],
     slot: CallSlot,
-    text_first: bool = True,
-    width: int | None = None,
-    columns: int = 0,
+    stream: TextStream,
+    module: torch.nn.Module,
 ) -> Callable[..., torch.Tensor]:
-    """Wrap the `forward` of a text-stream module of `role` for T-GATE; its ModelCall comes from `slot`.
-    `text_first`: in joined rows the text rows come first (Flux: [text; image]), else last. `width`:
-    an UNREAD module's output width (families.output_width). `columns`: of a JOINED_READ module's
-    text rows, how many leading columns the image reads and the capture keeps (0: all); the others
-    come back as zeros."""
+    """Wrap the `forward` of `module`, a text-stream module of `role` in its family's `stream`, for
+    T-GATE; its ModelCall comes from `slot`."""
     forward = getattr(forward, "tgate_original", forward)  # never wrap our own wrapper twice
+    text_first = stream.text_first  # in joined rows the text rows come first (Flux: [text; image]), else last
+    width = output_width(module) if role is TextRole.UNREAD else None  # the zeros' width
+    # Of a JOINED_READ module's text rows, the leading columns the image reads and the capture keeps
+    # (0: all); the others come back as zeros.
+    columns = stream.joined_read_columns * module.in_features if role is TextRole.JOINED_READ else 0
 
     def text_rows_of(rows: torch.Tensor, count: int) -> torch.Tensor:
         return rows[:, :count] if text_first else rows[:, rows.shape[1] - count :]
