@@ -53,7 +53,7 @@ def dc_row(name: str, result: dict) -> str:
     cells = [
         name,
         result.get("device", "?"),
-        f"{base['median_s']:.3f} ({base['spread_pct']:.1f} %)",
+        _seconds(base),
         _speedup(result, "deepcache"),
         _speedup(result, "tgate_deepcache"),
         ratio,
@@ -61,6 +61,11 @@ def dc_row(name: str, result: dict) -> str:
         ", ".join(counts) or "-",
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def _seconds(variant: dict) -> str:
+    """A variant's median seconds and the spread of its timed runs, as the tables show them."""
+    return f"{variant['median_s']:.3f} ({variant['spread_pct']:.1f} %)"
 
 
 def _speedup(result: dict, name: str) -> str:
@@ -82,7 +87,7 @@ def row(name: str, result: dict) -> str:
     cells = [
         name,
         result.get("device", "?"),
-        f"{base['median_s']:.3f} ({base['spread_pct']:.1f} %)",
+        _seconds(base),
         _speedup(result, "cfg1"),
         f"{bound['bound_speedup']:.3f}x" if bound else "-",
         _speedup(result, "tgate"),
@@ -114,7 +119,7 @@ def v2_row(name: str, result: dict) -> str:
     cells = [
         name,
         result.get("device", "?"),
-        f"{base['median_s']:.3f} ({base['spread_pct']:.1f} %)",
+        _seconds(base),
         _speedup(result, "tgate"),
         _speedup(result, "tgate_v2"),
         ratio,
