@@ -231,13 +231,7 @@ def suggest_gate_step(mean_change: Sequence[float], threshold: float) -> int:
     (0.2 to 0.03 at 25 steps), where every layer's output jumps however settled it was, and no gate
     after it would save anything."""
     steps = len(mean_change)
-    gate = steps
-    for t in range(steps - 2 if steps > 2 else steps - 1, 0, -1):
-        value = mean_change[t]
-        if math.isnan(value) or value >= threshold:
-            break
-        gate = t
-    return max(gate, 1) if steps else 0
+    return _first_step_staying_below(mean_change, threshold, last=steps - 2 if steps > 2 else steps - 1)
 
 
 def suggest_gate_from_distance(distance: Sequence[float], threshold: float) -> int:
@@ -248,10 +242,16 @@ def suggest_gate_from_distance(distance: Sequence[float], threshold: float) -> i
     suggest_gate_step: the distance is not a change from the step before, and it has no jump at the end
     (it falls to 0.001 on the trained joint model). Equal to the number of steps (do not gate) when the
     distance at the last step is not below it, or was not recorded (NaN: CFG 1)."""
-    steps = len(distance)
+    return _first_step_staying_below(distance, threshold, last=len(distance) - 1)
+
+
+def _first_step_staying_below(values: Sequence[float], threshold: float, last: int) -> int:
+    """The first step g (1 <= g) from which every value up to step `last` is below `threshold`; the
+    number of steps when the value at `last` is not (or is NaN); 0 for no steps."""
+    steps = len(values)
     gate = steps
-    for t in range(steps - 1, 0, -1):
-        value = distance[t]
+    for t in range(last, 0, -1):
+        value = values[t]
         if math.isnan(value) or value >= threshold:
             break
         gate = t
