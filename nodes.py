@@ -106,7 +106,7 @@ def apply_tgate(model, config: TGateConfig):
     # the guided result it gives (see guided_by_stand_in).
     post_cfg = [f for f in patched.model_options.get("sampler_post_cfg_function", []) if f is not guided_by_stand_in]
     patched.model_options["sampler_post_cfg_function"] = [guided_by_stand_in, *post_cfg]
-    options[CONFIG_KEY] = GatePatch(config, family.name, fidelity_branch, layers, slot, deep, roles)
+    options[CONFIG_KEY] = GatePatch(config, family.name, fidelity_branch, layers, slot, deep, roles, family.text_stream)
     if config.fidelity_branch is FidelityBranch.AUTO:
         log.info("T-GATE: %s model; fidelity_branch auto keeps the %s branch", family.name, fidelity_branch.value)
     return patched

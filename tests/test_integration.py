@@ -670,12 +670,12 @@ def test_7_the_advanced_node_syncs_no_more_and_never_inside_attention(comfy, sd1
 def test_8_a_model_the_pack_cannot_serve_gets_a_clear_error(comfy):
     from tgate_testkit.models import build_model
 
-    lumina = build_model("tiny-lumina2")
+    radiance = build_model("tiny-chroma-radiance")
     with pytest.raises(comfy.engine.UnsupportedModelError) as error:
-        comfy.tgate(lumina)
+        comfy.tgate(radiance)
     message = str(error.value)
-    assert "Lumina2" in message and "caption" in message and "Remove the T-GATE node" in message
-    assert not lumina.object_patches  # nothing was changed
+    assert "ChromaRadiance" in message and "pixel-space" in message and "Remove the T-GATE node" in message
+    assert not radiance.object_patches  # nothing was changed
     # What ComfyUI reports as the error's type: the pack's name, not the folder path it was loaded from.
     import execution
 

@@ -41,10 +41,20 @@ class Case:
     joined_columns: int = 0
     size: int = 64  # the image's pixels across
 
+    def text_rows(self, cond) -> int:
+        """The rows of `cond`'s text in the joined rows: its tokens, or of a padded text whose model
+        packs the unpadded tokens alone (Lumina 2), those its mask marks."""
+        context, options = cond[0]
+        mask = options.get("attention_mask") if self.packs_unpadded else None
+        return (int(mask[0].sum()) if mask is not None else context.shape[1]) + self.text_extra
+
+    packs_unpadded: bool = False  # joined rows hold the text's unpadded tokens alone (Lumina 2)
+
 
 AURA_LAYERS = (("double_layers", 0), ("single_layers", 0), ("single_layers", 1))
 FLUX_FROZEN = ((".txt_attn.qkv", False), (".linear1", True))
 FLUX_TEXT = (".txt_attn.qkv", ".txt_attn.proj", ".txt_mlp")
+LUMINA_FEED_FORWARD = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 CASES = {
     "flux": Case("tiny-flux", FLUX_FROZEN, FLUX_TEXT, (".linear1", ".linear2"), joined_columns=3),
     "chroma": Case("tiny-chroma", FLUX_FROZEN, FLUX_TEXT, (".linear1", ".linear2"), joined_columns=3),
@@ -67,6 +77,13 @@ CASES = {
         ((".attn.qkv_y", False),),
         ("blocks.0.attn.qkv_y", "blocks.1.attn.qkv_y", "blocks.0.attn.proj_y", "blocks.0.mlp_y"),
         (),
+    ),
+    "lumina2": Case(
+        "tiny-lumina2",
+        tuple((f"layers.{n}.attention.qkv", True) for n in (0, 1)),
+        ("cap_embedder", *(f"context_refiner.0.{m}" for m in ("attention.qkv", "attention.out", *LUMINA_FEED_FORWARD))),
+        tuple(f"layers.{n}.{m}" for n in (0, 1) for m in ("attention.qkv", "attention.out", "feed_forward")),
+        packs_unpadded=True,
     ),
     "qwen-image": Case(
         "tiny-qwen-image",
@@ -140,7 +157,7 @@ def reference(
         return {**out, "transformer_options": transformer_options} if transformer_options else out
 
     branch = {"cond": inputs(positive), "uncond": inputs(negative)}
-    text_rows = {"cond": positive[0][0].shape[1] + case.text_extra, "uncond": negative[0][0].shape[1] + case.text_extra}
+    text_rows = {"cond": case.text_rows(positive), "uncond": case.text_rows(negative)}
     modules = {}
     for name, module in base.diffusion_model.named_modules():
         joined = next((j for suffix, j in case.frozen if name.endswith(suffix)), None)
@@ -275,7 +292,7 @@ def test_after_the_gate_one_branch_and_no_text_rows_computed(comfy, case):
     assert len(plain) == len(calls) == STEPS  # the branches batched in one call per step
     gate = next(i for i, call in enumerate(calls) if call != plain[i])
     assert 0 < gate < STEPS
-    text, image = positive[0][0].shape[1] + case.text_extra, latent(case).shape[-1] ** 2 // 4
+    text, image = case.text_rows(positive), latent(case).shape[-1] ** 2 // 4
     for after in calls[gate:]:
         assert after.keys() == plain[0].keys() and len(after) > 0
         for name, flops in after.items():
@@ -311,7 +328,7 @@ def test_what_is_kept_is_the_fidelity_branchs_read_rows_alone(comfy, case):
 
     case, model = case
     positive, negative = conds(case)
-    rows = positive[0][0].shape[1] + case.text_extra
+    rows = case.text_rows(positive)
     expected = 0
     for name, module in model.model.diffusion_model.named_modules():
         joined = next((j for suffix, j in case.frozen if name.endswith(suffix)), None)
@@ -382,3 +399,50 @@ def test_self_attention_reuse_is_refused_with_the_fix(comfy, case):
     case, model = case
     with pytest.raises(ValueError, match="sp_interval and fi_interval to 1"):
         comfy.tgate_advanced(model, gate_at=0.4, sp_interval=3, fi_interval=1)
+
+
+def _lumina2():
+    case = CASES["lumina2"]
+    if case.arch not in _MODELS:
+        _MODELS[case.arch] = build_model(case.arch, seed=4)
+    return case, _MODELS[case.arch]
+
+
+def _padded(cond, masks: list[list[int]]):
+    """`cond` with its caption padded as `masks` mark it, one mask per image (1: a caption token, 0:
+    padding), as an encoder that pads gives it: Lumina 2's model then gets the mask and packs each
+    image's unpadded tokens alone before its image rows."""
+    context, options = cond[0]
+    mask = torch.tensor(masks, dtype=torch.long)
+    return [[context.expand(mask.shape[0], -1, -1).clone(), {**options, "attention_mask": mask}]]
+
+
+def test_lumina2_a_padded_caption_keeps_its_unpadded_rows_alone(comfy):
+    """A padded caption with its mask (ComfyUI's Gemma encoder does not pad, another encoder may): the
+    joined rows start with the unpadded tokens alone, and the gate keeps those rows, per the mask."""
+    case, model = _lumina2()
+    positive, negative = conds(case)
+    positive, negative = _padded(positive, [[1] * 6 + [0] * 2]), _padded(negative, [[1] * 5 + [0] * 3])
+    assert case.text_rows(positive) == 6
+    expected, _ = reference(model, case, positive, negative, 0.4, "cond")
+    got = sample(comfy, comfy.tgate(model, gate_at=0.4, fidelity_branch="auto"), case, positive, negative)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    unpadded, _ = reference(model, case, conds(case)[0], negative, 0.4, "cond")
+    assert (unpadded - expected).abs().max() > 1e-3  # the padding makes a difference the check sees
+
+
+def test_lumina2_text_rows_per_call_follow_the_models_own_rule(comfy):
+    """How many caption rows lead each image's joined rows, as NextDiT.patchify_and_embed counts them:
+    the mask's row sums where the call has a mask (a padded caption), else `num_tokens`. Images whose
+    sums differ have no one count: their joined modules then compute in full and keep nothing (and the
+    run warns). ComfyUI 0.3.64's own Lumina 2 cannot yet attend with a batch of masks (its attention
+    does not broadcast a (batch, tokens) mask over heads), so this is checked on the rule alone."""
+    engine = comfy.engine
+    lumina = engine.family_of(_lumina2()[1].model.model_config).text_stream
+    rows = engine.call_text_rows
+    assert rows(lumina, {"num_tokens": 7}) == 7
+    assert rows(lumina, {"num_tokens": 11, "attention_mask": torch.tensor([[1] * 6 + [0] * 2] * 2)}) == 6
+    assert rows(lumina, {"num_tokens": 14, "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2])}) is None
+    assert rows(lumina, {}) is None
+    flux = engine.family_of(build_model("tiny-flux").model.model_config).text_stream
+    assert rows(flux, {"num_tokens": 7}) is None  # Flux's count comes from its text modules' rows

@@ -39,7 +39,7 @@ from .run import (
 from .schedule import GateSchedule, active_conds
 from .stats import RunCounts, RunStats, add_run_listener, remove_run_listener
 from .store import AttentionStore, ChunkReduction, reduce_chunks
-from .text_stream import gated_text_module
+from .text_stream import call_text_rows, gated_text_module
 
 __all__ = [
     "CACHE_DEVICES",
@@ -80,6 +80,7 @@ __all__ = [
     "apply_model_with_gate",
     "attention_layers",
     "calc_cond_batch_with_gate",
+    "call_text_rows",
     "deep_block_child",
     "deep_layout",
     "family_of",

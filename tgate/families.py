@@ -73,6 +73,12 @@ class TextStream:
     # input width (0: all). The rest are kept as zeros: Flux's single blocks' `linear1` gives the
     # queries, keys and values (3 x hidden), then the MLP's input, which feeds only the unread `linear2`.
     joined_read_columns: int = 0
+    # Where the number of text rows in joined rows comes from, when it is not the length of the text the
+    # text-only modules see: the model call's keyword giving it (Lumina 2: `num_tokens`, the caption's
+    # unpadded length), and the keyword of the mask whose rows' sums give it per image when the call has
+    # one (Lumina 2's `attention_mask`, present only for padded captions). None: the text modules' rows.
+    text_rows_keyword: str | None = None
+    text_mask_keyword: str | None = None
 
     def role(self, name: str, module: torch.nn.Module) -> TextRole | None:
         return next((role for role, site in self.sites.items() if site.matches(name, module)), None)
@@ -388,6 +394,32 @@ JOINT_FAMILIES = (
         "text enters only as tokens (modulation from the timestep alone), and Qwen-Image-Edit's reference images "
         "(TextEncodeQwenImageEdit, ReferenceLatent) are often on the positive only",
     ),
+    # Lumina 2 (comfy/ldm/lumina/model.py NextDiT): `cap_embedder` and the `context_refiner` blocks map the
+    # caption alone (no modulation). Each main layer runs over [caption; image] rows, the caption's
+    # unpadded tokens first (patchify_and_embed packs them per image): `attention.qkv` makes the caption's
+    # queries, keys and values, `attention.out` and `feed_forward` map its rows. ComfyUI runs a model
+    # call only for conds of one `num_tokens` (a CONDConstant), so every image of a call has that many
+    # caption rows, unless a padded caption's mask says otherwise (checked per call: text_stream.py).
+    # `noise_refiner` sees the image alone and is left as it is.
+    _joint(
+        "Lumina 2",
+        ("Lumina2",),
+        TextStream(
+            {
+                TextRole.UNREAD: AttentionSite(
+                    r"cap_embedder|context_refiner\.\d+\.(?:attention\.(?:qkv|out)|feed_forward\.w[123])",
+                    (*_LINEAR, "torch.nn.modules.container.Sequential"),
+                ),
+                TextRole.JOINED_READ: AttentionSite(r"layers\.\d+\.attention\.qkv", _LINEAR),
+                TextRole.JOINED_UNREAD: AttentionSite(
+                    r"layers\.\d+\.(?:attention\.out|feed_forward)", (*_LINEAR, "comfy.ldm.lumina.model.FeedForward")
+                ),
+            },
+            text_rows_keyword="num_tokens",
+            text_mask_keyword="attention_mask",
+        ),
+        "text enters only as tokens (modulation from the timestep alone)",
+    ),
 )
 FAMILIES = _CROSS_ATTENTION_FAMILIES + JOINT_FAMILIES
 
@@ -395,19 +427,14 @@ FAMILIES = _CROSS_ATTENTION_FAMILIES + JOINT_FAMILIES
 # and what to use instead. Every class in ComfyUI 0.3.64's comfy.supported_models.models is either
 # served by a family above or refused here, directly or through its base class.
 _JOINT = (
-    "mixes text and image tokens in joint attention, and T-GATE's text stream is built only for Flux, Chroma, "
-    "Qwen-Image, SD3/SD3.5, AuraFlow and Mochi so far (each joint family's text modules are listed and tested one by one)",
+    "mixes text and image tokens in joint attention, and T-GATE's text stream is built only for Flux, Chroma, Qwen-Image, "
+    "SD3/SD3.5, AuraFlow, Mochi and Lumina 2 so far (each joint family's text modules are listed and tested one by one)",
     "sample it without T-GATE (ComfyUI's EasyCache or LazyCache node can speed it up)",
 )
 REFUSED: Mapping[str, tuple[str, str]] = {
     # Subclasses refused through their base: HunyuanVideoI2V, HunyuanVideoSkyreelsI2V, HunyuanImage21,
     # HunyuanImage21Refiner (HunyuanVideo).
     **dict.fromkeys(("HiDream", "Omnigen2"), _JOINT),
-    "Lumina2": (
-        "packs each caption's unpadded tokens right before its image rows, so within one model call the text "
-        "rows end at a different row for each image; T-GATE's text stream is not built for that yet",
-        "sample it without T-GATE (ComfyUI's EasyCache or LazyCache node can speed it up)",
-    ),
     "HunyuanVideo": (
         "mixes text and image tokens in joint attention and runs guidance distilled into one branch, while its text "
         "rows are under 0.3 % of a step's work: T-GATE would have nothing to save",
@@ -540,7 +567,7 @@ def text_roles(family: Family, diffusion_model: torch.nn.Module) -> dict[str, Te
                 "it is not: the model is not built as T-GATE knows this family. Remove the T-GATE node for this model."
             )
         roles[name] = role
-    needed = {TextRole.READ} | ({TextRole.JOINED_READ} if TextRole.JOINED_READ in stream.sites else set())
+    needed = {r for r in (TextRole.READ, TextRole.JOINED_READ) if r in stream.sites}
     missing = sorted(r.value for r in needed - set(roles.values()))
     if missing:
         paths = ", ".join(repr(stream.sites[TextRole(r)].path) for r in missing)

@@ -28,13 +28,14 @@ from .clock import StepClock
 from .config import SelfAttentionReuse, TGateConfig
 from .deep import DeepLayout
 from .evaluation import Evaluation
-from .families import CROSS, DEEP, SELF, TextRole
+from .families import CROSS, DEEP, SELF, TextRole, TextStream
 from .forward import REPLACED_CROSS, CallSlot, ModelCall, gated_replacement
 from .plan import Action, Kept, StepPlan, extra_evaluation_plan, plan_step, plan_steps
 from .schedule import GateSchedule, active_conds
 from .stats import RunCounts, RunStats, announce
 from .store import AttentionStore
 from .summary import run_summary
+from .text_stream import call_text_rows
 
 log = logging.getLogger("tgate")
 
@@ -66,6 +67,7 @@ class GatePatch:
     # A joint-attention family's text stream (text_stream.py): {module path: TextRole}; empty otherwise.
     # The gate then keeps the fidelity branch's own text rows, not the mean of the branches.
     text_roles: Mapping[str, TextRole] = field(default_factory=dict)
+    text_stream: TextStream | None = None  # the family's (families.TextStream); None without one
 
     @cached_property  # read by every model call: worked out once
     def text_read_layers(self) -> frozenset[str]:
@@ -248,8 +250,16 @@ class GateRun:
         finally:
             self.current = None
 
-    def model_call(self, evaluation: Evaluation, chunk_ids: list, cond_or_uncond: list[int], device: torch.device) -> ModelCall:
-        """The tables one batched model call of `evaluation` hands its modules."""
+    def model_call(
+        self,
+        evaluation: Evaluation,
+        chunk_ids: list,
+        cond_or_uncond: list[int],
+        device: torch.device,
+        text_rows: int | None = None,
+    ) -> ModelCall:
+        """The tables one batched model call of `evaluation` hands its modules; `text_rows`: how many
+        text rows its joined rows hold, where the call says (text_stream.call_text_rows)."""
         plan = evaluation.plan
         reuse_kinds = plan.kinds(Action.REUSE)
         # A chunk of a list the mean capture dropped gets the mean it was averaged into (the mean is
@@ -265,7 +275,7 @@ class GateRun:
             {},
             [],
             text_frozen=bool(text) and text.issubset(reuse),
-            text_rows=[],
+            text_rows=[] if text_rows is None else [text_rows],
         )
 
     def stats(self) -> RunStats:
@@ -511,7 +521,17 @@ def apply_model_with_gate(executor, *args, **kwargs):
         run.counts.unmatched_calls += 1
         return executor(*args, **kwargs)
     chunk_ids = _chunk_ids(options, evaluation.chunk_branches(options["cond_or_uncond"]))
-    call = run.model_call(evaluation, chunk_ids, options["cond_or_uncond"], args[0].device)
+    stream = run.patch.text_stream
+    text_rows = call_text_rows(stream, kwargs) if stream is not None else None
+    if text_rows is None and stream is not None and stream.text_rows_keyword is not None:
+        if not run.counts.uneven_text_calls:
+            log.warning(
+                "T-GATE: a model call holds texts of different lengths for its images (padded captions whose "
+                "attention masks differ), so their text rows end at different rows and no kept text fits them: "
+                "such calls compute their text in full, and the evaluations they are part of run both branches"
+            )
+        run.counts.uneven_text_calls += 1
+    call = run.model_call(evaluation, chunk_ids, options["cond_or_uncond"], args[0].device, text_rows)
     slot = run.patch.slot
     deep = run.patch.deep
     if deep is not None and deep.layer in call.reuse:

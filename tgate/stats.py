@@ -62,6 +62,9 @@ class RunCounts:
     deep_block_reuses: int = 0
     recaptures: int = 0
     unmatched_calls: int = 0  # model calls whose rows did not match their chunks (see run.apply_model_with_gate)
+    # Model calls whose images' texts fill different numbers of joined rows (text_stream.call_text_rows):
+    # their joined modules computed in full and kept nothing.
+    uneven_text_calls: int = 0
     peak_cache_bytes: int = 0
     peak_deep_cache_bytes: int = 0
     late_capture: bool = False

@@ -71,6 +71,11 @@ def run_summary(run: GateRun) -> str:
             f"; {counts.unmatched_calls} model calls had fewer input rows than conditioning chunks (a model "
             "wrapper changed the batch) and ran without the cache"
         )
+    elif counts.uneven_text_calls:
+        text += (
+            f"; {counts.uneven_text_calls} model calls held texts of different lengths for their images (padded "
+            "captions whose masks differ) and ran without the cache"
+        )
     elif counts.late_capture:
         text += "; the sampler skipped the capture step, so the first evaluation past the gate captured"
     if counts.recaptures:

@@ -80,7 +80,7 @@ def gated_text_module(
         # JOINED_READ
         count = _text_rows(call)
         if kept is not None:
-            if kept.shape[0] == x.shape[0] and x.shape[1] > kept.shape[1] and count in (None, kept.shape[1]):
+            if kept.shape[0] == x.shape[0] and x.shape[1] > kept.shape[1] and count == kept.shape[1]:
                 return joined(kept, forward(image_rows_of(x, kept.shape[1]), *args, **kwargs))
             call.misfits.append(key)
         out = forward(x, *args, **kwargs)
@@ -94,8 +94,26 @@ def gated_text_module(
 
 
 def _text_rows(call: ModelCall) -> int | None:
-    """How many text rows the call's text modules saw last (None before any ran)."""
+    """How many text rows the joined rows of the call start (or end) with: what the call's text modules
+    saw last, or what the call says (call_text_rows); None when neither tells: the joined modules then
+    compute in full, and keep nothing."""
     return call.text_rows[-1] if call.text_rows else None
+
+
+def call_text_rows(stream: TextStream, call_kwargs: dict) -> int | None:
+    """The number of text rows every image of a model call has in its joined rows, from the keyword
+    arguments ComfyUI calls the model with (`stream.text_rows_keyword`, TextStream); None where the
+    stream does not name one, the call lacks it, or a padded text's mask gives the images different
+    counts (their text rows then end at different rows, which no kept rows fit)."""
+    if stream.text_rows_keyword is None:
+        return None
+    mask = call_kwargs.get(stream.text_mask_keyword) if stream.text_mask_keyword else None
+    if mask is None:
+        count = call_kwargs.get(stream.text_rows_keyword)
+        return int(count) if count is not None else None
+    # The model reads the same sums to the host itself (Lumina 2's patchify_and_embed), once per call.
+    counts = set(mask.sum(dim=1).tolist())
+    return int(counts.pop()) if len(counts) == 1 else None
 
 
 def _capture(call: ModelCall, key: str, rows: torch.Tensor) -> None:

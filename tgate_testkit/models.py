@@ -309,6 +309,21 @@ _TINY_CHROMA = {
     "hidden_dim": 32,
     "n_layers": 1,
 }
+# Chroma Radiance (Chroma's pixel-space variant, refused): what the refusal tests build.
+_TINY_CHROMA_RADIANCE = {
+    **_TINY_CHROMA,
+    "image_model": "chroma_radiance",
+    "in_channels": 3,
+    "out_channels": 3,
+    "patch_size": 16,
+    "nerf_hidden_size": 8,
+    "nerf_mlp_ratio": 2,
+    "nerf_depth": 1,
+    "nerf_max_freqs": 2,
+    "nerf_tile_size": 0,
+    "nerf_final_head_type": "linear",
+    "nerf_embedder_dtype": None,
+}
 # SD3's MMDiT (hidden 64 x depth) and AuraFlow (4-channel latent; max_seq: 8 x 8 patches, a 128 px image).
 _TINY_SD3 = dict(
     in_channels=16,
@@ -360,17 +375,19 @@ _TINY_MOCHI = dict(
     t5_token_length=8,
     rope_theta=10000.0,
 )
-# Lumina 2 (NextDiT), refused: what the refusal tests build.
+# Lumina 2 (NextDiT): Gemma's caption unpadded, with its all-ones attention mask (the encoder returns
+# one; ComfyUI then passes num_tokens alone), and fewer keys and values heads than query heads, as the
+# real model (24 and 8).
 _TINY_LUMINA2 = dict(
     image_model="lumina2",
     patch_size=2,
     in_channels=16,
     dim=32,
     cap_feat_dim=8,
-    n_layers=1,
+    n_layers=2,
     n_refiner_layers=1,
     n_heads=2,
-    n_kv_heads=2,
+    n_kv_heads=1,
     qk_norm=True,
     axes_dims=[4, 6, 6],
     axes_lens=[32, 32, 32],
@@ -491,7 +508,12 @@ ARCHITECTURES = {
         "SD3", _SD35_LARGE, context_tokens=154, context_width=4096, pooled=2048, latent=(16,), full_depth=(("num_blocks", 38),)
     ),
     "tiny-flux": Architecture("Flux", _TINY_FLUX, context_tokens=8, context_width=8, pooled=8, latent=(16,)),
-    "tiny-lumina2": Architecture("Lumina2", _TINY_LUMINA2, context_tokens=8, context_width=8, no_pooled=True, latent=(16,)),
+    "tiny-lumina2": Architecture(
+        "Lumina2", _TINY_LUMINA2, context_tokens=8, context_width=8, prompt_tokens=8, no_pooled=True, latent=(16,)
+    ),
+    "tiny-chroma-radiance": Architecture(
+        "ChromaRadiance", _TINY_CHROMA_RADIANCE, context_tokens=8, context_width=8, no_pooled=True, latent=(3,), downscale=1
+    ),
     "tiny-sd3": Architecture("SD3", _TINY_SD3, context_tokens=8, context_width=8, pooled=32, latent=(16,)),
     "tiny-auraflow": Architecture("AuraFlow", _TINY_AURAFLOW, context_tokens=8, context_width=8, no_pooled=True),
     "tiny-mochi": Architecture("GenmoMochi", _TINY_MOCHI, context_tokens=8, context_width=8, prompt_tokens=6, latent=(12, 2)),
