@@ -10,6 +10,8 @@ add-on's effect persists at about its own size.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from test_joint_families import CASES, STEPS, _flops_per_call, conds, latent, sample
@@ -44,6 +46,7 @@ def _lora(model):
         "attn.w2q.weight",
         "attn.qkv_y.weight",
         "attn.qkv_x.weight",
+        "attention.qkv.weight",
     )
     keys = [k for k in patched.model_state_dict() if k.endswith(suffixes)]
     g = torch.Generator().manual_seed(13)
@@ -76,7 +79,9 @@ def _addons():
 # RescaleCFG, CFGZeroStar and APG act on the CFG combination, which after the gate is one branch
 # (cond = uncond): what is left of them is what they did before the gate.
 EFFECT_BOUNDS = {
-    "EasyCache": (0.02, 4.0),
+    # EasyCache skips nothing after the gate (test_easycache_skips_no_step_after_the_gate): what is left is
+    # what it skipped before it, none at all in some of these models.
+    "EasyCache": (-1.0, 4.0),
     "LazyCache": (0.02, 4.0),
     "RescaleCFG": (0.005, 4.0),
     "CFGZeroStar": (0.005, 4.0),
@@ -115,6 +120,38 @@ def test_each_addon_composes(comfy, addon, family):
         low, high = EFFECT_BOUNDS.get(addon, (0.25, 4.0))
         assert low < effect < high, f"{addon}: effect ratio {effect:.3f}"
     assert torch.equal(sample(comfy, apply(comfy.tgate(model, gate_at=1.0)), case, positive, negative), addon_alone)
+
+
+def test_easycache_skips_no_step_after_the_gate_and_the_run_says_why(comfy):
+    """EasyCache decides its skips in the calls of the first cond ComfyUI batches, the negative, which
+    T-GATE stops running at the gate: EasyCache then skips nothing more. On this model EasyCache alone
+    skips steps past the gate; under T-GATE it reports none skipped, and T-GATE warns, naming LazyCache."""
+    from comfy_extras.nodes_easycache import EasyCacheNode
+
+    case, model = CASES["lumina2"], _model("lumina2")
+    positive, negative = conds(case)
+    reports = RunLog()
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(reports)
+    root.setLevel(logging.INFO)  # EasyCache reports its skips at INFO on the root logger
+    try:
+        sample(comfy, EasyCacheNode.execute(model, 0.2, 0.15, 0.95, False).result[0], case, positive, negative)
+        alone = [m for m in reports.messages() if m.startswith("EasyCache - skipped")]
+        reports.records.clear()
+        with RunLog().on() as log:
+            patched = EasyCacheNode.execute(comfy.tgate(model, fidelity_branch="auto"), 0.2, 0.15, 0.95, False).result[0]
+            sample(comfy, patched, case, positive, negative)
+        together = [m for m in reports.messages() if m.startswith("EasyCache - skipped")]
+    finally:
+        root.removeHandler(reports)
+        root.setLevel(level)
+    assert alone and not alone[0].startswith("EasyCache - skipped 0/"), alone
+    assert together and together[0].startswith("EasyCache - skipped 0/"), together
+    assert any("EasyCache skips no step after it" in m and "LazyCache" in m for m in log.messages(logging.WARNING))
+    # At cfg 1 no negative runs: EasyCache follows the positive, and nothing is said.
+    with RunLog().on() as log:
+        sample(comfy, patched, case, positive, negative, cfg=1.0)
+    assert not any("EasyCache" in m for m in log.messages())
 
 
 @pytest.mark.parametrize("family", sorted(CASES))

@@ -337,6 +337,15 @@ def sample_with_gate(executor, *args, **kwargs):
             "(an image prompt that starts or ends later) is not seen",
             " and ".join(patches),
         )
+    if schedule.gates and _easycache_follows_the_negative(guider, options):
+        log.warning(
+            "T-GATE: EasyCache is on this model too. It decides which steps to skip only in the model calls of the "
+            "first cond ComfyUI batches, which is the negative, and T-GATE stops running the negative after step "
+            "%d of %d: EasyCache skips no step after it (what it skipped before stands). LazyCache decides from "
+            "the guided prediction and keeps skipping with T-GATE",
+            schedule.gate_step,
+            schedule.num_steps,
+        )
     # A run that never gates has T-GATE off, self-attention reuse included: DeepCache alone acts. A
     # model with no self-attention patched (joint attention) has none to reuse.
     self_attention = config.self_attention if schedule.gates and SELF in patch.layer_kinds.values() else None
@@ -369,6 +378,17 @@ def sample_with_gate(executor, *args, **kwargs):
         log.log(level, stats.summary)
         run.close()
         announce(stats)
+
+
+def _easycache_follows_the_negative(guider, transformer_options: Mapping) -> bool:
+    """Whether ComfyUI's EasyCache (comfy_extras/nodes_easycache.py, by its holder's class name) is on
+    the model of a run that evaluates a negative: EasyCache takes the first cond of the first batched
+    call as the one whose calls decide its skips, and ComfyUI batches the negative first. At cfg 1
+    ComfyUI evaluates the positive alone, which T-GATE keeps running."""
+    if type(transformer_options.get("easycache")).__name__ != "EasyCacheHolder":
+        return False
+    conds = getattr(guider, "conds", None) or {}
+    return bool(conds.get("negative")) and getattr(guider, "cfg", None) != 1.0
 
 
 def _settled(schedule: GateSchedule, guider) -> GateSchedule:

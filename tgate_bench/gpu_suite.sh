@@ -35,6 +35,8 @@ sdxl-1024-b4-dc  --arch sdxl --size 1024 --batch 4 --variants baseline,cfg1,tgat
 flux-1024-b1     --arch flux-dev --full-depth --dtype bf16 --size 1024 --batch 1 --steps 20 --cfg 1 --runs 5 --variants baseline,tgate
 chroma-1024-b1   --arch chroma --full-depth --dtype bf16 --size 1024 --batch 1 --steps 26 --cfg 4 --runs 5 --variants baseline,cfg1,tgate
 qwen-1024-b1     --arch qwen-image --full-depth --dtype bf16 --size 1024 --batch 1 --steps 20 --cfg 2.5 --runs 5 --variants baseline,cfg1,tgate
+sd35-1024-b1     --arch sd35-large --full-depth --dtype bf16 --size 1024 --batch 1 --steps 28 --cfg 4.5 --runs 5 --variants baseline,cfg1,tgate
+lumina2-1024-b1  --arch lumina2 --full-depth --dtype bf16 --size 1024 --batch 1 --steps 25 --cfg 4 --runs 5 --variants baseline,cfg1,tgate
 tiny-smoke       --arch tiny-sd15 --size 128 --runs 2
 ROWS
 }

@@ -3,7 +3,7 @@ torch.utils.flop_counter.FlopCounterMode and attributed per module.
 
     python -m tgate_bench.text_share --arch flux-dev --size 256 1024 --threads 1
 
-One model call (batch 1, one branch) of a joint-attention family (Flux, Chroma, Qwen-Image, SD3) at each
+One model call (batch 1, one branch) of a joint-attention family (Flux, Chroma, Qwen-Image, SD3, Lumina 2) at each
 size. The counter counts matrix products (linear layers and attention); each linear layer's FLOPs
 are read from the counter around its own call, and attribute to the text by the module's path:
 - text-only modules (the text stream's rows: Flux's `txt_in` and double blocks' `txt_*`, Qwen-Image's
@@ -39,12 +39,14 @@ TEXT_ONLY = {
     "QwenImage": r"txt_norm|txt_in|transformer_blocks\.\d+\.(?:txt_mod|txt_norm1|txt_norm2|txt_mlp"
     r"|attn\.add_[qkv]_proj|attn\.norm_added_[qk]|attn\.to_add_out)",
     "SD3": r"context_embedder|joint_blocks\.\d+\.context_block",
+    "Lumina2": r"cap_embedder|context_refiner\.\d+",
 }
 JOINED = {
     "Flux": r"single_blocks\.\d+\.linear[12]",
     "Chroma": r"single_blocks\.\d+\.linear[12]",
     "QwenImage": r"(?!)",
     "SD3": r"(?!)",
+    "Lumina2": r"layers\.\d+\.(?:attention\.qkv|attention\.out|feed_forward)",
 }
 
 
@@ -66,7 +68,8 @@ def model_call(patcher, arch, size: int, device: str | torch.device = "cpu"):
     noise = torch.randn(arch.latent_shape(1, size))
     params = {"width": size, "height": size, **options, "cross_attn": context, "noise": noise, "device": torch.device("cpu")}
     conds = model.extra_conds(**params)
-    kwargs = {k: v.cond.to(device) for k, v in conds.items()}
+    # Tensors to the device; constants (Lumina 2's num_tokens) as they are.
+    kwargs = {k: v.cond.to(device) if isinstance(v.cond, torch.Tensor) else v.cond for k, v in conds.items()}
     patch = model.diffusion_model.patch_size
     image_rows = (noise.shape[-1] // patch) * (noise.shape[-2] // patch)
     return (noise.to(device), torch.tensor([0.5], device=device), kwargs), arch.context_tokens, image_rows

@@ -465,6 +465,23 @@ _SD35_LARGE = dict(
     pos_embed_scaling_factor=None,
     x_block_self_attn_layers=[],
 )
+# Lumina 2 (Lumina-Image-2.0), as model detection reads it: 2304 wide, 24 query and 8 key/value heads,
+# Gemma 2 2B's 2304-wide caption; 4 of its 26 main layers, both refiners. The caption: what
+# CLIPTextEncodeLumina2 gives, its system prompt and a short prompt, about 128 tokens unpadded (the
+# encoder returns an all-ones mask, so ComfyUI passes num_tokens alone).
+_LUMINA2 = dict(
+    image_model="lumina2",
+    patch_size=2,
+    in_channels=16,
+    dim=2304,
+    cap_feat_dim=2304,
+    n_layers=4,
+    n_heads=24,
+    n_kv_heads=8,
+    qk_norm=True,
+    axes_dims=[32, 32, 32],
+    axes_lens=[300, 512, 512],
+)
 
 ARCHITECTURES = {
     "sd15": Architecture("SD15", _SD15, context_tokens=77),
@@ -506,6 +523,16 @@ ARCHITECTURES = {
     ),
     "sd35-large": Architecture(
         "SD3", _SD35_LARGE, context_tokens=154, context_width=4096, pooled=2048, latent=(16,), full_depth=(("num_blocks", 38),)
+    ),
+    "lumina2": Architecture(
+        "Lumina2",
+        _LUMINA2,
+        context_tokens=128,
+        context_width=2304,
+        prompt_tokens=128,
+        no_pooled=True,
+        latent=(16,),
+        full_depth=(("n_layers", 26),),
     ),
     "tiny-flux": Architecture("Flux", _TINY_FLUX, context_tokens=8, context_width=8, pooled=8, latent=(16,)),
     "tiny-lumina2": Architecture(
