@@ -63,9 +63,9 @@ def test_every_comfyui_model_family_is_served_or_refused_with_its_own_reason(com
                 refused[cls.__name__] = str(error)
     assert not unknown, f"neither served nor refused with a reason: {unknown}"
     assert {"SD15", "SDXL", "SVD_img2vid", "LTXV", "CosmosT2IPredict2", "ACEStep", "PixArtAlpha", "PixArtSigma"} <= set(served)
-    joint = {"Flux", "FluxSchnell", "FluxInpaint", "Chroma", "QwenImage", "SD3", "AuraFlow", "GenmoMochi", "Lumina2"}
+    joint = {"Flux", "FluxSchnell", "FluxInpaint", "Chroma", "QwenImage", "SD3", "AuraFlow", "GenmoMochi", "Lumina2", "HiDream"}
     assert joint <= set(served)
-    assert {"HiDream", "HunyuanVideo", "ChromaRadiance", "HunyuanDiT", "CosmosT2V", "Hunyuan3Dv2_1"} <= set(refused)
+    assert {"Omnigen2", "HunyuanVideo", "ChromaRadiance", "HunyuanDiT", "CosmosT2V", "Hunyuan3Dv2_1"} <= set(refused)
     assert "Stable_Cascade_C" in refused
     assert "under 0.3 %" in refused["HunyuanImage21"]  # through its base class, HunyuanVideo
     assert "frames x height x width x batch" in refused["CosmosI2V"]  # its own reason, through its base class

@@ -47,6 +47,8 @@ def _lora(model):
         "attn.qkv_y.weight",
         "attn.qkv_x.weight",
         "attention.qkv.weight",
+        "attn1.to_k_t.weight",
+        "attn1.to_v.weight",
     )
     keys = [k for k in patched.model_state_dict() if k.endswith(suffixes)]
     g = torch.Generator().manual_seed(13)

@@ -49,6 +49,7 @@ class Case:
         return (int(mask[0].sum()) if mask is not None else context.shape[1]) + self.text_extra
 
     packs_unpadded: bool = False  # joined rows hold the text's unpadded tokens alone (Lumina 2)
+    text_last: bool = False  # joined rows are [image; text] (HiDream's single blocks), else [text; image]
 
 
 AURA_LAYERS = (("double_layers", 0), ("single_layers", 0), ("single_layers", 1))
@@ -84,6 +85,26 @@ CASES = {
         ("cap_embedder", *(f"context_refiner.0.{m}" for m in ("attention.qkv", "attention.out", *LUMINA_FEED_FORWARD))),
         tuple(f"layers.{n}.{m}" for n in (0, 1) for m in ("attention.qkv", "attention.out", "feed_forward")),
         packs_unpadded=True,
+    ),
+    "hidream": Case(
+        "tiny-hidream",
+        (
+            *((f"double_stream_blocks.0.block.attn1.to_{p}_t", False) for p in "kv"),
+            *((f"single_stream_blocks.{n}.block.attn1.to_{p}", True) for n in (0, 1) for p in "kv"),
+        ),
+        (
+            *(f"caption_projection.{n}.linear" for n in range(4)),
+            *(f"double_stream_blocks.0.block.attn1.to_{p}_t" for p in "qkv"),
+            "double_stream_blocks.0.block.attn1.to_out_t",
+            *(f"double_stream_blocks.0.block.ff_t.w{n}" for n in (1, 2, 3)),
+        ),
+        tuple(
+            f"single_stream_blocks.{n}.block.{m}"
+            for n in (0, 1)
+            for m in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out", "ff_i")
+        ),
+        text_extra=16,  # the text stream's last Llama layer and the block's own, 8 tokens each, after T5's
+        text_last=True,
     ),
     "qwen-image": Case(
         "tiny-qwen-image",
@@ -167,11 +188,18 @@ def reference(
     kept: dict[str, torch.Tensor] = {}
     rows = text_rows[fidelity]
 
+    def text_of(out):
+        return out[:, out.shape[1] - rows :] if case.text_last else out[:, :rows]
+
     def keep(name, joined):
-        return lambda m, a, out: kept.__setitem__(name, (out[:, :rows] if joined else out).clone())
+        return lambda m, a, out: kept.__setitem__(name, (text_of(out) if joined else out).clone())
 
     def put_back(name, joined):
-        return lambda m, a, out: torch.cat((kept[name], out[:, rows:]), 1) if joined else kept[name]
+        if not joined:
+            return lambda m, a, out: kept[name]
+        if case.text_last:
+            return lambda m, a, out: torch.cat((out[:, : out.shape[1] - rows], kept[name]), 1)
+        return lambda m, a, out: torch.cat((kept[name], out[:, rows:]), 1)
 
     for i in range(STEPS):
         sigma = sigmas[i : i + 1]

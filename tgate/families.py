@@ -308,6 +308,33 @@ def _joint(name: str, model_configs: tuple[str, ...], text_stream: TextStream, w
     )
 
 
+# HiDream I1 (comfy/ldm/hidream/model.py): the text is T5's tokens and, per block, one Llama layer's
+# hidden states, each mapped by its own `caption_projection`. A double block takes [the text stream
+# (T5 and the last Llama layer's rows); that block's Llama layer] and projects them with
+# attn1.to_q_t/to_k_t/to_v_t, maps their rows with attn1.to_out_t and ff_t (the stream keeps the first
+# rows only). A single block runs over [image; text stream; its Llama layer], text LAST, with the same
+# number of text rows as a double block: attn1.to_q/to_k/to_v, to_out, and ff_i, a mixture of experts
+# whose gate routes each row by itself (so the image rows alone route as they do among all rows).
+# The SwiGLU feed-forwards return their `w2`'s width, not their last linear's: their linears are listed.
+_HIDREAM_STREAM = TextStream(
+    {
+        TextRole.READ: AttentionSite(r"double_stream_blocks\.\d+\.block\.attn1\.to_[kv]_t", _LINEAR),
+        TextRole.UNREAD: AttentionSite(
+            r"caption_projection\.\d+\.linear|double_stream_blocks\.\d+\.block\.(?:attn1\.(?:to_q_t|to_out_t)|ff_t\.w[123])",
+            _LINEAR,
+        ),
+        TextRole.JOINED_READ: AttentionSite(r"single_stream_blocks\.\d+\.block\.attn1\.to_[kv]", _LINEAR),
+        TextRole.JOINED_UNREAD: AttentionSite(
+            r"single_stream_blocks\.\d+\.block\.(?:attn1\.(?:to_q|to_out)|ff_i)",
+            (
+                *_LINEAR,
+                "comfy.ldm.hidream.model.MOEFeedForwardSwiGLU",
+                "comfy.ldm.hidream.model.FeedForwardSwiGLU",
+            ),
+        ),
+    },
+    text_first=False,
+)
 JOINT_FAMILIES = (
     # FluxSchnell and FluxInpaint derive from Flux; Kontext is Flux with ReferenceLatent's image tokens
     # appended to the image rows, where they stay computed.
@@ -420,6 +447,13 @@ JOINT_FAMILIES = (
         ),
         "text enters only as tokens (modulation from the timestep alone)",
     ),
+    _joint(
+        "HiDream",
+        ("HiDream",),
+        _HIDREAM_STREAM,
+        "the positive carries its own pooled CLIP vectors, which enter every block's modulation, and HiDream E1's "
+        "reference image (image rows, computed every step)",
+    ),
 )
 FAMILIES = _CROSS_ATTENTION_FAMILIES + JOINT_FAMILIES
 
@@ -428,13 +462,13 @@ FAMILIES = _CROSS_ATTENTION_FAMILIES + JOINT_FAMILIES
 # served by a family above or refused here, directly or through its base class.
 _JOINT = (
     "mixes text and image tokens in joint attention, and T-GATE's text stream is built only for Flux, Chroma, Qwen-Image, "
-    "SD3/SD3.5, AuraFlow, Mochi and Lumina 2 so far (each joint family's text modules are listed and tested one by one)",
+    "SD3/SD3.5, AuraFlow, Mochi, Lumina 2 and HiDream so far (each joint family's text modules are listed and tested one by one)",
     "sample it without T-GATE (ComfyUI's EasyCache or LazyCache node can speed it up)",
 )
 REFUSED: Mapping[str, tuple[str, str]] = {
     # Subclasses refused through their base: HunyuanVideoI2V, HunyuanVideoSkyreelsI2V, HunyuanImage21,
     # HunyuanImage21Refiner (HunyuanVideo).
-    **dict.fromkeys(("HiDream", "Omnigen2"), _JOINT),
+    "Omnigen2": _JOINT,
     "HunyuanVideo": (
         "mixes text and image tokens in joint attention and runs guidance distilled into one branch, while its text "
         "rows are under 0.3 % of a step's work: T-GATE would have nothing to save",

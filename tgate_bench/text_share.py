@@ -3,7 +3,8 @@ torch.utils.flop_counter.FlopCounterMode and attributed per module.
 
     python -m tgate_bench.text_share --arch flux-dev --size 256 1024 --threads 1
 
-One model call (batch 1, one branch) of a joint-attention family (Flux, Chroma, Qwen-Image, SD3, Lumina 2) at each
+One model call (batch 1, one branch) of a joint-attention family (Flux, Chroma, Qwen-Image, SD3, Lumina 2,
+HiDream) at each
 size. The counter counts matrix products (linear layers and attention); each linear layer's FLOPs
 are read from the counter around its own call, and attribute to the text by the module's path:
 - text-only modules (the text stream's rows: Flux's `txt_in` and double blocks' `txt_*`, Qwen-Image's
@@ -40,6 +41,7 @@ TEXT_ONLY = {
     r"|attn\.add_[qkv]_proj|attn\.norm_added_[qk]|attn\.to_add_out)",
     "SD3": r"context_embedder|joint_blocks\.\d+\.context_block",
     "Lumina2": r"cap_embedder|context_refiner\.\d+",
+    "HiDream": r"caption_projection\.\d+|double_stream_blocks\.\d+\.block\.(?:attn1\.to_(?:[qkv]_t|out_t)|ff_t)",
 }
 JOINED = {
     "Flux": r"single_blocks\.\d+\.linear[12]",
@@ -47,6 +49,7 @@ JOINED = {
     "QwenImage": r"(?!)",
     "SD3": r"(?!)",
     "Lumina2": r"layers\.\d+\.(?:attention\.qkv|attention\.out|feed_forward)",
+    "HiDream": r"single_stream_blocks\.\d+\.block\.(?:attn1\.to_(?:[qkv]|out)|ff_i)",
 }
 
 
@@ -72,7 +75,9 @@ def model_call(patcher, arch, size: int, device: str | torch.device = "cpu"):
     kwargs = {k: v.cond.to(device) if isinstance(v.cond, torch.Tensor) else v.cond for k, v in conds.items()}
     patch = model.diffusion_model.patch_size
     image_rows = (noise.shape[-1] // patch) * (noise.shape[-2] // patch)
-    return (noise.to(device), torch.tensor([0.5], device=device), kwargs), arch.context_tokens, image_rows
+    # HiDream's blocks carry, after T5's tokens, the text stream's Llama layer and the block's own.
+    text_rows = arch.context_tokens + (2 * arch.llama[1] if arch.llama else 0)
+    return (noise.to(device), torch.tensor([0.5], device=device), kwargs), text_rows, image_rows
 
 
 def _plain_attention(device) -> dict:

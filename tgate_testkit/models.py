@@ -32,6 +32,9 @@ class Architecture:
     lyrics_tokens: int = 0  # ACE-Step: how many lyrics token ids the conditioning carries; 0 for none
     image_tokens: int = 0  # CLIP-vision tokens given as clip_vision_output (Wan i2v: 257 x 1280); 0 for none
     full_depth: tuple = ()  # (key, value) pairs of the real checkpoint's block counts where `unet` has fewer
+    # HiDream: the Llama hidden states its text encoder gives as `conditioning_llama3`, (layers, tokens),
+    # each layer context_width wide; () for none.
+    llama: tuple[int, int] = ()
 
     @property
     def context_dim(self) -> int:
@@ -309,6 +312,26 @@ _TINY_CHROMA = {
     "hidden_dim": 32,
     "n_layers": 1,
 }
+# HiDream I1: 1 double and 2 single blocks, hidden 32 (2 heads of 16, RoPE axes 8 + 4 + 4), T5 and
+# Llama both 8 wide; one Llama layer per block from a stack of 2 (the real model picks 48 of Llama
+# 3.1's 32 layers, the last repeated), a mixture of 3 experts, 2 active, in every image feed-forward.
+_TINY_HIDREAM = dict(
+    image_model="hidream",
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    caption_channels=[8, 8],
+    text_emb_dim=8,
+    num_routed_experts=3,
+    num_activated_experts=2,
+    axes_dims_rope=[8, 4, 4],
+    max_resolution=[16, 16],
+    llama_layers=[0, 1, 1],
+)
 # Chroma Radiance (Chroma's pixel-space variant, refused): what the refusal tests build.
 _TINY_CHROMA_RADIANCE = {
     **_TINY_CHROMA,
@@ -482,6 +505,29 @@ _LUMINA2 = dict(
     axes_dims=[32, 32, 32],
     axes_lens=[300, 512, 512],
 )
+# HiDream I1 Full, as model detection reads it: 20 heads x 128 = 2560 wide, RoPE 64 + 32 + 32, T5 and
+# Llama 3.1 both 4096 wide, 4 experts (2 active) in every image feed-forward; 1 double and 2 single
+# blocks of its 16 and 32 (the real 1:2 ratio), each with its Llama layer (the real model's first and
+# last ones) from the 32 the text encoder stacks. The text: T5 and Llama each padded to 128 tokens
+# (ComfyUI's HiDream encoder), pooled CLIP-L and -G (2048).
+_HIDREAM_LLAMA_LAYERS = [*range(32), *[31] * 16]
+_HIDREAM_FULL = dict(
+    image_model="hidream",
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=128,
+    num_attention_heads=20,
+    caption_channels=[4096, 4096],
+    text_emb_dim=2048,
+    num_routed_experts=4,
+    num_activated_experts=2,
+    axes_dims_rope=[64, 32, 32],
+    max_resolution=[128, 128],
+    llama_layers=[0, 31, 31],
+)
 
 ARCHITECTURES = {
     "sd15": Architecture("SD15", _SD15, context_tokens=77),
@@ -534,12 +580,25 @@ ARCHITECTURES = {
         latent=(16,),
         full_depth=(("n_layers", 26),),
     ),
+    "hidream-full": Architecture(
+        "HiDream",
+        _HIDREAM_FULL,
+        context_tokens=128,
+        context_width=4096,
+        pooled=2048,
+        latent=(16,),
+        llama=(32, 128),
+        full_depth=(("num_layers", 16), ("num_single_layers", 32), ("llama_layers", _HIDREAM_LLAMA_LAYERS)),
+    ),
     "tiny-flux": Architecture("Flux", _TINY_FLUX, context_tokens=8, context_width=8, pooled=8, latent=(16,)),
     "tiny-lumina2": Architecture(
         "Lumina2", _TINY_LUMINA2, context_tokens=8, context_width=8, prompt_tokens=8, no_pooled=True, latent=(16,)
     ),
     "tiny-chroma-radiance": Architecture(
         "ChromaRadiance", _TINY_CHROMA_RADIANCE, context_tokens=8, context_width=8, no_pooled=True, latent=(3,), downscale=1
+    ),
+    "tiny-hidream": Architecture(
+        "HiDream", _TINY_HIDREAM, context_tokens=8, context_width=8, pooled=8, latent=(16,), llama=(2, 8)
     ),
     "tiny-sd3": Architecture("SD3", _TINY_SD3, context_tokens=8, context_width=8, pooled=32, latent=(16,)),
     "tiny-auraflow": Architecture("AuraFlow", _TINY_AURAFLOW, context_tokens=8, context_width=8, no_pooled=True),
@@ -612,6 +671,9 @@ def random_cond(arch: str | Architecture, seed: int, batch: int = 1, size: int =
             context = context * mask.unsqueeze(-1)
         options.update(pooled_output=None, attention_mask=mask)
     options.update(arch.cond_values)
+    if arch.llama:
+        g = torch.Generator().manual_seed(seed + 3000)
+        options["conditioning_llama3"] = torch.randn(batch, *arch.llama, arch.context_dim, generator=g)
     if arch.image_tokens:
         # What CLIPVisionEncode gives (crop none): only the penultimate hidden states reach a Wan model.
         import comfy.clip_vision
