@@ -1,6 +1,7 @@
-"""T-GATE on the joint-attention families (Flux, Chroma, Qwen-Image): tiny random-weight models of
-ComfyUI's own classes, sampled by ComfyUI's sampler through the nodes, against an independent
-reference written here from the rule the joint study chose (docs/joint/table.md).
+"""T-GATE on the joint-attention families (Flux, Chroma, SD3, AuraFlow, Mochi, Qwen-Image, Lumina 2,
+HiDream): tiny random-weight models of ComfyUI's own classes, sampled by ComfyUI's sampler through
+the nodes, against an independent reference written here from the rule the joint study chose
+(docs/joint/table.md).
 
 The reference drives ComfyUI's model directly (BaseModel.apply_model, inputs from the model's own
 extra_conds) with its own euler loop and classifier-free guidance, each branch in its own call,
