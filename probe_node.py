@@ -46,7 +46,7 @@ RULE = (
     "steps, sampler and scheduler. 1.0 (never gate) when the mean never stays below it. On a joint-attention "
     "model (Flux, Chroma, Qwen-Image, SD3, AuraFlow), whose text stream keeps changing with the timestep, it is "
     "the first step from which the distance of CFG's two predictions, ||cond - uncond|| / ||cond||, stays below "
-    "`threshold` to the last step."
+    "`threshold` to the last step (at cfg 1 the probe evaluates the negative too, for this distance only)."
 )
 
 
@@ -61,6 +61,10 @@ def record_run(model, seed, steps, cfg, sampler_name, scheduler, positive, negat
     joint = family.text_stream is not None
     recorder = ProbeRecorder(attention_layers(family, diffusion_model, KINDS), distance=joint)
     patched = model.clone()
+    if joint and math.isclose(cfg, 1.0):
+        # At CFG 1 ComfyUI evaluates the positive alone (its cfg-1 optimisation), which leaves no distance to
+        # read: the probe's run evaluates the negative too. CFG 1 still guides to the positive's prediction.
+        patched.model_options["disable_cfg1_optimization"] = True
     options = dict(patched.model_options.get("transformer_options", {}))
     if options.pop(CONFIG_KEY, None) is not None:
         log.warning("T-GATE probe: the model has T-GATE applied; the probe samples it with T-GATE off")
@@ -92,9 +96,9 @@ def _numbers(values) -> str:
     return ", ".join("-" if math.isnan(v) else f"{v:.3g}" for v in values)
 
 
-def summarize(result: ProbeResult, family, marks: Marks, settings: str) -> str:
+def summarize(result: ProbeResult, family, marks: Marks, settings: str, cfg: float | None = None) -> str:
     if result.distance_sums is not None:
-        return _summarize_joint(result, family, marks, settings)
+        return _summarize_joint(result, family, marks, settings, cfg is not None and math.isclose(cfg, 1.0))
     steps = result.num_steps
     cross, self_ = result.layers_of(CROSS), result.layers_of(SELF)
     lines = [
@@ -120,7 +124,7 @@ def summarize(result: ProbeResult, family, marks: Marks, settings: str) -> str:
     return "\n".join(lines)
 
 
-def _summarize_joint(result: ProbeResult, family, marks: Marks, settings: str) -> str:
+def _summarize_joint(result: ProbeResult, family, marks: Marks, settings: str, cfg_one: bool) -> str:
     steps = result.num_steps
     distance = result.cond_uncond_distance()
     lines = [
@@ -131,6 +135,12 @@ def _summarize_joint(result: ProbeResult, family, marks: Marks, settings: str) -
         f"Cond/uncond distance, steps 0-{steps - 1}: {_numbers(distance)}",
         f"Text-stream mean change, steps 1-{steps - 1}: {_numbers(result.mean_change(CROSS)[1:])}",
     ]
+    if cfg_one:
+        lines.append(
+            "At cfg 1 the probe evaluated the negative as well, for this distance only (cfg 1 still samples the "
+            "positive's prediction); the rule and its threshold are the same as with CFG, checked at cfg 1 on the "
+            "trained joint model (docs/choosing-the-gate.md)."
+        )
     g = marks.suggested_step
     if g < steps:
         lines.append(
@@ -168,7 +178,7 @@ def report(result: ProbeResult, family, model, threshold: float, sampler_name: s
         official_gate_at=official_at,
         family=family.name,
     )
-    summary = summarize(result, family, marks, f"{sampler_name}, {scheduler}, cfg {cfg:g}")
+    summary = summarize(result, family, marks, f"{sampler_name}, {scheduler}, cfg {cfg:g}", cfg)
     try:
         image = plot_probe(result, marks)
     except ImportError as error:  # matplotlib is in requirements.txt; without it the numbers still come

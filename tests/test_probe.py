@@ -382,15 +382,35 @@ def test_the_probe_on_a_joint_family_reports_the_cond_uncond_distance(comfy, mon
         assert gate_step_of(result.sigmas, gate_at, percent_to_sigma) == marks.suggested_step
 
 
-def test_the_probe_on_a_joint_family_at_cfg_one_suggests_no_gate(comfy, monkeypatch):
-    """No uncond branch, no distance: NaN at every step, no suggestion, and the summary says why."""
+def test_the_probe_on_a_joint_family_at_cfg_one_reads_the_distance_with_the_negative_evaluated(comfy, monkeypatch):
+    """At cfg 1 (Flux dev, schnell) ComfyUI evaluates the positive alone; the probe's run evaluates the
+    negative too, for the distance only: the distance is the wrapper's, the suggestion follows the same
+    rule, the summary says so, and the sampled latent is cfg 1's (the positive's prediction)."""
+    import comfy.sample as comfy_sample
+
     joint = JOINT_CASES["flux"]
     positive, negative = joint_conds(joint)
+    model = build_model(joint.arch, seed=4)
+    predictions = Predictions()
+    watched = model.clone()
+    watched.set_model_unet_function_wrapper(predictions.wrapper())
     case = ProbeCase(joint.arch, lambda comfy: (positive, negative, joint_latent(joint)), 1.0, ())
-    (_, image, gate_at, summary), result, marks, _ = run_probe(comfy, monkeypatch, case, build_model(joint.arch, seed=4))
-    assert all(math.isnan(v) for v in result.cond_uncond_distance()) and len(result.cond_uncond_distance()) == STEPS
-    assert marks.suggested_step == STEPS and gate_at == 1.0 and "no uncond branch" in summary
+    (latent, image, gate_at, summary), result, marks, _ = run_probe(comfy, monkeypatch, case, watched)
+    assert len(predictions.calls) == STEPS and all(sorted(layout) == [0, 1] for layout, _ in predictions.calls)
+    expected = predictions.distance()
+    assert all(0.0 < v < math.inf for v in expected)
+    torch.testing.assert_close(torch.tensor(result.cond_uncond_distance()), torch.tensor(expected), rtol=1e-4, atol=1e-7)
+    assert marks.suggested_step == suggest_gate_from_distance(expected, 0.05)
+    assert gate_at == marks.suggested_gate_at
+    assert "At cfg 1 the probe evaluated the negative as well" in summary
     assert image.shape == (1, HEIGHT, WIDTH, 3)
+    # What KSampler gives at cfg 1, where the negative is never evaluated.
+    noise = comfy_sample.prepare_noise(joint_latent(joint), 0)
+    plain = comfy_sample.sample(model, noise, STEPS, 1.0, "euler", "normal", positive, negative, joint_latent(joint), seed=0)
+    torch.testing.assert_close(latent["samples"], plain, rtol=1e-5, atol=1e-5)
+    # At cfg > 1 nothing is said about it.
+    case = ProbeCase(joint.arch, lambda comfy: (positive, negative, joint_latent(joint)), 4.0, ())
+    assert "At cfg 1" not in run_probe(comfy, monkeypatch, case, model)[0][3]
 
 
 def test_no_host_sync_while_probing_a_joint_family(comfy):

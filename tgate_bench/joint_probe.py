@@ -4,6 +4,12 @@ the positive's text frozen there (the study's `frozen_cond` variant, the pack's 
 prompt-following within the study's margin of the baseline. Chooses probe_node.JOINT_THRESHOLD.
 
     COMFYUI_PATH=/path/to/ComfyUI python -m tgate_bench.joint_probe --out docs/joint
+    COMFYUI_PATH=/path/to/ComfyUI python -m tgate_bench.joint_probe --cfg 1 --out docs/joint
+
+With --cfg 1 (the distilled case, docs/joint/PLAN.md's addendum) the probe evaluates the negative for
+the distance only, the frozen runs and the baseline are the study's cfg-1 ones (`cfg1_frozen`,
+`cfg1_live`), and it writes probe-cfg1.json and probe-cfg1.png; there is no recorded run to compare
+the distances with.
 
 The probe's recording run is the TGateProbe node's own (probe_node.record_run), seed 0, the 48 prompts
 in one batch, as the study's baseline run that recorded `cond_uncond_distance` in results.json; the
@@ -31,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--comfyui")
     p.add_argument("--seeds", default="0,1", help="seeds of the frozen-cond runs (the study's: 0,1)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cfg", type=float, default=None, help="the probe's and the frozen runs' CFG (default: the study's)")
     p.add_argument("--out", type=Path, default=PACK_ROOT / "docs" / "joint")
     args = p.parse_args(argv)
     comfy_path = comfyui_or_exit(args.comfyui, args.threads)
@@ -51,22 +58,33 @@ def main(argv=None) -> int:
     seeds = tuple(int(v) for v in args.seeds.split(","))
     latent = {"samples": torch.zeros(len(prompts), trained.CHANNELS, trained.SIDE, trained.SIDE)}
     positive, negative = trained_joint.conditioning(prompts), trained_joint.conditioning([None] * len(prompts))
-    run = (model, study.SEEDS[0], study.STEPS, study.CFG, study.SAMPLER, study.SCHEDULER, positive, negative, latent)
+    cfg = study.CFG if args.cfg is None else args.cfg
+    cfg_one = math.isclose(cfg, 1.0)
+    if not (cfg_one or math.isclose(cfg, study.CFG)):
+        p.error(f"--cfg {cfg:g}: the study ran its baselines at cfg {study.CFG:g} and 1; use one of those")
+    run = (model, study.SEEDS[0], study.STEPS, cfg, study.SAMPLER, study.SCHEDULER, positive, negative, latent)
     _, result, family = probe_module.record_run(*run)
     distance = result.cond_uncond_distance()
-    recorded = json.loads((PACK_ROOT / "docs" / "joint" / "results.json").read_text())["cond_uncond_distance"]
-    worst = max(abs(a - b) / b for a, b in zip(distance, recorded, strict=True))
-    print(f"distance per step: {study.numbers(distance)}\nagainst results.json: largest relative difference {worst:.2e}")
+    print(f"distance per step: {study.numbers(distance)}")
+    worst = None
+    if math.isclose(cfg, study.CFG):  # the study's baseline run recorded the same distances
+        recorded = json.loads((PACK_ROOT / "docs" / "joint" / "results.json").read_text())["cond_uncond_distance"]
+        worst = max(abs(a - b) / b for a, b in zip(distance, recorded, strict=True))
+        print(f"against results.json: largest relative difference {worst:.2e}")
 
     percent_to_sigma = model.get_model_object("model_sampling").percent_to_sigma
-    settings = f"{study.SAMPLER}, {study.SCHEDULER}, cfg {study.CFG:g}"
+    settings = f"{study.SAMPLER}, {study.SCHEDULER}, cfg {cfg:g}"
     threshold = probe_module.JOINT_THRESHOLD
-    _, summary, image = probe_module.report(result, family, model, threshold, study.SAMPLER, study.SCHEDULER, study.CFG)
-    save_image(image, args.out / "probe.png")
+    _, summary, image = probe_module.report(result, family, model, threshold, study.SAMPLER, study.SCHEDULER, cfg)
+    name = "probe-cfg1" if cfg_one else "probe"
+    save_image(image, args.out / f"{name}.png")
     print(summary, flush=True)
 
     def accuracy(gate_at: float | None) -> float:
-        variant = study.variants()["baseline"] if gate_at is None else study.Variant("frozen cond", "frozen", "cond", gate_at)
+        if gate_at is None:
+            variant = study.variants()["cfg1_live" if cfg_one else "baseline"]
+        else:
+            variant = study.Variant("frozen cond", "frozen", "cond", gate_at, cfg=cfg)
         samples = [study.sample(nodes, model, variant, prompts, seed)[0] for seed in seeds]
         return trained.score(torch.cat(samples), prompts * len(seeds)).accuracy
 
@@ -80,7 +98,7 @@ def main(argv=None) -> int:
         rows[threshold] = dict(step=step, gate_at=gate_at, accuracy=by_step[step], holds=by_step[step] >= baseline - study.HOLDS)
         print(f"threshold {threshold:g}: step {step}, gate_at {gate_at:.3g}, frozen-cond {by_step[step]:.3f}", flush=True)
     data = dict(
-        command="python -m tgate_bench.joint_probe",
+        command="python -m tgate_bench.joint_probe" + (f" --cfg {cfg:g}" if args.cfg is not None else ""),
         settings=f"{settings}, {study.STEPS} steps, probe seed {study.SEEDS[0]}, accuracy over seeds {args.seeds}, "
         f"{len(prompts)} prompts",
         environment=environment(),
@@ -91,7 +109,7 @@ def main(argv=None) -> int:
         thresholds={str(k): v for k, v in rows.items()},
         summary=summary,
     )
-    (args.out / "probe.json").write_text(json.dumps(data, indent=1) + "\n")
+    (args.out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
     return 0
 
 
