@@ -438,6 +438,29 @@ def test_text_share_of_tiny_flux_matches_the_rows_counted_by_hand(comfy):
     assert 0 < on_cpu["skipped_share"] < on_cpu["text_share"]
 
 
+def test_text_share_of_tiny_hidream_counts_its_three_text_parts_on_the_cpu_and_refuses_the_meta_device(comfy):
+    """HiDream's blocks carry T5's tokens and two Llama layers' (the stream's and the block's own): its
+    single blocks' joined rows are image + all three; its experts route by value, so the meta device,
+    shapes only, cannot count it and says what to use instead."""
+    from tgate_bench.text_share import text_share
+    from tgate_testkit.models import ARCHITECTURES, build_model
+
+    arch = ARCHITECTURES["tiny-hidream"]
+    model = build_model(arch)
+    joined_rows = []
+    module = model.model.diffusion_model.single_stream_blocks[0].block.attn1.to_k
+    hook = module.register_forward_hook(lambda m, args, out: joined_rows.append(args[0].shape[1]))
+    try:
+        on_cpu = text_share(model, arch, 64, device="cpu")
+    finally:
+        hook.remove()
+    text, image = arch.context_tokens + 2 * arch.llama[1], (64 // 8 // 2) ** 2
+    assert (on_cpu["text_rows"], on_cpu["image_rows"]) == (text, image) and joined_rows == [text + image]
+    assert 0 < on_cpu["skipped_share"] < on_cpu["text_share"] < 1
+    with pytest.raises(SystemExit, match="--device cpu"):
+        text_share(build_model(arch, device="meta"), arch, 64)
+
+
 def test_every_gpu_suite_row_is_a_valid_benchmark_command():
     """The GPU suite runs unattended on a lent machine: a row the benchmark would refuse wastes it."""
     import shlex

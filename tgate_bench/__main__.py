@@ -179,6 +179,14 @@ def main(argv=None) -> int:
         if not arch.full_depth:
             raise SystemExit(f"--full-depth: {args.arch} already has its checkpoint's depth")
         arch = dataclasses.replace(arch, unet=dict(arch.unet, **dict(arch.full_depth)))
+    from tgate_bench.text_share import VALUE_ROUTED
+
+    if args.text_share and arch.model_config in VALUE_ROUTED:
+        raise SystemExit(
+            f"--text-share: {args.arch}'s FLOPs depend on its values ({VALUE_ROUTED[arch.model_config]}), which the "
+            f"meta device cannot count: leave --text-share out and count it on the CPU with python -m "
+            f"tgate_bench.text_share --arch {args.arch} --device cpu"
+        )
     print(f"building {args.arch} with random weights ({dtype}, {device})", flush=True)
     model = build_model(arch, dtype=dtype)
     latent = arch.empty_latent(args.batch, args.size)  # the family's latent for images (or videos) of this size

@@ -52,6 +52,10 @@ JOINED = {
     "HiDream": r"single_stream_blocks\.\d+\.block\.(?:attn1\.to_(?:[qkv]|out)|ff_i)",
 }
 
+# Families whose FLOPs depend on the values, not the shapes alone, so the meta device cannot count them:
+# model_config class name -> why.
+VALUE_ROUTED = {"HiDream": "its mixture of experts routes each row by its value"}
+
 
 def _family_key(model_config) -> str:
     names = [c.__name__ for c in type(model_config).__mro__]
@@ -101,6 +105,8 @@ def text_share(patcher, arch, size: int, device: str = "meta") -> dict:
     if device != "cpu":
         model.to(device)
     key = _family_key(model.model_config)
+    if device == "meta" and key in VALUE_ROUTED:
+        raise SystemExit(f"text share: {key}'s FLOPs depend on its values ({VALUE_ROUTED[key]}): count it with --device cpu")
     stream = families.family_of(model.model_config).text_stream
     (x, sigma, kwargs), text_rows, image_rows = model_call(patcher, arch, size, device)
     fraction = text_rows / (text_rows + image_rows)
