@@ -44,9 +44,9 @@ RULE = (
     "schedules such as normal end with a jump every layer follows); it is converted to gate_at with the model's "
     "sigmas (ComfyUI's percent convention), so T-GATE fed this value gates at that step on the same "
     "steps, sampler and scheduler. 1.0 (never gate) when the mean never stays below it. On a joint-attention "
-    "model (Flux, Chroma, Qwen-Image, SD3, AuraFlow), whose text stream keeps changing with the timestep, it is "
-    "the first step from which the distance of CFG's two predictions, ||cond - uncond|| / ||cond||, stays below "
-    "`threshold` to the last step (at cfg 1 the probe evaluates the negative too, for this distance only)."
+    "model (Flux, Chroma, Qwen-Image, SD3, AuraFlow, Mochi, Lumina 2, HiDream), whose text stream keeps changing with "
+    "the timestep, it is the first step from which the distance of CFG's two predictions, ||cond - uncond|| / "
+    "||cond||, stays below `threshold` to the last step (at cfg 1 the probe evaluates the negative too, for this distance only)."
 )
 
 
