@@ -109,3 +109,59 @@ def test_the_rule_is_the_plans():
     assert joint_study.decide(acc)[0] == "no-go"
     acc["text_after"] = 0.7
     assert joint_study.decide(acc)[0] == "inconclusive"
+
+
+def test_the_pooled_model_reads_the_tokens_mean_in_its_modulation(comfy):
+    """The second model (PLAN.md, addendum 2): Flux's `vector_in` reads a 64-wide pooled vector, the
+    mean of the prompt's token embeddings, which its conditioning and its training objective both give;
+    the gradient reaches `vector_in`."""
+    torch.manual_seed(0)
+    pooled = trained_joint.build(None, pooled=True)
+    net = pooled.model.diffusion_model
+    assert net.vector_in.in_layer.in_features == trained_joint.POOLED_WIDTH
+    ((tokens, options),) = trained_joint.conditioning(PROMPTS, pooled=True)
+    torch.testing.assert_close(options["pooled_output"], tokens.mean(dim=1))
+    ((_, zeros),) = trained_joint.conditioning(PROMPTS)
+    assert zeros["pooled_output"].abs().sum() == 0  # the first model's stays ComfyUI's zeros
+    # Past initialisation (adaLN-zero: the modulations start at zero and ignore the vector), the
+    # objective's pooled vector reaches the loss and its gradient reaches `vector_in`.
+    from tgate_testkit.models import randomize
+
+    randomize(net, 3)
+    x0, prompts = trained.batch(4, torch.Generator().manual_seed(0))
+    context = trained.encode(prompts)
+    losses = {}
+    for with_vector in (True, False):
+        net.zero_grad(set_to_none=True)
+        loss = trained_joint.objective(pooled.model.model_sampling, pooled=with_vector)
+        losses[with_vector] = loss(net, x0, context, torch.Generator().manual_seed(1))
+    losses[True].backward()
+    assert net.vector_in.in_layer.weight.grad.abs().sum() > 0 and losses[True] != losses[False]
+    net.zero_grad(set_to_none=True)
+
+
+def test_the_pooled_variants_carry_the_chosen_vector_after_the_gate(comfy):
+    """After the gate the one branch's pooled vector is the positive's, the branches' mean or the
+    negative's, as the variant says; before it each branch has its own."""
+    from functools import partial
+
+    torch.manual_seed(0)
+    pooled = trained_joint.build(None, pooled=True)
+    net = pooled.model.diffusion_model
+    seen = []
+    hook = net.vector_in.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+    conditioning = partial(trained_joint.conditioning, pooled=True)
+    positive = conditioning(PROMPTS)[0][1]["pooled_output"]
+    negative = conditioning([None] * len(PROMPTS))[0][1]["pooled_output"]
+    expected = {"cond": positive, "mean": (positive + negative) / 2, "uncond": negative}
+    try:
+        for kept, vector in expected.items():
+            seen.clear()
+            variant = joint_study.Variant("", "frozen", "cond", 0.4, pooled=kept)
+            _, gate_step = joint_study.sample(comfy.nodes, pooled, variant, PROMPTS, 0, conditioning=conditioning)
+            assert len(seen) == joint_study.STEPS and 0 < gate_step < joint_study.STEPS
+            before, after = seen[gate_step - 1], seen[gate_step]
+            assert before.shape[0] == 2 * len(PROMPTS) and after.shape[0] == len(PROMPTS)  # both branches, then one
+            torch.testing.assert_close(after, vector)
+    finally:
+        hook.remove()

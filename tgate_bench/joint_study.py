@@ -42,6 +42,9 @@ class Variant:
     gate_at: float | None = None
     cfg: float = CFG
     text: str = "all"  # the positive: "all", "after" (only after gate_at: the control) or "none"
+    # The pooled vector the one branch after the gate carries (the second model: PLAN.md, addendum 2):
+    # its own ("cond"), the two branches' mean ("mean") or the negative's ("uncond").
+    pooled: str = "cond"
 
 
 def variants() -> dict[str, Variant]:
@@ -154,13 +157,21 @@ class StudyRun:
         i = branches.index(COND)
         x_one, t_one = x.chunk(n)[i], t.chunk(n)[i]
         self.stream.branches = [COND]
-        one = apply_model(x_one, t_one, **slice_batch(c, x.shape[0], n, i))
+        c_one = slice_batch(c, x.shape[0], n, i)
+        if self.variant.pooled != "cond":
+            if UNCOND not in branches:
+                raise RuntimeError("the study's pooled variants expect cond and uncond in one model call")
+            vectors = c["y"].chunk(n)
+            cond, uncond = vectors[i], vectors[branches.index(UNCOND)]
+            c_one["y"] = (cond + uncond) / 2 if self.variant.pooled == "mean" else uncond
+        one = apply_model(x_one, t_one, **c_one)
         self.one = (step, one)
         return torch.cat([one] * n)
 
 
-def sample(nodes, model, variant: Variant, prompts, seed: int, record=None, distances=None):
-    """KSampler (the node) on the variant; the output latents [len(prompts), 4, 32, 32]."""
+def sample(nodes, model, variant: Variant, prompts, seed: int, record=None, distances=None, conditioning=None):
+    """KSampler (the node) on the variant; the output latents [len(prompts), 4, 32, 32].
+    `conditioning`: the model's CONDITIONING of a list of prompts (default trained_joint.conditioning)."""
     import comfy.samplers
 
     from tgate.probe import gate_step_of
@@ -175,9 +186,10 @@ def sample(nodes, model, variant: Variant, prompts, seed: int, record=None, dist
     stream.record = record
     patched = model.clone()
     patched.set_model_unet_function_wrapper(StudyRun(stream, variant, sigmas, gate_step, distances))
+    conditioning = conditioning or trained_joint.conditioning
     try:
-        positive = positive_for(nodes, prompts, variant.text, variant.gate_at, trained_joint.conditioning)
-        negative = trained_joint.conditioning([None] * len(prompts))
+        positive = positive_for(nodes, prompts, variant.text, variant.gate_at, conditioning)
+        negative = conditioning([None] * len(prompts))
         latent = {"samples": torch.zeros(len(prompts), trained.CHANNELS, trained.SIDE, trained.SIDE)}
         args = (patched, seed, STEPS, variant.cfg, SAMPLER, SCHEDULER, positive, negative, latent)
         return nodes.KSampler().sample(*args, denoise=1.0)[0]["samples"], gate_step

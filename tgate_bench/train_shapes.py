@@ -1,6 +1,7 @@
 """Train a coloured-shapes text-to-image model on the CPU: the SD1.5-shaped UNet of
 tgate_testkit.trained (`--model unet`) or the Flux-shaped joint-attention model of
-tgate_testkit.trained_joint (`--model joint`).
+tgate_testkit.trained_joint (`--model joint`; `--model joint-pooled`: its second model, with a pooled
+text vector).
 
     COMFYUI_PATH=/path/to/ComfyUI python -m tgate_bench.train_shapes --steps 7000 --seed 0
     COMFYUI_PATH=/path/to/ComfyUI python -m tgate_bench.train_shapes --model joint --steps 2400 --max-minutes 60
@@ -39,7 +40,7 @@ def save(module: torch.nn.Module, path: Path, metadata: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tgate_bench.train_shapes", description=__doc__)
     p.add_argument("--comfyui")
-    p.add_argument("--model", choices=("unet", "joint"), default="unet")
+    p.add_argument("--model", choices=("unet", "joint", "joint-pooled"), default="unet")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
     p.add_argument("--steps", type=int, default=7000)
     p.add_argument("--batch", type=int, default=32)
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     import_comfyui(comfy_path)
     from tgate_testkit import trained, trained_joint
 
-    kit = {"unet": trained, "joint": trained_joint}[args.model]
+    kit = {"unet": trained, "joint": trained_joint, "joint-pooled": trained_joint.POOLED}[args.model]
     out = args.out or kit.WEIGHTS
     torch.manual_seed(args.seed)
     model = kit.build(None, device=torch.device("cpu"))

@@ -16,13 +16,19 @@ tgate_testkit/weights/shapes-joint.safetensors, trained by `python -m tgate_benc
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from tgate_testkit import trained
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "shapes-joint.safetensors"
+# The second model (docs/joint/PLAN.md, addendum 2): the same, with a pooled text vector in every
+# block's modulation through Flux's `vector_in`, the mean of the prompt's token embeddings.
+POOLED_WEIGHTS = WEIGHTS.with_name("shapes-joint-pooled.safetensors")
+POOLED_WIDTH = trained.CONTEXT_DIM
 
 # Flux-shaped (ComfyUI's Flux class), shrunk: hidden 128 in 4 heads of 32 (RoPE axes 8 + 12 + 12,
 # the first axis being the image index Flux keeps at 0), two double-stream and two single-stream
@@ -47,8 +53,9 @@ FLUX = dict(
 DOUBLE_BLOCKS, SINGLE_BLOCKS = FLUX["depth"], FLUX["depth_single_blocks"]
 
 
-def config():
-    """ComfyUI's FluxSchnell model config around FLUX, with SD1.5's 4-channel latent format."""
+def config(pooled: bool = False):
+    """ComfyUI's FluxSchnell model config around FLUX, with SD1.5's 4-channel latent format; `pooled`:
+    the second model's, whose `vector_in` reads a POOLED_WIDTH pooled vector."""
     import comfy.latent_formats as latent_formats
     import comfy.supported_models as supported_models
 
@@ -58,19 +65,19 @@ def config():
         # split cond and uncond of a 48-prompt batch into separate calls for want of memory.
         memory_usage_factor = 0.1
 
-    cfg = ShapesJoint(dict(FLUX))
+    cfg = ShapesJoint(dict(FLUX, vec_in_dim=POOLED_WIDTH) if pooled else dict(FLUX))
     cfg.set_inference_dtype(torch.float32, None)
     return cfg
 
 
-def build(weights: Path | None = WEIGHTS, device=None):
-    """A ComfyUI ModelPatcher around the Flux-shaped model, with the trained weights (or ComfyUI's
-    classes' fresh initialisation, seeded by the caller, for None)."""
+def build(weights: Path | None = WEIGHTS, device=None, pooled: bool = False):
+    """A ComfyUI ModelPatcher around the Flux-shaped model (`pooled`: the second model), with the
+    trained weights (or ComfyUI's classes' fresh initialisation, seeded by the caller, for None)."""
     import comfy.model_management as mm
     import comfy.model_patcher as model_patcher
 
     device = device or mm.get_torch_device()
-    model = config().get_model({}, device=device)
+    model = config(pooled).get_model({}, device=device)
     if weights is None:
         _initialise(model.diffusion_model)
     else:
@@ -91,11 +98,18 @@ def _initialise(module: torch.nn.Module) -> None:
                 p.zero_()
 
 
-def conditioning(prompts) -> list:
-    """ComfyUI CONDITIONING for a batch of prompts: the shapes world's text tokens, and a zero
-    `pooled_output` (ComfyUI's Flux model reads one; zeros are what the model saw in training)."""
+def conditioning(prompts, pooled: bool = False) -> list:
+    """ComfyUI CONDITIONING for a batch of prompts: the shapes world's text tokens, and as
+    `pooled_output` zeros (ComfyUI's Flux model reads one; zeros are what the first model saw in
+    training) or, for the second model, the tokens' pooled vector."""
     tokens = trained.encode(prompts)
-    return [[tokens, {"pooled_output": torch.zeros(tokens.shape[0], FLUX["vec_in_dim"])}]]
+    vector = pooled_vector(tokens) if pooled else torch.zeros(tokens.shape[0], FLUX["vec_in_dim"])
+    return [[tokens, {"pooled_output": vector}]]
+
+
+def pooled_vector(context: torch.Tensor) -> torch.Tensor:
+    """The second model's pooled text vector: the mean of the prompt's token embeddings, [batch, 64]."""
+    return context.mean(dim=1)
 
 
 class _OutOfPlace(torch.Tensor):
@@ -121,20 +135,37 @@ TRAINING_OPTIONS = {
 }
 
 
-def objective(model_sampling):
+def objective(model_sampling, pooled: bool = False):
     """The rectified-flow loss ComfyUI's sampler assumes (`ModelType.FLOW`, CONST: denoised =
     x_t - s * output): x_t = (1 - s) x0 + s n and the model predicts n - x0; s is drawn uniformly
-    from the model sampling's 1000 sigmas (shift 1: t / 1000). Returns loss(net, x0, context, generator)."""
+    from the model sampling's 1000 sigmas (shift 1: t / 1000). Returns loss(net, x0, context, generator);
+    `pooled`: the second model, given the context's pooled vector."""
     table = model_sampling.sigmas.float()
 
     def loss(net, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         s = table[torch.randint(0, table.shape[0], (x0.shape[0],), generator=generator)]
         noise = torch.randn(x0.shape, generator=generator)
         x_t = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
-        prediction = net(x_t, s, context=context, transformer_options=TRAINING_OPTIONS)
+        y = pooled_vector(context) if pooled else None  # None: ComfyUI's Flux gives zeros
+        prediction = net(x_t, s, context=context, y=y, transformer_options=TRAINING_OPTIONS)
         return (prediction - (noise - x0)).square().mean()
 
     return loss
 
 
-__all__ = ["DOUBLE_BLOCKS", "FLUX", "SINGLE_BLOCKS", "WEIGHTS", "build", "conditioning", "config", "objective"]
+# What train_shapes needs of the second model: its weights file, builder and objective.
+POOLED = SimpleNamespace(WEIGHTS=POOLED_WEIGHTS, build=partial(build, pooled=True), objective=partial(objective, pooled=True))
+
+__all__ = [
+    "DOUBLE_BLOCKS",
+    "FLUX",
+    "POOLED",
+    "POOLED_WEIGHTS",
+    "SINGLE_BLOCKS",
+    "WEIGHTS",
+    "build",
+    "conditioning",
+    "config",
+    "objective",
+    "pooled_vector",
+]
