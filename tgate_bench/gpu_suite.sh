@@ -37,6 +37,8 @@ chroma-1024-b1   --arch chroma --full-depth --dtype bf16 --size 1024 --batch 1 -
 qwen-1024-b1     --arch qwen-image --full-depth --dtype bf16 --size 1024 --batch 1 --steps 20 --cfg 2.5 --runs 5 --variants baseline,cfg1,tgate
 sd35-1024-b1     --arch sd35-large --full-depth --dtype bf16 --size 1024 --batch 1 --steps 28 --cfg 4.5 --runs 5 --variants baseline,cfg1,tgate
 lumina2-1024-b1  --arch lumina2 --full-depth --dtype bf16 --size 1024 --batch 1 --steps 25 --cfg 4 --runs 5 --variants baseline,cfg1,tgate
+auraflow-1024-b1 --arch auraflow --full-depth --dtype bf16 --size 1024 --batch 1 --steps 25 --cfg 3.5 --runs 5 --variants baseline,cfg1,tgate
+mochi-480-b1     --arch mochi --full-depth --dtype bf16 --size 480 --frames 7 --batch 1 --steps 20 --cfg 4.5 --runs 3 --variants baseline,cfg1,tgate
 hidream-1024-b1  --arch hidream-full --full-depth --dtype bf16 --size 1024 --batch 1 --steps 20 --cfg 5 --runs 3 --variants baseline,cfg1,tgate
 tiny-smoke       --arch tiny-sd15 --size 128 --runs 2
 ROWS

@@ -4,7 +4,7 @@ torch.utils.flop_counter.FlopCounterMode and attributed per module.
     python -m tgate_bench.text_share --arch flux-dev --size 256 1024 --threads 1
 
 One model call (batch 1, one branch) of a joint-attention family (Flux, Chroma, Qwen-Image, SD3, Lumina 2,
-HiDream) at each
+HiDream, AuraFlow, Mochi) at each
 size. The counter counts matrix products (linear layers and attention); each linear layer's FLOPs
 are read from the counter around its own call, and attribute to the text by the module's path:
 - text-only modules (the text stream's rows: Flux's `txt_in` and double blocks' `txt_*`, Qwen-Image's
@@ -42,6 +42,8 @@ TEXT_ONLY = {
     "SD3": r"context_embedder|joint_blocks\.\d+\.context_block",
     "Lumina2": r"cap_embedder|context_refiner\.\d+",
     "HiDream": r"caption_projection\.\d+|double_stream_blocks\.\d+\.block\.(?:attn1\.to_(?:[qkv]_t|out_t)|ff_t)",
+    "AuraFlow": r"cond_seq_linear|double_layers\.\d+\.(?:modC|attn\.w1[qkvo]|mlpC)",
+    "GenmoMochi": r"t5_y_embedder|t5_yproj|blocks\.\d+\.(?:mod_y|attn\.qkv_y|attn\.proj_y|mlp_y)",
 }
 JOINED = {
     "Flux": r"single_blocks\.\d+\.linear[12]",
@@ -50,6 +52,8 @@ JOINED = {
     "SD3": r"(?!)",
     "Lumina2": r"layers\.\d+\.(?:attention\.qkv|attention\.out|feed_forward)",
     "HiDream": r"single_stream_blocks\.\d+\.block\.(?:attn1\.to_(?:[qkv]|out)|ff_i)",
+    "AuraFlow": r"single_layers\.\d+\.(?:attn\.w1[qkvo]|mlp)",
+    "GenmoMochi": r"(?!)",
 }
 
 # Families whose FLOPs depend on the values, not the shapes alone, so the meta device cannot count them:
@@ -78,9 +82,14 @@ def model_call(patcher, arch, size: int, device: str | torch.device = "cpu"):
     # Tensors to the device; constants (Lumina 2's num_tokens) as they are.
     kwargs = {k: v.cond.to(device) if isinstance(v.cond, torch.Tensor) else v.cond for k, v in conds.items()}
     patch = model.diffusion_model.patch_size
-    image_rows = (noise.shape[-1] // patch) * (noise.shape[-2] // patch)
-    # HiDream's blocks carry, after T5's tokens, the text stream's Llama layer and the block's own.
-    text_rows = arch.context_tokens + (2 * arch.llama[1] if arch.llama else 0)
+    frames = noise.shape[2] if noise.dim() == 5 else 1  # a video's latent frames (Mochi)
+    image_rows = frames * (noise.shape[-1] // patch) * (noise.shape[-2] // patch)
+    # HiDream's blocks carry, after T5's tokens, the text stream's Llama layer and the block's own;
+    # AuraFlow's text stream starts with its register tokens.
+    registers = getattr(model.diffusion_model, "register_tokens", None)
+    text_rows = (
+        arch.context_tokens + (2 * arch.llama[1] if arch.llama else 0) + (registers.shape[1] if registers is not None else 0)
+    )
     return (noise.to(device), torch.tensor([0.5], device=device), kwargs), text_rows, image_rows
 
 

@@ -528,6 +528,34 @@ _HIDREAM_FULL = dict(
     max_resolution=[128, 128],
     llama_layers=[0, 31, 31],
 )
+# AuraFlow (MMDiT's defaults, which model detection keeps): 3072 wide, 12 heads, Pile-T5 XL's 2048-wide
+# text padded to 256 tokens (ComfyUI's AuraFlow encoder), 8 register tokens before it, SDXL's 4-channel
+# latent (max_seq 4096: 64 x 64 patches, 1024²); 1 double and 4 single layers of its 4 and 32.
+_AURAFLOW = dict(
+    in_channels=4,
+    out_channels=4,
+    patch_size=2,
+    dim=3072,
+    n_layers=5,
+    n_double_layers=1,
+    n_heads=12,
+    global_conddim=3072,
+    cond_seq_dim=2048,
+    max_seq=4096,
+)
+# Mochi preview, as model detection reads it (48 blocks; 4 here): 3072 wide for the video, 1536 for the
+# text, T5-XXL padded to 256 tokens with its mask, 12-channel latent frames.
+_MOCHI = dict(
+    _TINY_MOCHI,
+    depth=4,
+    num_heads=24,
+    hidden_size_x=3072,
+    hidden_size_y=1536,
+    mlp_ratio_x=4.0,
+    mlp_ratio_y=4.0,
+    t5_feat_dim=4096,
+    t5_token_length=256,
+)
 
 ARCHITECTURES = {
     "sd15": Architecture("SD15", _SD15, context_tokens=77),
@@ -589,6 +617,23 @@ ARCHITECTURES = {
         latent=(16,),
         llama=(32, 128),
         full_depth=(("num_layers", 16), ("num_single_layers", 32), ("llama_layers", _HIDREAM_LLAMA_LAYERS)),
+    ),
+    "auraflow": Architecture(
+        "AuraFlow",
+        _AURAFLOW,
+        context_tokens=256,
+        context_width=2048,
+        no_pooled=True,
+        full_depth=(("n_layers", 36), ("n_double_layers", 4)),
+    ),
+    "mochi": Architecture(
+        "GenmoMochi",
+        _MOCHI,
+        context_tokens=256,
+        context_width=4096,
+        prompt_tokens=64,
+        latent=(12, 7),
+        full_depth=(("depth", 48),),
     ),
     "tiny-flux": Architecture("Flux", _TINY_FLUX, context_tokens=8, context_width=8, pooled=8, latent=(16,)),
     "tiny-lumina2": Architecture(
