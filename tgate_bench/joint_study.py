@@ -243,6 +243,35 @@ RULE_VARIANTS = (
 )
 
 
+def table_lines(results: dict, chosen: dict[str, Variant], gate_steps: dict) -> list[str]:
+    """The markdown table of scored variants: gate step, the checker's row, and the difference from
+    the baseline's accuracy."""
+    base = results["baseline"].accuracy if "baseline" in results else float("nan")
+    return [
+        "| variant | gate step (of 25) | all three right | colour | shape | position | vs baseline |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| `{n}`: {chosen[n].label} | {gate_steps[n] if gate_steps[n] is not None else '-'} | {s.row()} | "
+            f"{s.accuracy - base:+.3f} |"
+            for n, s in results.items()
+        ),
+    ]
+
+
+def scored(results: dict, gate_steps: dict, verdict: str, reason: str) -> dict:
+    """The scores, gate steps and verdict of a study's variants, as its results JSON holds them."""
+    return dict(
+        results={n: dict(s.__dict__, gate_step=gate_steps[n]) for n, s in results.items()}, verdict=verdict, reason=reason
+    )
+
+
+def write_report(table: Path, lines: list[str], results: Path, data: dict) -> None:
+    """Write a study's table (markdown) and results (JSON), and print the table."""
+    table.write_text("\n".join(lines) + "\n")
+    results.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    print("\n".join(lines))
+
+
 def numbers(values) -> str:
     return ", ".join(f"{v:.3g}" for v in values)
 
@@ -356,13 +385,7 @@ def main(argv=None) -> int:
         f"chance {trained.CHANCE:.3f}). Weights: step {trained_meta.get('step')}, seed {trained_meta.get('seed')}, "
         f"{trained_meta.get('elapsed_s')} s of training.",
         "",
-        "| variant | gate step (of 25) | all three right | colour | shape | position | vs baseline |",
-        "|---|---|---|---|---|---|---|",
-        *(
-            f"| `{n}`: {chosen[n].label} | {gate_steps[n] if gate_steps[n] is not None else '-'} | {s.row()} | "
-            f"{s.accuracy - acc.get('baseline', float('nan')):+.3f} |"
-            for n, s in results.items()
-        ),
+        *table_lines(results, chosen, gate_steps),
         "",
         f"**Verdict: {verdict}** ({reason}), by the rule of [PLAN.md](PLAN.md).",
         "",
@@ -374,19 +397,15 @@ def main(argv=None) -> int:
         "",
         environment(),
     ]
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
     data = dict(
         settings=setting,
         environment=environment(),
         weights=trained_meta,
-        results={n: dict(s.__dict__, gate_step=gate_steps[n]) for n, s in results.items()},
-        verdict=verdict,
-        reason=reason,
+        **scored(results, gate_steps, verdict, reason),
         text_change={n: dict(keys=k, values=v) for n, (k, v) in changes.items()},
         cond_uncond_distance=distance,
     )
-    (args.out / "results.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
-    print("\n".join(lines))
+    write_report(args.out / "table.md", lines, args.out / "results.json", data)
     return 0
 
 

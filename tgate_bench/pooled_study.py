@@ -14,7 +14,6 @@ branches' or the negative's. Writes pooled.md and pooled.json.
 from __future__ import annotations
 
 import argparse
-import json
 from functools import partial
 from pathlib import Path
 
@@ -89,31 +88,21 @@ def main(argv=None) -> int:
         f"{len(prompts) * len(seeds)} samples a row; chance {trained.CHANCE:.3f}). Weights: step {trained_meta.get('step')}, "
         f"seed {trained_meta.get('seed')}, {trained_meta.get('elapsed_s')} s of training.",
         "",
-        "| variant | gate step (of 25) | all three right | colour | shape | position | vs baseline |",
-        "|---|---|---|---|---|---|---|",
-        *(
-            f"| `{n}`: {table[n].label} | {gate_steps[n] if gate_steps[n] is not None else '-'} | {s.row()} | "
-            f"{s.accuracy - acc['baseline']:+.3f} |"
-            for n, s in results.items()
-        ),
+        *study.table_lines(results, table, gate_steps),
         "",
         f"**Verdict: {verdict}** ({reason}), by the rule of [PLAN.md](PLAN.md) (addendum 2).",
         "",
         environment(),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pooled.md").write_text("\n".join(lines) + "\n")
     data = dict(
         command="python -m tgate_bench.pooled_study",
         settings=setting,
         environment=environment(),
         weights=trained_meta,
-        results={n: dict(s.__dict__, gate_step=gate_steps[n]) for n, s in results.items()},
-        verdict=verdict,
-        reason=reason,
+        **study.scored(results, gate_steps, verdict, reason),
     )
-    (args.out / "pooled.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
-    print("\n".join(lines))
+    study.write_report(args.out / "pooled.md", lines, args.out / "pooled.json", data)
     return 0
 
 
