@@ -493,15 +493,13 @@ _SD35_LARGE = dict(
 # CLIPTextEncodeLumina2 gives, its system prompt and a short prompt, about 128 tokens unpadded (the
 # encoder returns an all-ones mask, so ComfyUI passes num_tokens alone).
 _LUMINA2 = dict(
-    image_model="lumina2",
-    patch_size=2,
-    in_channels=16,
+    _TINY_LUMINA2,
     dim=2304,
     cap_feat_dim=2304,
     n_layers=4,
+    n_refiner_layers=2,
     n_heads=24,
     n_kv_heads=8,
-    qk_norm=True,
     axes_dims=[32, 32, 32],
     axes_lens=[300, 512, 512],
 )
@@ -512,18 +510,12 @@ _LUMINA2 = dict(
 # (ComfyUI's HiDream encoder), pooled CLIP-L and -G (2048).
 _HIDREAM_LLAMA_LAYERS = [*range(32), *[31] * 16]
 _HIDREAM_FULL = dict(
-    image_model="hidream",
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=1,
-    num_single_layers=2,
+    _TINY_HIDREAM,
     attention_head_dim=128,
     num_attention_heads=20,
     caption_channels=[4096, 4096],
     text_emb_dim=2048,
     num_routed_experts=4,
-    num_activated_experts=2,
     axes_dims_rope=[64, 32, 32],
     max_resolution=[128, 128],
     llama_layers=[0, 31, 31],
@@ -531,18 +523,7 @@ _HIDREAM_FULL = dict(
 # AuraFlow (MMDiT's defaults, which model detection keeps): 3072 wide, 12 heads, Pile-T5 XL's 2048-wide
 # text padded to 256 tokens (ComfyUI's AuraFlow encoder), 8 register tokens before it, SDXL's 4-channel
 # latent (max_seq 4096: 64 x 64 patches, 1024²); 1 double and 4 single layers of its 4 and 32.
-_AURAFLOW = dict(
-    in_channels=4,
-    out_channels=4,
-    patch_size=2,
-    dim=3072,
-    n_layers=5,
-    n_double_layers=1,
-    n_heads=12,
-    global_conddim=3072,
-    cond_seq_dim=2048,
-    max_seq=4096,
-)
+_AURAFLOW = dict(_TINY_AURAFLOW, dim=3072, n_layers=5, n_heads=12, global_conddim=3072, cond_seq_dim=2048, max_seq=4096)
 # Mochi preview, as model detection reads it (48 blocks; 4 here): 3072 wide for the video, 1536 for the
 # text, T5-XXL padded to 256 tokens with its mask, 12-channel latent frames.
 _MOCHI = dict(
