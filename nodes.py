@@ -160,10 +160,10 @@ def common_inputs() -> list:
 DESCRIPTION = (
     "Training-free speed-up (T-GATE, Liu et al.) for {families}. Cross-attention settles after the first steps: "
     "at the gate its output is cached and reused, text stops entering the network, and classifier-free guidance "
-    "runs one branch instead of two. In the joint-attention models (Flux, Chroma, Qwen-Image, SD3, AuraFlow, Mochi), "
-    "whose attention mixes text and image tokens, the text stream's keys and values are frozen at the gate instead. "
-    "Steps before the gate are unchanged. "
-    "Refuses, with the reason, the families it cannot serve exactly (HunyuanVideo, HiDream, ...); gains little on "
+    "runs one branch instead of two. In the joint-attention models (Flux, Chroma, Qwen-Image, SD3, AuraFlow, Mochi, "
+    "Lumina 2, HiDream), whose attention mixes text and image tokens, the text stream's keys and values are frozen at "
+    "the gate instead. Steps before the gate are unchanged. "
+    "Refuses, with the reason, the families it cannot serve exactly (HunyuanVideo, OmniGen 2, ...); gains little on "
     "few-step distilled models."
 )
 

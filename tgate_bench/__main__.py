@@ -64,8 +64,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--full-depth",
         action="store_true",
-        help="build the real checkpoint's block count where the architecture has fewer (flux-dev, chroma, qwen-image: "
-        "for a GPU; the CPU rows use fewer blocks)",
+        help="build the real checkpoint's block count where the architecture has fewer "
+        f"({', '.join(name for name, arch in ARCHITECTURES.items() if arch.full_depth)}: for a GPU; the CPU rows use "
+        "fewer blocks)",
     )
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=7.0)
